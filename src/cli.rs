@@ -1,0 +1,221 @@
+//! The command line: flags as typed ([`Cli`]), turned into ready objects (device, dtype,
+//! loaded model) once, at the edge, then one function per command.
+
+use crate::compress::{compress, Document, Report};
+use crate::model::{GistModel, LoadOptions};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Streaming sentence-anchored gist compression of long documents.
+#[derive(Debug, Parser)]
+#[command(name = "giststream", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compress text files into gist states and report, per document, tokens, sentences,
+    /// gist tokens, compression ratio R_c, KV bytes (full cache vs gist state) and time.
+    Compress(CompressArgs),
+}
+
+/// Which model to load, where, and at what precision.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// HF-format model directory: config.json, model.safetensors (or a sharded index),
+    /// tokenizer.json, and gist.json for a gist checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: f32, bf16 or f16 (weights are converted on load).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Gist tokens per sentence (N_g) when the checkpoint has no gist.json.
+    #[arg(long, default_value_t = 4)]
+    pub num_gists: usize,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        parse_device(&self.device)
+    }
+
+    pub fn dtype(&self) -> anyhow::Result<DType> {
+        parse_dtype(&self.dtype)
+    }
+
+    pub fn load(&self) -> anyhow::Result<GistModel> {
+        let opts = LoadOptions {
+            num_gists: self.num_gists,
+            ..LoadOptions::default()
+        };
+        GistModel::load(&self.model, &self.device()?, self.dtype()?, &opts)
+            .with_context(|| format!("loading model {}", self.model.display()))
+    }
+}
+
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let Some(rest) = s.strip_prefix("cuda") else {
+                bail!("unknown device {s:?}: expected cpu, cuda or cuda:N");
+            };
+            let ordinal = match rest.strip_prefix(':') {
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("bad CUDA ordinal in {s:?}"))?,
+                None if rest.is_empty() => 0,
+                None => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
+            };
+            Device::new_cuda(ordinal).with_context(|| format!("opening {s}"))
+        }
+    }
+}
+
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => bail!("unknown dtype {s:?}: expected f32, bf16 or f16"),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// UTF-8 text files, one document each.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Documents compressed together, one sentence of each per forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// One JSON object per document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Compress(args) => run_compress(args),
+    }
+}
+
+fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let mut docs = Vec::with_capacity(args.files.len());
+    for f in &args.files {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not UTF-8 text (invalid byte at offset {})",
+                f.display(),
+                e.utf8_error().valid_up_to()
+            )
+        })?;
+        let segments = model
+            .segments(&text)
+            .with_context(|| format!("segmenting {}", f.display()))?;
+        docs.push(Document {
+            name: f.display().to_string(),
+            segments,
+        });
+    }
+    let results = compress(&model, docs, args.batch)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for (_, r) in &results {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+    } else {
+        print_table(&mut out, results.iter().map(|(_, r)| r))?;
+    }
+    Ok(())
+}
+
+fn print_table<'a>(
+    out: &mut impl Write,
+    reports: impl Iterator<Item = &'a Report>,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:<32} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12} {:>8}",
+        "document", "tokens", "sentences", "gists", "R_c", "KV full", "KV gist", "seconds"
+    )?;
+    for r in reports {
+        writeln!(
+            out,
+            "{:<32} {:>9} {:>9} {:>9} {:>7.2} {:>12} {:>12} {:>8.3}",
+            r.name,
+            r.tokens,
+            r.sentences,
+            r.gist_tokens,
+            r.compression_ratio,
+            human_bytes(r.kv_bytes_full),
+            human_bytes(r.kv_bytes_gist),
+            r.seconds
+        )?;
+    }
+    Ok(())
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_and_dtypes_parse_with_clear_errors() {
+        assert!(matches!(parse_device("cpu").unwrap(), Device::Cpu));
+        let e = parse_device("tpu").unwrap_err().to_string();
+        assert!(e.contains("unknown device"), "{e}");
+        assert!(parse_device("cuda:x").is_err());
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert!(parse_dtype("f64")
+            .unwrap_err()
+            .to_string()
+            .contains("expected f32"));
+    }
+
+    #[test]
+    fn compress_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "giststream",
+            "compress",
+            "--model",
+            "m",
+            "a.txt",
+            "b.txt",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Compress(a) = cli.command;
+        assert_eq!(a.files.len(), 2);
+        assert!(a.json);
+        assert_eq!(a.batch, 8);
+        assert!(Cli::try_parse_from(["giststream", "compress", "--model", "m"]).is_err());
+    }
+}

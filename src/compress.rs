@@ -1,0 +1,115 @@
+//! Compressing whole documents: segment, tokenize, and run the incremental path with up to
+//! `batch` documents in flight, one sentence of each per forward.
+
+use crate::model::GistModel;
+use crate::state::{advance, Chunk, GistState};
+use crate::tokenize::Segment;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// What compressing one document produced, as `giststream compress` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub name: String,
+    /// Regular tokens (BOS included).
+    pub tokens: u64,
+    pub sentences: u64,
+    pub gist_tokens: u64,
+    /// R_c = regular tokens / gist tokens (the paper's compression ratio).
+    pub compression_ratio: f64,
+    /// Bytes of a full KV cache of the document at the model's dtype.
+    pub kv_bytes_full: u64,
+    /// Bytes of its gist state (kept gists plus any open tail).
+    pub kv_bytes_gist: u64,
+    /// Wall time from the document's first forward to its last (shared with the documents
+    /// batched beside it).
+    pub seconds: f64,
+}
+
+/// A document to compress.
+pub struct Document {
+    pub name: String,
+    pub segments: Vec<Segment>,
+}
+
+/// Compresses documents with up to `batch` in flight. Returns states and reports in input
+/// order.
+pub fn compress(
+    model: &GistModel,
+    docs: Vec<Document>,
+    batch: usize,
+) -> anyhow::Result<Vec<(GistState, Report)>> {
+    struct Active {
+        index: usize,
+        state: GistState,
+        next: usize,
+        started: Instant,
+    }
+    let batch = batch.max(1);
+    let mut pending: VecDeque<usize> = (0..docs.len()).collect();
+    let mut active: Vec<Active> = Vec::new();
+    let mut done: Vec<Option<(GistState, Report)>> = (0..docs.len()).map(|_| None).collect();
+    let bytes_per_value = model.llama.dtype().size_in_bytes();
+    loop {
+        while active.len() < batch {
+            let Some(i) = pending.pop_front() else { break };
+            active.push(Active {
+                index: i,
+                state: GistState::new(model)?,
+                next: 0,
+                started: Instant::now(),
+            });
+        }
+        // Finish documents with nothing left (empty ones never enter a forward).
+        let mut k = 0;
+        while k < active.len() {
+            if active[k].next >= docs[active[k].index].segments.len() {
+                let a = active.swap_remove(k);
+                let s = &a.state;
+                let report = Report {
+                    name: docs[a.index].name.clone(),
+                    tokens: s.regular_tokens,
+                    sentences: s.sentences,
+                    gist_tokens: s.gist_tokens,
+                    compression_ratio: if s.gist_tokens == 0 {
+                        0.0
+                    } else {
+                        s.regular_tokens as f64 / s.gist_tokens as f64
+                    },
+                    kv_bytes_full: s.regular_tokens * model.kv_bytes_per_token(bytes_per_value),
+                    kv_bytes_gist: s.kv_len() as u64 * model.kv_bytes_per_token(bytes_per_value),
+                    seconds: a.started.elapsed().as_secs_f64(),
+                };
+                done[a.index] = Some((a.state, report));
+            } else {
+                k += 1;
+            }
+        }
+        if active.is_empty() {
+            if pending.is_empty() {
+                break;
+            }
+            continue;
+        }
+        let mut items: Vec<(&mut GistState, Chunk<'_>)> = active
+            .iter_mut()
+            .map(|a| {
+                let seg = &docs[a.index].segments[a.next];
+                a.next += 1;
+                (
+                    &mut a.state,
+                    Chunk {
+                        tokens: &seg.tokens,
+                        close: seg.close,
+                    },
+                )
+            })
+            .collect();
+        advance(model, &mut items, false)?;
+    }
+    Ok(done
+        .into_iter()
+        .map(|d| d.expect("every document finishes"))
+        .collect())
+}

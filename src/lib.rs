@@ -1,0 +1,26 @@
+//! giststream: streaming sentence-anchored gist compression of long documents.
+//!
+//! Data flows through the modules in this order:
+//!
+//! - [`segment`] splits text, arriving in chunks, into sentences (the rule belongs to the
+//!   model);
+//! - [`tokenize`] turns each sentence into model segments, never letting a token cross a
+//!   boundary;
+//! - [`model`] loads an HF Llama directory plus `gist.json` and runs our own forward
+//!   ([`model::llama`]), with the sentence-attention mask;
+//! - [`state`] holds a document's compressed state ([`state::GistState`]: per-layer K/V of
+//!   the gist tokens) and advances it sentence by sentence, batched across documents;
+//! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
+//! - [`compress`] drives whole documents through the incremental path;
+//! - [`cli`] is the command line.
+//!
+//! [`tiny`] writes small random models for tests and benchmarks.
+
+pub mod cli;
+pub mod compress;
+pub mod model;
+pub mod parallel;
+pub mod segment;
+pub mod state;
+pub mod tiny;
+pub mod tokenize;

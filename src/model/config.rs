@@ -1,0 +1,216 @@
+//! Configuration: `config.json` as Hugging Face writes it ([`LlamaFileConfig`]), the runtime
+//! [`Config`] the forward reads, and `gist.json` ([`GistConfig`]), which says how the model
+//! compresses: how many gist tokens, their ids, and the segmentation it was trained with.
+
+use crate::segment::SegmentConfig;
+use candle_transformers::models::llama::{Llama3RopeConfig, Llama3RopeType, LlamaEosToks};
+use serde::{Deserialize, Serialize};
+
+/// `config.json` of an HF Llama checkpoint (only the fields the forward needs).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaFileConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeConfig>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<LlamaEosToks>,
+    pub hidden_act: Option<String>,
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+
+/// What the forward needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hidden: usize,
+    pub intermediate: usize,
+    /// Rows of the embedding matrix, gist tokens included.
+    pub vocab: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f64,
+    /// RoPE inverse frequencies (head_dim / 2), Llama-3 scaling applied.
+    pub inv_freq: Vec<f32>,
+    pub tie_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+}
+
+impl LlamaFileConfig {
+    /// Checks the fields and builds the runtime config.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        use anyhow::ensure;
+        let kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        ensure!(
+            self.num_attention_heads > 0 && kv_heads > 0,
+            "config.json: zero attention heads"
+        );
+        ensure!(
+            self.num_attention_heads.is_multiple_of(kv_heads),
+            "config.json: num_attention_heads ({}) is not a multiple of num_key_value_heads ({kv_heads})",
+            self.num_attention_heads
+        );
+        ensure!(
+            head_dim.is_multiple_of(2),
+            "config.json: head_dim {head_dim} is odd; RoPE needs pairs"
+        );
+        ensure!(
+            !self.attention_bias && !self.mlp_bias,
+            "config.json: attention_bias/mlp_bias are not supported (no Llama checkpoint uses them)"
+        );
+        if let Some(act) = &self.hidden_act {
+            ensure!(
+                act == "silu",
+                "config.json: hidden_act {act:?} is not supported (only silu)"
+            );
+        }
+        let inv_freq = rope_inv_freq(self.rope_theta, head_dim, self.rope_scaling.as_ref());
+        Ok(Config {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            vocab: self.vocab_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            kv_heads,
+            head_dim,
+            rms_eps: self.rms_norm_eps,
+            inv_freq,
+            tie_embeddings: self.tie_word_embeddings,
+            bos_token_id: self.bos_token_id,
+        })
+    }
+}
+
+/// RoPE inverse frequencies, computed in f32 as transformers does (so positions rotate
+/// identically), with the Llama-3 long-context scaling when the config asks for it.
+pub fn rope_inv_freq(theta: f32, head_dim: usize, scaling: Option<&Llama3RopeConfig>) -> Vec<f32> {
+    let base: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+        .collect();
+    let Some(s) = scaling.filter(|s| matches!(s.rope_type, Llama3RopeType::Llama3)) else {
+        return base;
+    };
+    let old = s.original_max_position_embeddings as f32;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// `gist.json`: how this checkpoint compresses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GistConfig {
+    /// Gist tokens written after every sentence (N_g).
+    pub num_gist_tokens: usize,
+    /// Their token names, in order (`<end_of_sentence_i>` in the reference naming).
+    pub gist_tokens: Vec<String>,
+    /// Their ids in the tokenizer and embedding matrix.
+    pub gist_token_ids: Vec<u32>,
+    /// Segmentation the model was trained with.
+    #[serde(default)]
+    pub segmentation: SegmentConfig,
+    /// Keep BOS (position 0) visible to every later token (the reference's
+    /// `ft_with_bos_token`); it is then kept in the state like a gist.
+    #[serde(default)]
+    pub bos_always_visible: bool,
+    /// Prepend BOS to every document.
+    #[serde(default = "yes")]
+    pub add_bos: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl GistConfig {
+    /// Names of the reference code's gist tokens.
+    pub fn reference_names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("<end_of_sentence_{i}>")).collect()
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::ensure;
+        ensure!(
+            self.num_gist_tokens > 0,
+            "gist.json: num_gist_tokens must be at least 1"
+        );
+        ensure!(
+            self.gist_tokens.len() == self.num_gist_tokens
+                && self.gist_token_ids.len() == self.num_gist_tokens,
+            "gist.json: {} gist tokens declared, but {} names and {} ids given",
+            self.num_gist_tokens,
+            self.gist_tokens.len(),
+            self.gist_token_ids.len()
+        );
+        let mut ids = self.gist_token_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ensure!(
+            ids.len() == self.num_gist_tokens,
+            "gist.json: gist token ids repeat"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_matches_transformers() {
+        // Llama-3.2 settings, head_dim 64. The exact values are checked end to end against
+        // transformers in tests/reference.rs (fixture a); this pins the three bands.
+        let s = Llama3RopeConfig {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+            rope_type: Llama3RopeType::Llama3,
+        };
+        let f = rope_inv_freq(500_000.0, 64, Some(&s));
+        assert_eq!(f.len(), 32);
+        assert_eq!(f[0], 1.0);
+        // High frequencies are unchanged, the lowest are divided by the factor.
+        let plain = rope_inv_freq(500_000.0, 64, None);
+        assert_eq!(f[10], plain[10]);
+        assert!((f[31] - plain[31] / 32.0).abs() < 1e-12);
+        // Medium band: strictly between.
+        let mid = (0..32).find(|&i| f[i] != plain[i] && (f[i] - plain[i] / 32.0).abs() > 1e-12);
+        assert!(mid.is_some());
+    }
+}
