@@ -22,6 +22,35 @@ pub enum Command {
     /// Compress text files into gist states and report, per document, tokens, sentences,
     /// gist tokens, compression ratio R_c, KV bytes (full cache vs gist state) and time.
     Compress(CompressArgs),
+    /// Measure tokens/s and peak memory of the incremental (1 and N documents), parallel
+    /// and full-attention paths on a random model of the paper-comparison shape (hidden
+    /// 256, 4 layers, 4/2 heads, vocab 4096, N_g 4, sentences of ~27 tokens).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Document lengths in regular tokens.
+    #[arg(long, value_delimiter = ',', default_values_t = [2048, 16384, 65536])]
+    pub lengths: Vec<usize>,
+    /// Paths to measure (default: all).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub paths: Vec<crate::bench::Path>,
+    /// Documents in the batched incremental measurement.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Also write the measurements as a JSON array to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Run one measurement in this process and print it as JSON (used by the parent run).
+    #[arg(long, hide = true, value_enum)]
+    pub one: Option<crate::bench::Path>,
 }
 
 /// Which model to load, where, and at what precision.
@@ -107,7 +136,63 @@ pub struct CompressArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Compress(args) => run_compress(args),
+        Command::Bench(args) => run_bench(args),
     }
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    use crate::bench::{measure, run_all, Path};
+    if let Some(path) = args.one {
+        let tokens = *args.lengths.first().context("--lengths is empty")?;
+        let m = measure(
+            path,
+            tokens,
+            args.batch,
+            &parse_device(&args.device)?,
+            parse_dtype(&args.dtype)?,
+        )?;
+        println!("{}", serde_json::to_string(&m)?);
+        return Ok(());
+    }
+    let paths = if args.paths.is_empty() {
+        vec![
+            Path::Incremental,
+            Path::IncrementalBatched,
+            Path::Parallel,
+            Path::FullAttention,
+        ]
+    } else {
+        args.paths.clone()
+    };
+    println!(
+        "{:<20} {:>8} {:>5} {:>10} {:>10} {:>12} {:>12}",
+        "path", "tokens", "docs", "seconds", "tok/s", "peak RSS", "state"
+    );
+    let all = run_all(
+        &paths,
+        &args.lengths,
+        args.batch,
+        &args.device,
+        &args.dtype,
+        |m| {
+            let name = serde_json::to_value(m.path).unwrap_or_default();
+            println!(
+                "{:<20} {:>8} {:>5} {:>10.2} {:>10.0} {:>12} {:>12}",
+                name.as_str().unwrap_or_default(),
+                m.tokens,
+                m.documents,
+                m.seconds,
+                m.tokens_per_second,
+                human_bytes(m.peak_rss),
+                human_bytes(m.state_bytes)
+            );
+        },
+    )?;
+    if let Some(f) = &args.json {
+        std::fs::write(f, serde_json::to_string_pretty(&all)?)
+            .with_context(|| format!("writing {}", f.display()))?;
+    }
+    Ok(())
 }
 
 fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
@@ -212,7 +297,9 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let Command::Compress(a) = cli.command;
+        let Command::Compress(a) = cli.command else {
+            panic!("compress")
+        };
         assert_eq!(a.files.len(), 2);
         assert!(a.json);
         assert_eq!(a.batch, 8);

@@ -12,10 +12,11 @@
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
 //! - [`compress`] drives whole documents through the incremental path;
-//! - [`cli`] is the command line.
+//! - [`bench`] measures the paths; [`cli`] is the command line.
 //!
 //! [`tiny`] writes small random models for tests and benchmarks.
 
+pub mod bench;
 pub mod cli;
 pub mod compress;
 pub mod model;

@@ -77,23 +77,35 @@ pub enum Mode {
 
 /// Logits (N, V) for every row of the layout.
 pub fn forward(model: &GistModel, layout: &Layout, mode: Mode, ops: Ops) -> Result<Tensor> {
+    let out = forward_rows(model, layout, mode, ops, &Logits::All)?;
+    Ok(out.expect("Logits::All returns logits"))
+}
+
+/// The forward with a choice of logit rows (`Logits::Rows` of the last token is what a
+/// prefill needs).
+pub fn forward_rows(
+    model: &GistModel,
+    layout: &Layout,
+    mode: Mode,
+    ops: Ops,
+    logits: &Logits,
+) -> Result<Option<Tensor>> {
     let dev = model.llama.device();
     let dtype = model.llama.dtype();
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
-    let out = match mode {
+    match mode {
         Mode::Sentence => {
             let mut plan = SentencePlan::new(&layout.docs, dtype, dev, ops)?;
             model
                 .llama
-                .forward(&ids, &layout.positions, &mut plan, ops, &Logits::All)?
+                .forward(&ids, &layout.positions, &mut plan, ops, logits)
         }
         Mode::Causal => {
             let rows: Vec<_> = layout.docs.iter().map(|d| d.rows.clone()).collect();
             let mut plan = CausalPlan::new(&rows, dtype, dev, ops)?;
             model
                 .llama
-                .forward(&ids, &layout.positions, &mut plan, ops, &Logits::All)?
+                .forward(&ids, &layout.positions, &mut plan, ops, logits)
         }
-    };
-    Ok(out.expect("Logits::All returns logits"))
+    }
 }

@@ -15,9 +15,10 @@ use crate::model::llama::{attend, causal_mask, Attention, Logits, Ops};
 use crate::model::GistModel;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Keys and values of one layer for one document, in a buffer that grows by doubling so an
-/// append is a copy of the new rows only. k and v are (Hkv, capacity, D); rows `..len` hold
-/// data.
+/// Keys and values of one layer for one document, in a buffer with spare rows so an append
+/// is a copy of the new rows only. It grows by a quarter (not by doubling) so the spare
+/// memory stays a small fraction of the state. k and v are (Hkv, capacity, D); rows
+/// `..len` hold data.
 #[derive(Debug, Clone)]
 pub struct KvBuffer {
     k: Tensor,
@@ -65,7 +66,7 @@ impl KvBuffer {
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let l = k.dim(1)?;
         if self.len + l > self.capacity() {
-            let cap = (self.len + l).max(2 * self.capacity());
+            let cap = (self.len + l).max(self.capacity() + self.capacity() / 4 + 64);
             let (hkv, _, d) = self.k.dims3()?;
             let (old_k, old_v) = self.view()?;
             self.k = Tensor::zeros((hkv, cap, d), self.k.dtype(), self.k.device())?;
@@ -163,6 +164,14 @@ impl GistState {
         self.layers.first().map_or(0, KvBuffer::len)
     }
 
+    /// Bytes allocated for keys and values, spare rows included.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|b| 2 * b.k.elem_count() as u64 * b.k.dtype().size_in_bytes() as u64)
+            .sum()
+    }
+
     /// Bytes of keys and values held, at `bytes_per_value` per number.
     pub fn kv_bytes(&self, kv_heads: usize, head_dim: usize, bytes_per_value: usize) -> u64 {
         (self.layers.len() * 2 * kv_heads * head_dim * bytes_per_value * self.kv_len()) as u64
@@ -227,6 +236,7 @@ pub fn advance(
     let mut plan = IncrementalPlan {
         states: items.iter_mut().map(|(s, _)| &mut **s).collect(),
         groups: groups.iter().map(|(r, _)| r.clone()).collect(),
+        masks: Vec::new(),
         dtype: model.llama.dtype(),
         device: device.clone(),
     };
@@ -273,6 +283,9 @@ pub fn advance(
 struct IncrementalPlan<'a> {
     states: Vec<&'a mut GistState>,
     groups: Vec<std::ops::Range<usize>>,
+    /// Each document's causal (L, L) mask over its new rows, built at the first layer and
+    /// shared by all (the cached prefix is all visible and needs none).
+    masks: Vec<Option<Tensor>>,
     dtype: DType,
     device: Device,
 }
@@ -280,20 +293,24 @@ struct IncrementalPlan<'a> {
 impl Attention for IncrementalPlan<'_> {
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(self.groups.len());
-        for (state, rows) in self.states.iter_mut().zip(&self.groups) {
+        let first = self.masks.is_empty();
+        for (i, (state, rows)) in self.states.iter_mut().zip(&self.groups).enumerate() {
             let l = rows.len();
             let buf = &mut state.layers[layer];
-            let prefix = buf.len();
             buf.append(&k.narrow(1, rows.start, l)?, &v.narrow(1, rows.start, l)?)?;
-            let (kb, vb) = buf.view()?; // (Hkv, prefix + L, D)
-            let mask = if l > 1 {
-                let m = Tensor::from_vec(causal_mask(l, prefix), (l, prefix + l), &self.device)?;
-                Some(m.to_dtype(self.dtype)?)
-            } else {
-                None
-            };
+            let (kb, vb) = buf.view()?; // (Hkv, P + L, D): the cache, then the new rows
+            if first {
+                // One query row sees everything: no mask.
+                let mask = if l > 1 {
+                    let m = Tensor::from_vec(causal_mask(l, 0), (l, l), &self.device)?;
+                    Some(m.to_dtype(self.dtype)?)
+                } else {
+                    None
+                };
+                self.masks.push(mask);
+            }
             let qb = q.narrow(1, rows.start, l)?;
-            outs.push(attend(&qb, &kb, &vb, mask.as_ref(), Ops::Fused)?);
+            outs.push(attend(&qb, &kb, &vb, self.masks[i].as_ref(), Ops::Fused)?);
         }
         Tensor::cat(&outs, 1)
     }

@@ -127,34 +127,60 @@ fn mask_tensor(
     Tensor::from_vec(mask, (l, s), device)?.to_dtype(dtype)
 }
 
+/// The (L, P + L) mask of a block whose P prefix keys are all visible, from the block's own
+/// (L, L) part: only the small part is kept between layers.
+fn with_visible_prefix(inner: &Tensor, prefix: usize) -> Result<Tensor> {
+    if prefix == 0 {
+        return Ok(inner.clone());
+    }
+    let l = inner.dim(0)?;
+    let zeros = Tensor::zeros((l, prefix), inner.dtype(), inner.device())?;
+    Tensor::cat(&[&zeros, inner], 1)
+}
+
 // ---------------------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------------------
 
-/// Attention of one group: L queries over the S keys the group may see.
+/// Attention of one group: L queries over the S keys the group may see, of which the
+/// first S - L (kept gists, earlier tokens) are all visible and the last L are the group's
+/// own, under `inner` (L, L) additive (None: all visible).
 /// q (Hq, L, D), already scaled by 1/sqrt(D); k, v (Hkv, S, D), rows may be strided (a view
-/// into a cache); mask (L, S) additive or None (all visible). Returns (Hq, L, D).
+/// into a cache). Returns (Hq, L, D).
 /// GQA without copying K/V per query head: the G query heads that share a key head are
 /// stacked as rows, (Hkv, G·L, D) against (Hkv, S, D).
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    inner: Option<&Tensor>,
     ops: Ops,
 ) -> Result<Tensor> {
     let (hq, l, d) = q.dims3()?;
     let (hkv, s, _) = k.dims3()?;
     let g = hq / hkv;
     let q = q.contiguous()?.reshape((hkv, g * l, d))?;
-    let scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((hkv, g, l, s))?
-            .broadcast_add(m)?
-            .reshape((hkv, g * l, s))?,
-        None => scores,
-    };
+    let mut scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
+    if let Some(m) = inner {
+        let prefix = s - l;
+        scores = match ops {
+            // Mask only the last L columns, in place: the prefix needs no mask, and this
+            // keeps the work O(L²) instead of O(L·S). No autograd through slice_set.
+            Ops::Fused => {
+                let own = scores
+                    .narrow(2, prefix, l)?
+                    .reshape((hkv, g, l, l))?
+                    .broadcast_add(m)?
+                    .reshape((hkv, g * l, l))?;
+                scores.slice_set(&own, 2, prefix)?;
+                scores
+            }
+            Ops::Differentiable => scores
+                .reshape((hkv, g, l, s))?
+                .broadcast_add(&with_visible_prefix(m, prefix)?)?
+                .reshape((hkv, g * l, s))?,
+        };
+    }
     let probs = softmax(&scores, ops)?;
     probs.matmul(v)?.reshape((hq, l, d)) // (Hkv, G·L, D) -> (Hq, L, D)
 }
@@ -180,7 +206,8 @@ pub const BLOCK: usize = 512;
 pub struct CausalPlan {
     /// (document start row, block rows)
     blocks: Vec<(usize, Range<usize>)>,
-    masks: Vec<Tensor>,
+    /// Causal (L, L) masks by block length (all blocks but a document's last share one).
+    inner: std::collections::HashMap<usize, Tensor>,
     ops: Ops,
 }
 
@@ -188,33 +215,37 @@ impl CausalPlan {
     /// `docs`: each document's row range in the flat batch.
     pub fn new(docs: &[Range<usize>], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
         let mut blocks = Vec::new();
+        let mut inner = std::collections::HashMap::new();
         for doc in docs {
             let mut a = doc.start;
             while a < doc.end {
                 let b = (a + BLOCK).min(doc.end);
+                let l = b - a;
+                if let std::collections::hash_map::Entry::Vacant(e) = inner.entry(l) {
+                    e.insert(mask_tensor(causal_mask(l, 0), l, l, dtype, device)?);
+                }
                 blocks.push((doc.start, a..b));
                 a = b;
             }
         }
-        let masks = blocks
-            .iter()
-            .map(|(s, r)| {
-                let (l, prefix) = (r.len(), r.start - s);
-                mask_tensor(causal_mask(l, prefix), l, prefix + l, dtype, device)
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { blocks, masks, ops })
+        Ok(Self { blocks, inner, ops })
     }
 }
 
 impl Attention for CausalPlan {
     fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(self.blocks.len());
-        for ((start, r), mask) in self.blocks.iter().zip(&self.masks) {
+        for (start, r) in &self.blocks {
             let qb = q.narrow(1, r.start, r.len())?;
             let kb = k.narrow(1, *start, r.end - start)?; // (Hkv, S, D), a view
             let vb = v.narrow(1, *start, r.end - start)?;
-            outs.push(attend(&qb, &kb, &vb, Some(mask), self.ops)?);
+            outs.push(attend(
+                &qb,
+                &kb,
+                &vb,
+                Some(&self.inner[&r.len()]),
+                self.ops,
+            )?);
         }
         Tensor::cat(&outs, 1)
     }
@@ -243,9 +274,8 @@ struct SentenceGroup {
     rows: Range<usize>,
     /// Flat rows of the keys: kept tokens before the block, then the block.
     keys: Tensor, // (S,) u32
-    /// The block's own part of the mask (L, L); the prefix part is all visible.
+    /// The block's own part of the mask (L, L); the kept prefix is all visible.
     inner: Tensor,
-    prefix: usize,
 }
 
 impl SentencePlan {
@@ -276,12 +306,10 @@ impl SentencePlan {
                 let inner = sentence_mask(&block, &block, &doc.segment, &doc.kept);
                 let mut keys = kept_before.clone();
                 keys.extend((a..b).map(|i| (doc.rows.start + i) as u32));
-                let prefix = kept_before.len();
                 groups.push(SentenceGroup {
                     rows: doc.rows.start + a..doc.rows.start + b,
                     keys: Tensor::new(keys, device)?,
                     inner: mask_tensor(inner, b - a, b - a, dtype, device)?,
-                    prefix,
                 });
                 kept_before.extend(
                     (a..b)
@@ -303,13 +331,7 @@ impl Attention for SentencePlan {
             let qb = q.narrow(1, g.rows.start, l)?;
             let kb = k.index_select(&g.keys, 1)?; // (Hkv, P + L, D)
             let vb = v.index_select(&g.keys, 1)?;
-            let mask = if g.prefix == 0 {
-                g.inner.clone()
-            } else {
-                let zeros = Tensor::zeros((l, g.prefix), g.inner.dtype(), g.inner.device())?;
-                Tensor::cat(&[&zeros, &g.inner], 1)?
-            };
-            outs.push(attend(&qb, &kb, &vb, Some(&mask), self.ops)?);
+            outs.push(attend(&qb, &kb, &vb, Some(&g.inner), self.ops)?);
         }
         Tensor::cat(&outs, 1)
     }

@@ -51,6 +51,12 @@ impl GistModel {
         dtype: DType,
         opts: &LoadOptions,
     ) -> anyhow::Result<Self> {
+        if device.is_cpu() && dtype == DType::BF16 {
+            bail!(
+                "bf16 compute is not supported on the CPU (candle's CPU matmul has no bf16 \
+                 kernel): use --dtype f32 or f16 there; bf16 weights load fine as f32"
+            );
+        }
         let read = |name: &str| {
             let p = dir.join(name);
             std::fs::read(&p).with_context(|| format!("reading {}", p.display()))

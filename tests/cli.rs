@@ -1,0 +1,124 @@
+//! The `giststream` binary as a user runs it.
+
+use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+use std::process::Command;
+
+fn giststream() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_giststream"));
+    c.env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+#[test]
+fn compress_reports_every_document_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(&model, &TinySpec::default()).unwrap();
+    let a = dir.path().join("a.txt");
+    let b = dir.path().join("b.txt");
+    std::fs::write(&a, synthetic_text(12, 10, 1)).unwrap();
+    std::fs::write(&b, "One short document. It has three sentences. The end.").unwrap();
+    let out = giststream()
+        .args(["compress", "--model"])
+        .arg(&model)
+        .arg(&a)
+        .arg(&b)
+        .args(["--json", "--batch", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["sentences"], 12);
+    assert_eq!(lines[1]["sentences"], 3);
+    for l in &lines {
+        let tokens = l["tokens"].as_f64().unwrap();
+        let gists = l["gist_tokens"].as_f64().unwrap();
+        assert_eq!(gists, 4.0 * l["sentences"].as_f64().unwrap());
+        assert!((l["compression_ratio"].as_f64().unwrap() - tokens / gists).abs() < 1e-9);
+        assert!(l["kv_bytes_gist"].as_u64().unwrap() < l["kv_bytes_full"].as_u64().unwrap());
+    }
+    // The table form names the documents.
+    let out = giststream()
+        .args(["compress", "--model"])
+        .arg(&model)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("R_c") && table.contains("b.txt"), "{table}");
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(&model, &TinySpec::default()).unwrap();
+
+    // A file that is not UTF-8 is named, with the offset of the bad byte.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"fine so far \xff not").unwrap();
+    let out = giststream()
+        .args(["compress", "--model"])
+        .arg(&model)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.txt") && err.contains("not UTF-8") && err.contains("12"),
+        "{err}"
+    );
+
+    // A missing model directory says which file it could not read.
+    let out = giststream()
+        .args(["compress", "--model", "/nonexistent/model", "x.txt"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model/config.json"), "{err}");
+
+    // A gist.json whose ids disagree with the tokenizer is refused.
+    let gist = model.join("gist.json");
+    let text = std::fs::read_to_string(&gist)
+        .unwrap()
+        .replace("258", "300");
+    std::fs::write(&gist, text).unwrap();
+    let ok = dir.path().join("ok.txt");
+    std::fs::write(&ok, "Hello there.").unwrap();
+    let out = giststream()
+        .args(["compress", "--model"])
+        .arg(&model)
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gist.json") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+
+    // bf16 compute on the CPU is refused with the reason, not a kernel error mid-run.
+    let spec_dir = dir.path().join("model2");
+    write_random_model(&spec_dir, &TinySpec::default()).unwrap();
+    let out = giststream()
+        .args(["compress", "--dtype", "bf16", "--model"])
+        .arg(&spec_dir)
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
+}

@@ -1,0 +1,106 @@
+//! Checkpoint formats: sharded safetensors with an index, bf16 weights, f16 compute.
+
+use candle_core::{DType, Device, Tensor};
+use giststream::model::llama::Ops;
+use giststream::model::{GistModel, LoadOptions};
+use giststream::parallel::{self, Layout, Mode};
+use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn logits(dir: &Path, dtype: DType) -> Tensor {
+    let model = GistModel::load(dir, &Device::Cpu, dtype, &LoadOptions::default()).unwrap();
+    let segs = model.segments(&synthetic_text(5, 8, 3)).unwrap();
+    let layout = Layout::new(&model, &[segs], true);
+    parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn copy_model(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["config.json", "tokenizer.json", "gist.json"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    write_random_model(&single, &TinySpec::default()).unwrap();
+    let sharded = dir.path().join("sharded");
+    copy_model(&single, &sharded);
+    let weights =
+        candle_core::safetensors::load(single.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut map = serde_json::Map::new();
+    for (i, (name, t)) in weights.into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        map.insert(name.clone(), serde_json::json!(file));
+        shards[i % 2].insert(name, t);
+    }
+    for (i, s) in shards.iter().enumerate() {
+        candle_core::safetensors::save(
+            s,
+            sharded.join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    assert_eq!(
+        max_diff(&logits(&single, DType::F32), &logits(&sharded, DType::F32)),
+        0.0
+    );
+}
+
+#[test]
+fn bf16_weights_load_and_f16_compute_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_dir = dir.path().join("f32");
+    write_random_model(&f32_dir, &TinySpec::default()).unwrap();
+    let bf16_dir = dir.path().join("bf16");
+    copy_model(&f32_dir, &bf16_dir);
+    let weights =
+        candle_core::safetensors::load(f32_dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let bf16: HashMap<String, Tensor> = weights
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&bf16, bf16_dir.join("model.safetensors")).unwrap();
+
+    let reference = logits(&f32_dir, DType::F32);
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // bf16 keeps 8 bits of mantissa: the rounded weights move logits by about 1%.
+    let d = max_diff(&reference, &logits(&bf16_dir, DType::F32));
+    assert!(
+        d > 0.0 && d < 0.05 * scale,
+        "bf16 weights: {d} (logit scale {scale})"
+    );
+    // f16 compute on the CPU.
+    let d = max_diff(&reference, &logits(&f32_dir, DType::F16));
+    assert!(d < 0.05 * scale, "f16 compute: {d} (logit scale {scale})");
+}

@@ -1,0 +1,67 @@
+//! The JSON Schemas in schemas/ describe what we actually write and read.
+
+use giststream::tiny::{write_random_model, TinySpec};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .join(name);
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&json).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn assert_valid(v: &jsonschema::Validator, instance: &Value) {
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{instance}: {errors:?}");
+}
+
+#[test]
+fn gist_json_matches_its_schema_both_ways() {
+    let v = schema("gist.schema.json");
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &TinySpec::default()).unwrap();
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("gist.json")).unwrap()).unwrap();
+    assert_valid(&v, &written);
+    // A typo is caught by the schema and by our reader alike.
+    let mut typo = written.clone();
+    typo["num_gist_token"] = typo["num_gist_tokens"].clone();
+    assert!(!v.is_valid(&typo));
+    assert!(serde_json::from_value::<giststream::model::config::GistConfig>(typo).is_err());
+    let mut bad_mode = written;
+    bad_mode["segmentation"]["mode"] = "uax".into();
+    assert!(!v.is_valid(&bad_mode));
+    assert!(serde_json::from_value::<giststream::model::config::GistConfig>(bad_mode).is_err());
+}
+
+#[test]
+fn compress_reports_and_bench_measurements_match_their_schemas() {
+    let report = giststream::compress::Report {
+        name: "a.txt".into(),
+        tokens: 100,
+        sentences: 4,
+        gist_tokens: 16,
+        compression_ratio: 6.25,
+        kv_bytes_full: 1000,
+        kv_bytes_gist: 160,
+        seconds: 0.5,
+    };
+    assert_valid(
+        &schema("compress-report.schema.json"),
+        &serde_json::to_value(&report).unwrap(),
+    );
+    let m = giststream::bench::measure(
+        giststream::bench::Path::Parallel,
+        64,
+        1,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    assert_valid(
+        &schema("bench-measurement.schema.json"),
+        &serde_json::to_value(&m).unwrap(),
+    );
+}
