@@ -72,6 +72,8 @@ pub fn paper_shape() -> TinySpec {
         segmentation: SegmentConfig::default(),
         bos_always_visible: false,
         scale: 0.02,
+        embed_scale: 0.02,
+        norm_noise: 0.0,
         seed: 1,
     }
 }

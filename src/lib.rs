@@ -25,3 +25,4 @@ pub mod segment;
 pub mod state;
 pub mod tiny;
 pub mod tokenize;
+pub mod train;

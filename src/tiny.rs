@@ -4,7 +4,7 @@
 use crate::model::config::GistConfig;
 use crate::segment::SegmentConfig;
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -25,8 +25,12 @@ pub struct TinySpec {
     pub tie_embeddings: bool,
     pub segmentation: SegmentConfig,
     pub bos_always_visible: bool,
-    /// Standard deviation of the random weights.
+    /// Standard deviation of the random projection weights.
     pub scale: f32,
+    /// Standard deviation of the embedding rows.
+    pub embed_scale: f32,
+    /// Standard deviation of the norm weights around 1.
+    pub norm_noise: f32,
     pub seed: u64,
 }
 
@@ -46,6 +50,8 @@ impl Default for TinySpec {
             segmentation: SegmentConfig::default(),
             bos_always_visible: false,
             scale: 0.2,
+            embed_scale: 1.0,
+            norm_noise: 0.1,
             seed: 7,
         }
     }
@@ -106,21 +112,14 @@ pub fn byte_level_tokenizer() -> tokenizers::Tokenizer {
         .expect("the byte-level tokenizer.json is valid")
 }
 
-/// Writes a random model directory per `spec`.
-pub fn write_random_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let d = spec.hidden / spec.heads;
-    let mut vocab = spec.vocab;
-    let gist_ids: Vec<u32> = (0..spec.num_gists).map(|i| (258 + i) as u32).collect();
-    if spec.gist_checkpoint {
-        vocab = vocab.max(258 + spec.num_gists);
-    }
+/// config.json of a Llama of `spec`'s shape.
+pub fn config_json(spec: &TinySpec, vocab: usize, bos: u32, eos: u32) -> serde_json::Value {
     let mut rope_scaling = serde_json::Value::Null;
     if spec.llama3_rope_scaling {
         rope_scaling = serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_type": "llama3"});
     }
-    let config = serde_json::json!({
+    serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": spec.hidden,
@@ -129,63 +128,44 @@ pub fn write_random_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<()> {
         "num_hidden_layers": spec.layers,
         "num_attention_heads": spec.heads,
         "num_key_value_heads": spec.kv_heads,
-        "head_dim": d,
+        "head_dim": spec.hidden / spec.heads,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "rope_scaling": rope_scaling,
         "max_position_embeddings": 131072,
         "tie_word_embeddings": spec.tie_embeddings,
-        "bos_token_id": 256,
-        "eos_token_id": 257,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "hidden_act": "silu",
         "torch_dtype": "float32"
-    });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    })
+}
 
-    let mut tok = crate::tokenize::GistTokenizer::from_tokenizer(byte_level_tokenizer());
-    if spec.gist_checkpoint {
-        let names = GistConfig::reference_names(spec.num_gists);
-        let ids = tok.ensure_special_tokens(&names)?;
-        assert_eq!(ids, gist_ids);
-        let gist = GistConfig {
-            num_gist_tokens: spec.num_gists,
-            gist_tokens: names,
-            gist_token_ids: gist_ids,
-            segmentation: spec.segmentation.clone(),
-            bos_always_visible: spec.bos_always_visible,
-            add_bos: true,
-        };
-        std::fs::write(dir.join("gist.json"), serde_json::to_string_pretty(&gist)?)?;
-    }
-    tok.inner()
-        .save(dir.join("tokenizer.json"), true)
-        .map_err(|e| anyhow::anyhow!("saving tokenizer: {e}"))?;
-
+/// Random f32 weights of `spec`'s shape, named as in HF safetensors.
+pub fn random_weights(spec: &TinySpec, vocab: usize) -> anyhow::Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
+    let d = spec.hidden / spec.heads;
     let mut rng = SplitMix(spec.seed);
     let mut randn = |shape: &[usize], scale: f32, offset: f32| -> anyhow::Result<Tensor> {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| offset + scale * rng.normal()).collect();
         Ok(Tensor::from_vec(v, shape, &dev)?)
     };
-    let (h, i, s) = (spec.hidden, spec.intermediate, spec.scale);
+    let (h, i, s, nn) = (spec.hidden, spec.intermediate, spec.scale, spec.norm_noise);
     let mut w: HashMap<String, Tensor> = HashMap::new();
     w.insert(
         "model.embed_tokens.weight".into(),
-        randn(&[vocab, h], 1.0, 0.0)?,
+        randn(&[vocab, h], spec.embed_scale, 0.0)?,
     );
     if !spec.tie_embeddings {
         w.insert("lm_head.weight".into(), randn(&[vocab, h], s, 0.0)?);
     }
-    w.insert("model.norm.weight".into(), randn(&[h], 0.1, 1.0)?);
+    w.insert("model.norm.weight".into(), randn(&[h], nn, 1.0)?);
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
         let mut put = |name: &str, t: Tensor| w.insert(format!("{p}.{name}"), t);
-        put("input_layernorm.weight", randn(&[h], 0.1, 1.0)?);
-        put("post_attention_layernorm.weight", randn(&[h], 0.1, 1.0)?);
+        put("input_layernorm.weight", randn(&[h], nn, 1.0)?);
+        put("post_attention_layernorm.weight", randn(&[h], nn, 1.0)?);
         put(
             "self_attn.q_proj.weight",
             randn(&[spec.heads * d, h], s, 0.0)?,
@@ -206,11 +186,41 @@ pub fn write_random_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<()> {
         put("mlp.up_proj.weight", randn(&[i, h], s, 0.0)?);
         put("mlp.down_proj.weight", randn(&[h, i], s, 0.0)?);
     }
-    let w: HashMap<String, Tensor> = w
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
-        .collect::<anyhow::Result<_>>()?;
-    candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    Ok(w)
+}
+
+/// Writes a random model directory per `spec`, with the byte-level tokenizer.
+pub fn write_random_model(dir: &Path, spec: &TinySpec) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut vocab = spec.vocab;
+    let gist_ids: Vec<u32> = (0..spec.num_gists).map(|i| (258 + i) as u32).collect();
+    if spec.gist_checkpoint {
+        vocab = vocab.max(258 + spec.num_gists);
+    }
+    let config = config_json(spec, vocab, 256, 257);
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    let mut tok = crate::tokenize::GistTokenizer::from_tokenizer(byte_level_tokenizer());
+    if spec.gist_checkpoint {
+        let names = GistConfig::reference_names(spec.num_gists);
+        let ids = tok.ensure_special_tokens(&names)?;
+        assert_eq!(ids, gist_ids);
+        let gist = GistConfig {
+            num_gist_tokens: spec.num_gists,
+            gist_tokens: names,
+            gist_token_ids: gist_ids,
+            segmentation: spec.segmentation.clone(),
+            bos_always_visible: spec.bos_always_visible,
+            add_bos: true,
+        };
+        std::fs::write(dir.join("gist.json"), serde_json::to_string_pretty(&gist)?)?;
+    }
+    tok.inner()
+        .save(dir.join("tokenizer.json"), true)
+        .map_err(|e| anyhow::anyhow!("saving tokenizer: {e}"))?;
+    candle_core::safetensors::save(&random_weights(spec, vocab)?, dir.join("model.safetensors"))?;
     Ok(())
 }
 

@@ -81,6 +81,59 @@ impl GistTokenizer {
     }
 }
 
+/// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes its tokenizer.json
+/// to `out`. `special` (BOS, EOS, gist tokens...) get the first ids. Byte-level means every
+/// byte has a token, so no text is ever unknown; no normalizer and no post-processor, so
+/// offsets stay exact byte offsets of the input.
+pub fn train_bpe(
+    files: &[std::path::PathBuf],
+    vocab_size: usize,
+    special: &[String],
+    out: &Path,
+) -> anyhow::Result<GistTokenizer> {
+    use tokenizers::decoders::DecoderWrapper;
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::normalizers::NormalizerWrapper;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+    use tokenizers::processors::PostProcessorWrapper;
+    use tokenizers::TokenizerBuilder;
+
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(
+            special
+                .iter()
+                .map(|s| AddedToken::from(s.clone(), true))
+                .collect(),
+        )
+        .build();
+    let byte_level = ByteLevel::new(false, true, true);
+    let mut tokenizer: tokenizers::TokenizerImpl<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(byte_level.into()))
+        .with_decoder(Some(byte_level.into()))
+        .build()
+        .map_err(|e| anyhow!("building the tokenizer: {e}"))?;
+    let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    tokenizer
+        .train_from_files(&mut trainer, files)
+        .map_err(|e| anyhow!("training BPE: {e}"))?;
+    tokenizer
+        .save(out, true)
+        .map_err(|e| anyhow!("writing {}: {e}", out.display()))?;
+    GistTokenizer::from_file(out)
+}
+
 /// One model segment: the tokens of a sentence (or of a piece of a long one), followed by
 /// the gist tokens when `close`.
 #[derive(Debug, Clone, PartialEq, Eq)]

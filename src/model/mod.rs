@@ -123,6 +123,22 @@ impl GistModel {
         })
     }
 
+    /// A model from parts already in memory (training builds its weights itself).
+    pub fn from_parts(
+        llama: Llama,
+        tokenizer: GistTokenizer,
+        gist: GistConfig,
+        fingerprint: u64,
+    ) -> Self {
+        Self {
+            llama,
+            tokenizer,
+            gist,
+            fingerprint,
+            dir: PathBuf::new(),
+        }
+    }
+
     /// BOS to prepend to a document, if the model uses one.
     pub fn bos_token_id(&self) -> Option<u32> {
         if self.gist.add_bos {
@@ -140,13 +156,7 @@ impl GistModel {
 
     /// A streaming encoder for one document under this model's segmentation.
     pub fn encoder(&self) -> DocumentEncoder<'_> {
-        DocumentEncoder {
-            model: self,
-            segmenter: Segmenter::new(self.gist.segmentation.clone()),
-            text: String::new(),
-            text_base: 0,
-            first: true,
-        }
+        DocumentEncoder::new(&self.tokenizer, &self.gist, self.bos_token_id())
     }
 
     /// Segments and tokenizes a whole document.
@@ -160,7 +170,9 @@ impl GistModel {
 
 /// Text in, model segments out, as sentences become certain.
 pub struct DocumentEncoder<'m> {
-    model: &'m GistModel,
+    tokenizer: &'m GistTokenizer,
+    max_tokens: usize,
+    bos: Option<u32>,
     segmenter: Segmenter,
     /// Text not yet covered by an emitted sentence, starting at document byte `text_base`.
     text: String,
@@ -168,7 +180,20 @@ pub struct DocumentEncoder<'m> {
     first: bool,
 }
 
-impl DocumentEncoder<'_> {
+impl<'m> DocumentEncoder<'m> {
+    /// An encoder with `gist`'s segmentation; `bos` starts the document.
+    pub fn new(tokenizer: &'m GistTokenizer, gist: &GistConfig, bos: Option<u32>) -> Self {
+        Self {
+            tokenizer,
+            max_tokens: gist.segmentation.max_sentence_tokens,
+            bos,
+            segmenter: Segmenter::new(gist.segmentation.clone()),
+            text: String::new(),
+            text_base: 0,
+            first: true,
+        }
+    }
+
     pub fn push(&mut self, chunk: &str) -> anyhow::Result<Vec<Segment>> {
         self.text.push_str(chunk);
         let sentences = self.segmenter.push(chunk);
@@ -182,21 +207,16 @@ impl DocumentEncoder<'_> {
 
     fn encode(&mut self, sentences: Vec<crate::segment::Sentence>) -> anyhow::Result<Vec<Segment>> {
         let mut out = Vec::new();
-        let max_tokens = self.model.gist.segmentation.max_sentence_tokens;
         for s in sentences {
             // Re-base the sentence onto the text still held.
             let local = crate::segment::Sentence {
                 range: s.range.start - self.text_base..s.range.end - self.text_base,
                 end: s.end,
             };
-            let bos = if self.first {
-                self.model.bos_token_id()
-            } else {
-                None
-            };
+            let bos = if self.first { self.bos } else { None };
             self.first = false;
             let mut segs =
-                sentence_segments(&self.model.tokenizer, &self.text, &local, bos, max_tokens)?;
+                sentence_segments(self.tokenizer, &self.text, &local, bos, self.max_tokens)?;
             for seg in &mut segs {
                 seg.bytes = seg.bytes.start + self.text_base..seg.bytes.end + self.text_base;
             }

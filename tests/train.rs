@@ -1,0 +1,263 @@
+//! Training on bundled text (data/texts): loss falls, gradients reach every trainable
+//! weight, frozen weights stay bit-identical, and a run killed with SIGKILL resumes onto
+//! the same loss curve.
+
+use candle_core::{DType, Device};
+use giststream::model::llama::Ops;
+use giststream::tiny::{write_random_model, TinySpec};
+use giststream::tokenize::Segment;
+use giststream::train::{self, Attention, TrainConfig, Trainable, Trainee};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn texts_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts")
+}
+
+fn small_spec() -> TinySpec {
+    TinySpec {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 128,
+        num_gists: 2,
+        scale: 0.05,
+        embed_scale: 0.05,
+        norm_noise: 0.0,
+        ..TinySpec::default()
+    }
+}
+
+fn trainee(dir: &Path) -> Trainee {
+    write_random_model(dir, &small_spec()).unwrap();
+    train::trainee_from_dir(dir, 2, &Device::Cpu).unwrap()
+}
+
+fn data(t: &Trainee, seq_tokens: usize) -> Vec<Vec<Segment>> {
+    let texts: Vec<String> = train::read_texts(&texts_dir())
+        .unwrap()
+        .into_iter()
+        .map(|t| t.chars().take(60_000).collect())
+        .collect();
+    let bos = t.model.bos_token_id().unwrap();
+    train::sequences(&texts, &t.model.tokenizer, &t.model.gist, bos, seq_tokens).unwrap()
+}
+
+fn config(tokens: u64, trainable: Trainable) -> TrainConfig {
+    let mut c = TrainConfig::scratch(tokens, 3e-3, 8);
+    c.stages[0].trainable = trainable;
+    c.stages[0].warmup_steps = 5;
+    c.seq_tokens = 64;
+    c.micro_batch = 4;
+    c.checkpoint_every = 1000;
+    c
+}
+
+#[test]
+fn loss_falls_on_bundled_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    let cfg = config(64 * 8 * 60, Trainable::All);
+    let seqs = data(&t, cfg.seq_tokens);
+    let mut losses = Vec::new();
+    train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &dir.path().join("out"),
+        false,
+        |l, _| losses.push(l.loss),
+    )
+    .unwrap();
+    assert_eq!(losses.len(), 60);
+    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+    let last: f32 = losses[55..].iter().sum::<f32>() / 5.0;
+    // From about ln(262) = 5.6 for a random model to well below.
+    assert!(last < first - 1.0, "loss {first} -> {last}");
+    // The output directory is a loadable gist model.
+    let m = giststream::model::GistModel::load(
+        &dir.path().join("out"),
+        &Device::Cpu,
+        DType::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(m.gist.num_gist_tokens, 2);
+}
+
+fn grads_reaching(t: &Trainee, seqs: &[Vec<Segment>], ops: Ops) -> (usize, usize) {
+    let (loss, _) = train::loss(&t.model, seqs, Attention::Gist, false, ops).unwrap();
+    let store = loss.backward().unwrap();
+    let data = t.varmap.data().lock().unwrap();
+    let with = data
+        .values()
+        .filter(|v| {
+            store.get(v.as_tensor()).is_some_and(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            })
+        })
+        .count();
+    (with, data.len())
+}
+
+#[test]
+fn every_weight_gets_a_gradient_with_differentiable_ops_and_not_with_fused_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = trainee(dir.path());
+    let seqs: Vec<_> = data(&t, 64).into_iter().take(4).collect();
+    let (with, all) = grads_reaching(&t, &seqs, Ops::Differentiable);
+    assert_eq!(with, all, "every parameter has a non-zero gradient");
+    // The guard has teeth: fused kernels have no backward, so gradients stop at them.
+    let (with, all) = grads_reaching(&t, &seqs, Ops::Fused);
+    assert!(
+        with < all,
+        "fused ops should leave weights without gradient ({with}/{all})"
+    );
+}
+
+fn snapshot(t: &Trainee) -> HashMap<String, Vec<f32>> {
+    t.weights()
+        .into_iter()
+        .map(|(n, w)| (n, w.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn stage_one_leaves_frozen_weights_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    let cfg = config(64 * 8 * 5, Trainable::Embeddings);
+    let seqs = data(&t, cfg.seq_tokens);
+    let before = snapshot(&t);
+    train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &dir.path().join("out"),
+        false,
+        |_, _| {},
+    )
+    .unwrap();
+    let after = snapshot(&t);
+    for (name, w) in &before {
+        let trained = name == "model.embed_tokens.weight" || name == "lm_head.weight";
+        if trained {
+            assert_ne!(w, &after[name], "{name} should have trained");
+        } else {
+            assert!(w == &after[name], "{name} changed while frozen");
+        }
+    }
+}
+
+fn train_cmd(init: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_giststream"));
+    c.env("RAYON_NUM_THREADS", "1")
+        .args(["train", "--from"])
+        .arg(init)
+        .arg("--data")
+        .arg(texts_dir())
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--num-gists",
+            "2",
+            "--tokens",
+            "30720",
+            "--batch",
+            "8",
+            "--micro-batch",
+            "4",
+        ])
+        .args([
+            "--seq-tokens",
+            "96",
+            "--checkpoint-every",
+            "3",
+            "--lr",
+            "3e-3",
+        ]);
+    c
+}
+
+/// Loss per step from train-log.jsonl, the last line of each step winning (steps after the
+/// last checkpoint of a killed run are logged again when redone).
+fn losses(out: &Path) -> Vec<(usize, f32)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for line in std::fs::read_to_string(out.join("train-log.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let l: train::LogLine = serde_json::from_str(line).unwrap();
+        by_step.insert(l.step, l.loss);
+    }
+    by_step.into_iter().collect()
+}
+
+#[test]
+fn a_killed_run_resumes_onto_the_same_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init");
+    write_random_model(&init, &small_spec()).unwrap();
+
+    let straight = dir.path().join("straight");
+    let st = train_cmd(&init, &straight).output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+
+    let killed = dir.path().join("killed");
+    let mut child = train_cmd(&init, &killed).spawn().unwrap();
+    // Kill it (SIGKILL) once it is well into the run, between checkpoints or not.
+    let log = killed.join("train-log.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let n = std::fs::read_to_string(&log)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if n >= 10 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let steps_before_kill = losses(&killed).len();
+    let total = losses(&straight).len();
+    assert!(
+        steps_before_kill < total,
+        "the run finished before it could be killed"
+    );
+    // Without --resume, the checkpoint is not overwritten.
+    let refused = train_cmd(&init, &killed).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    let resumed = train_cmd(&init, &killed).arg("--resume").output().unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+
+    let (a, b) = (losses(&straight), losses(&killed));
+    assert_eq!(a.len(), b.len());
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() <= 1e-6,
+            "step {sa}: {la} uninterrupted vs {lb} resumed"
+        );
+    }
+    let wa = std::fs::read(straight.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(killed.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ after resume");
+}
