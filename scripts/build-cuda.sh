@@ -54,7 +54,7 @@ set +e
 msg=$(LD_BIND_NOW=1 "$BIN" bench --one incremental --lengths 64 --device cuda 2>&1)
 rc=$?
 set -e
-echo "$msg" | tail -2
+echo "$msg" | grep -v "^ *[0-9]*: \|^ *at " | head -3
 if [ $rc -eq 127 ] || echo "$msg" | grep -q "error while loading shared libraries"; then
   echo "symbol check FAILED: the loader could not resolve the binary" >&2
   exit 1

@@ -31,6 +31,35 @@ pub enum Command {
     TrainTokenizer(TrainTokenizerArgs),
     /// Train a gist model (or a full-attention baseline) and write an HF-format directory.
     Train(TrainArgs),
+    /// Perplexity on long documents: gist models on the incremental path (what users
+    /// get), baselines with full attention; R_c, stored bytes per token, and a long-range
+    /// check (second halves scored after their compressed first half vs alone).
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Gist model directories, scored on the incremental path.
+    #[arg(long = "model", value_name = "DIR")]
+    pub models: Vec<PathBuf>,
+    /// Full-attention baseline directories, scored with plain causal attention.
+    #[arg(long = "baseline", value_name = "DIR")]
+    pub baselines: Vec<PathBuf>,
+    /// Folder of .txt documents.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Regular tokens kept from the start of each document (whole sentences; 0: all).
+    #[arg(long, default_value_t = 8192)]
+    pub max_tokens: usize,
+    /// Documents advancing together on the incremental path.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// One JSON object per model instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +142,13 @@ pub struct TrainArgs {
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Stop within this many seconds: after the first steps, token budgets shrink to fit
+    /// (schedules still run to their end).
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+    /// Precision of the saved weights: f32, or bf16 (half the size; loads as f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub save_dtype: String,
 }
 
 #[derive(Debug, Args)]
@@ -226,7 +262,63 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => run_bench(args),
         Command::TrainTokenizer(args) => run_train_tokenizer(args),
         Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
     }
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    use crate::eval::{documents, evaluate, Scoring};
+    if args.models.is_empty() && args.baselines.is_empty() {
+        bail!("nothing to evaluate: give --model and/or --baseline");
+    }
+    let device = parse_device(&args.device)?;
+    let texts = crate::train::read_texts(&args.data)?;
+    if texts.is_empty() {
+        bail!("no .txt documents in {}", args.data.display());
+    }
+    let runs = args
+        .models
+        .iter()
+        .map(|m| (m, Scoring::Gist))
+        .chain(args.baselines.iter().map(|m| (m, Scoring::Full)));
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:<28} {:>7} {:>4} {:>8} {:>8} {:>10} {:>10} {:>7} {:>10}",
+            "model", "scoring", "N_g", "tokens", "ppl", "2nd|1st", "2nd alone", "R_c", "KV B/tok"
+        )?;
+    }
+    for (dir, scoring) in runs {
+        let model = GistModel::load(dir, &device, DType::F32, &LoadOptions::default())
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let docs = documents(&model, &texts, args.max_tokens)?;
+        let r = evaluate(
+            &model,
+            &dir.display().to_string(),
+            &docs,
+            scoring,
+            args.batch,
+        )?;
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        } else {
+            writeln!(
+                out,
+                "{:<28} {:>7} {:>4} {:>8} {:>8.2} {:>10.2} {:>10.2} {:>7.2} {:>10.0}",
+                r.model,
+                format!("{:?}", r.scoring).to_lowercase(),
+                r.num_gists,
+                r.tokens,
+                r.perplexity,
+                r.second_half_with_context,
+                r.second_half_alone,
+                r.compression_ratio,
+                r.kv_bytes_per_token
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn run_train_tokenizer(args: TrainTokenizerArgs) -> anyhow::Result<()> {
@@ -259,6 +351,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     use crate::train::{self, TrainConfig};
     let device = parse_device(&args.device)?;
     let ckpt = args.out.join("checkpoint").join("trainer.json");
+    let save_dtype = parse_dtype(&args.save_dtype)?;
     let (mut trainee, cfg) = if args.resume && ckpt.exists() {
         train::resume_trainee(&args.out, &device)?
     } else {
@@ -273,6 +366,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             c.gist_loss = args.gist_loss;
             c.checkpoint_every = args.checkpoint_every;
             c.seed = args.seed;
+            c.max_seconds = args.max_seconds;
             c
         };
         let trainee = match &args.from {
@@ -302,6 +396,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         };
         (trainee, cfg)
     };
+    trainee.save_dtype = save_dtype;
     let texts = train::read_texts(&args.data)?;
     let bos = trainee
         .model

@@ -19,6 +19,7 @@
 pub mod bench;
 pub mod cli;
 pub mod compress;
+pub mod eval;
 pub mod model;
 pub mod parallel;
 pub mod segment;

@@ -92,7 +92,18 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Steps between checkpoints.
     pub checkpoint_every: usize,
+    /// Wall-clock budget: after [`CALIBRATION_STEPS`] steps the token budgets of all stages
+    /// are scaled so the run ends in time with its schedules complete (warmup and decay
+    /// keep their shape). None: train exactly `tokens`.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    /// Whether the budgets were already scaled (a resumed run keeps them).
+    #[serde(default)]
+    pub calibrated: bool,
 }
+
+/// Steps timed before a `max_seconds` run fixes its token budgets.
+pub const CALIBRATION_STEPS: usize = 10;
 
 impl TrainConfig {
     /// One stage, everything trained: pretraining from scratch (the baseline, or a model
@@ -162,6 +173,8 @@ impl TrainConfig {
             stages,
             seed: 1,
             checkpoint_every: 50,
+            max_seconds: None,
+            calibrated: false,
         }
     }
 
@@ -419,6 +432,8 @@ pub struct Trainee {
     pub model: GistModel,
     pub varmap: VarMap,
     pub model_config: serde_json::Value,
+    /// Precision of the weights written to the model directory (checkpoints stay f32).
+    pub save_dtype: DType,
 }
 
 impl Trainee {
@@ -452,6 +467,7 @@ impl Trainee {
             model,
             varmap,
             model_config,
+            save_dtype: DType::F32,
         })
     }
 
@@ -503,7 +519,7 @@ impl Trainee {
         let weights: HashMap<String, Tensor> = self
             .weights()
             .into_iter()
-            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+            .map(|(n, t)| Ok((n, t.to_dtype(self.save_dtype)?.to_device(&Device::Cpu)?)))
             .collect::<anyhow::Result<_>>()?;
         candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
         Ok(())
@@ -538,7 +554,7 @@ pub fn extend_vocab(
 /// Runs (or resumes) training, writing the model to `out`. `report` sees every step.
 pub fn run(
     trainee: &mut Trainee,
-    cfg: &TrainConfig,
+    cfg_in: &TrainConfig,
     data: &[Vec<Segment>],
     out: &Path,
     resume: bool,
@@ -548,6 +564,9 @@ pub fn run(
         !data.is_empty(),
         "no training sequences: is the data folder empty?"
     );
+    let mut cfg = cfg_in.clone();
+    let run_started = std::time::Instant::now();
+    let mut sequences_at_start = 0;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let ckpt = out.join("checkpoint");
     let mut progress = Progress {
@@ -571,6 +590,8 @@ pub fn run(
             serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
                 .context("reading checkpoint/trainer.json")?;
         progress = meta.progress;
+        cfg = meta.config;
+        sequences_at_start = progress.sequences_seen;
         let dev = trainee.model.llama.device().clone();
         let weights = candle_core::safetensors::load(ckpt.join("model.safetensors"), &dev)?;
         let data = trainee.varmap.data().lock().expect("varmap lock");
@@ -590,7 +611,7 @@ pub fn run(
     let log_path = out.join("train-log.jsonl");
     let mut perm = (u64::MAX, Vec::new());
     while progress.stage < cfg.stages.len() {
-        let stage = &cfg.stages[progress.stage];
+        let stage = cfg.stages[progress.stage].clone();
         let steps = cfg.steps(progress.stage);
         let mut opt = AdamW::new(trainee.vars(stage.trainable))?;
         if let Some(state) = opt_state.take() {
@@ -599,16 +620,29 @@ pub fn run(
                 opt.load_state(&state, progress.optimizer_t)?;
             }
         }
+        let mut steps = steps;
         while progress.stage_step < steps {
+            if !cfg.calibrated && progress.step == CALIBRATION_STEPS {
+                if let Some(budget) = cfg.max_seconds {
+                    calibrate(
+                        &mut cfg,
+                        &progress,
+                        run_started.elapsed().as_secs_f64(),
+                        budget,
+                        progress.sequences_seen - sequences_at_start,
+                    );
+                    steps = cfg.steps(progress.stage).max(progress.stage_step + 1);
+                }
+            }
             let started = std::time::Instant::now();
-            let lr = learning_rate(stage, progress.stage_step, steps);
+            let lr = learning_rate(&stage, progress.stage_step, steps);
             let batch: Vec<Vec<Segment>> = (0..stage.batch as u64)
                 .map(|i| {
                     let k = progress.sequences_seen + i;
                     data[stream_index(k, data.len(), cfg.seed, &mut perm)].clone()
                 })
                 .collect();
-            let (loss, tokens) = train_step(trainee, &mut opt, &batch, lr, cfg)?;
+            let (loss, tokens) = train_step(trainee, &mut opt, &batch, lr, &cfg)?;
             progress.sequences_seen += stage.batch as u64;
             progress.tokens_seen += tokens as u64;
             progress.stage_step += 1;
@@ -630,16 +664,45 @@ pub fn run(
                 progress.stage += 1;
                 progress.stage_step = 0;
                 progress.optimizer_t = 0;
-                save_checkpoint(trainee, &AdamW::new(Vec::new())?, cfg, &progress, &ckpt)?;
+                save_checkpoint(trainee, &AdamW::new(Vec::new())?, &cfg, &progress, &ckpt)?;
                 break;
             }
             if progress.step.is_multiple_of(cfg.checkpoint_every.max(1)) {
-                save_checkpoint(trainee, &opt, cfg, &progress, &ckpt)?;
+                save_checkpoint(trainee, &opt, &cfg, &progress, &ckpt)?;
             }
         }
     }
     trainee.save_model(out)?;
     Ok(progress)
+}
+
+/// Scales every stage's token budget so the sequences still to come fit the time left at
+/// the pace measured so far.
+fn calibrate(
+    cfg: &mut TrainConfig,
+    progress: &Progress,
+    elapsed: f64,
+    budget: f64,
+    sequences: u64,
+) {
+    cfg.calibrated = true;
+    if sequences == 0 || elapsed <= 0.0 {
+        return;
+    }
+    let per_sequence = elapsed / sequences as f64;
+    let affordable = ((budget - elapsed).max(0.0) / per_sequence) as u64;
+    let planned: u64 = (0..cfg.stages.len())
+        .map(|i| (cfg.steps(i) * cfg.stages[i].batch) as u64)
+        .sum::<u64>()
+        .saturating_sub(progress.sequences_seen);
+    if planned == 0 {
+        return;
+    }
+    let f =
+        (affordable + progress.sequences_seen) as f64 / (planned + progress.sequences_seen) as f64;
+    for s in &mut cfg.stages {
+        s.tokens = ((s.tokens as f64 * f) as u64).max(1);
+    }
 }
 
 /// One optimizer step; returns the batch's mean loss and its scored tokens.

@@ -1,0 +1,63 @@
+//! Evaluation scores each regular token exactly once, from the right context.
+
+use candle_core::{DType, Device, D};
+use giststream::eval::{documents, evaluate, nll_gist, Scoring};
+use giststream::model::llama::Ops;
+use giststream::model::{GistModel, LoadOptions};
+use giststream::parallel::{forward, Layout, Mode};
+use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+
+#[test]
+fn incremental_nll_matches_the_parallel_path_and_reports_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &TinySpec::default()).unwrap();
+    let model = GistModel::load(
+        dir.path(),
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let texts: Vec<String> = (0..3)
+        .map(|i| synthetic_text(6 + 3 * i, 6, i as u64))
+        .collect();
+    let docs = documents(&model, &texts, 0).unwrap();
+    let (nll, gists) = nll_gist(&model, &docs, 2).unwrap();
+    assert_eq!(gists as usize, 4 * docs.iter().map(Vec::len).sum::<usize>());
+    for (doc, nll) in docs.iter().zip(&nll) {
+        // The parallel path's logits, rows of regular tokens predicting the next regular token.
+        let layout = Layout::new(&model, std::slice::from_ref(doc), true);
+        let logits = forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let mut expected = Vec::new();
+        let mut prev_row = None;
+        for (row, &regular) in layout.regular.iter().enumerate() {
+            if regular {
+                if let Some(p) = prev_row {
+                    let lp: f32 = logp
+                        .get(p)
+                        .unwrap()
+                        .get(layout.ids[row] as usize)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    expected.push(-lp);
+                }
+            }
+            // The next regular token is predicted by the row just before it (a gist after a sentence).
+            prev_row = Some(row);
+        }
+        assert_eq!(nll.len(), expected.len());
+        for (a, b) in nll.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        let tokens: usize = doc.iter().map(|s| s.tokens.len()).sum();
+        assert_eq!(nll.len(), tokens - 1, "every token but BOS is scored once");
+    }
+    let r = evaluate(&model, "tiny", &docs, Scoring::Gist, 2).unwrap();
+    assert!(r.perplexity.is_finite() && r.second_half_alone.is_finite());
+    assert!((r.compression_ratio - r.tokens as f64 / gists as f64).abs() < 1e-9);
+    let full = evaluate(&model, "tiny", &docs, Scoring::Full, 2).unwrap();
+    assert_eq!(full.tokens, r.tokens);
+    assert_eq!(full.kv_bytes_per_token, full.full_kv_bytes_per_token);
+}
