@@ -425,18 +425,27 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         )
         .expect("a valid template"),
     );
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let progress = train::run(
         &mut trainee,
         &cfg,
         &data,
         &args.out,
         args.resume,
-        |line, _| {
-            bar.set_position(line.step as u64);
-            bar.set_message(format!(
+        |line, steps| {
+            let msg = format!(
                 "{} loss {:.4} lr {:.2e} {:.0} tok/s",
                 line.stage, line.loss, line.lr, line.tokens_per_second
-            ));
+            );
+            // A log file or pipe gets plain lines instead of the bar.
+            if plain {
+                if line.step % 10 == 0 || line.step <= 3 {
+                    eprintln!("step {} (stage plan {steps}): {msg}", line.step);
+                }
+            } else {
+                bar.set_position(line.step as u64);
+                bar.set_message(msg);
+            }
         },
     )?;
     bar.finish();
@@ -539,17 +548,23 @@ fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
 
 fn print_table<'a>(
     out: &mut impl Write,
-    reports: impl Iterator<Item = &'a Report>,
+    reports: impl Iterator<Item = &'a Report> + Clone,
 ) -> anyhow::Result<()> {
+    let w = reports
+        .clone()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
     writeln!(
         out,
-        "{:<32} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12} {:>8}",
+        "{:<w$} {:>9} {:>9} {:>9} {:>7} {:>12} {:>12} {:>8}",
         "document", "tokens", "sentences", "gists", "R_c", "KV full", "KV gist", "seconds"
     )?;
     for r in reports {
         writeln!(
             out,
-            "{:<32} {:>9} {:>9} {:>9} {:>7.2} {:>12} {:>12} {:>8.3}",
+            "{:<w$} {:>9} {:>9} {:>9} {:>7.2} {:>12} {:>12} {:>8.3}",
             r.name,
             r.tokens,
             r.sentences,

@@ -497,9 +497,15 @@ impl Trainee {
     /// Writes config.json, gist.json and tokenizer.json (everything but the weights).
     pub fn save_model_files(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
+        let mut config = self.model_config.clone();
+        config["torch_dtype"] = serde_json::json!(match self.save_dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        });
         std::fs::write(
             dir.join("config.json"),
-            serde_json::to_string_pretty(&self.model_config)?,
+            serde_json::to_string_pretty(&config)?,
         )?;
         std::fs::write(
             dir.join("gist.json"),

@@ -172,3 +172,38 @@ fn gist_paths_match_the_reference_code_ng1() {
 fn gist_paths_match_the_reference_code_ng4() {
     check_reference("ref_sentence_ng4");
 }
+
+#[test]
+fn reference_mode_tokenizes_like_the_reference_code() {
+    // The reference inserts its gists after ". ", "? ", "! ", ".\n", "?\n", "!\n", and turns
+    // a final "." into ". " (a final "!" or "?" stays as it is). ref_sentence_ng4 uses
+    // reference segmentation and a byte-level tokenizer: one token per byte.
+    let (model, _) = fixture("ref_sentence_ng4");
+    let segs = model.segments("Mr. Smith left. Why?\nBecause. ").unwrap();
+    let texts: Vec<Vec<u32>> = segs.iter().map(|s| s.tokens.clone()).collect();
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<_>>();
+    let mut first = vec![256];
+    first.extend(bytes("Mr. "));
+    assert_eq!(
+        texts,
+        vec![
+            first,
+            bytes("Smith left. "),
+            bytes("Why?\n"),
+            bytes("Because. ")
+        ]
+    );
+    assert!(segs.iter().all(|s| s.close));
+    let segs = model.segments("It ends here.").unwrap();
+    let mut expected = vec![256];
+    expected.extend(bytes("It ends here. "));
+    assert_eq!(
+        segs[0].tokens, expected,
+        "the final '.' gets the reference's space"
+    );
+    assert_eq!(segs[0].bytes, 0..13, "the text itself is not changed");
+    let segs = model.segments("Does it? No!").unwrap();
+    assert_eq!(segs[1].tokens, bytes("No!"));
+    let segs = model.segments("An open tail").unwrap();
+    assert!(!segs[0].close, "no punctuation at the end: no gists");
+}

@@ -170,7 +170,7 @@ fn train_cmd(init: &Path, out: &Path) -> Command {
             "--num-gists",
             "2",
             "--tokens",
-            "30720",
+            "61440",
             "--batch",
             "8",
             "--micro-batch",

@@ -172,6 +172,8 @@ impl GistModel {
 pub struct DocumentEncoder<'m> {
     tokenizer: &'m GistTokenizer,
     max_tokens: usize,
+    /// Reference segmentation (adds the reference code's final space, see `finish`).
+    reference: bool,
     bos: Option<u32>,
     segmenter: Segmenter,
     /// Text not yet covered by an emitted sentence, starting at document byte `text_base`.
@@ -186,6 +188,7 @@ impl<'m> DocumentEncoder<'m> {
         Self {
             tokenizer,
             max_tokens: gist.segmentation.max_sentence_tokens,
+            reference: gist.segmentation.mode == crate::segment::SegmentMode::Reference,
             bos,
             segmenter: Segmenter::new(gist.segmentation.clone()),
             text: String::new(),
@@ -202,7 +205,44 @@ impl<'m> DocumentEncoder<'m> {
 
     pub fn finish(&mut self) -> anyhow::Result<Vec<Segment>> {
         let sentences = self.segmenter.finish()?;
-        self.encode(sentences)
+        let n = sentences.len();
+        let mut out = self.encode(sentences[..n.saturating_sub(1)].to_vec())?;
+        if let Some(last) = sentences.last() {
+            let text =
+                &self.text[last.range.start - self.text_base..last.range.end - self.text_base];
+            if self.reference && last.end == crate::segment::End::Boundary && text.ends_with('.') {
+                out.extend(self.encode_reference_last(last.clone())?);
+            } else {
+                out.extend(self.encode(vec![last.clone()])?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The reference code rewrites a "." that ends the text into ". " before the gists
+    /// (its `\.$` rule); its checkpoints saw that space, so reference mode adds it to the
+    /// tokens (tokenized with the sentence: BPE may merge ". "), not to the text.
+    fn encode_reference_last(
+        &mut self,
+        s: crate::segment::Sentence,
+    ) -> anyhow::Result<Vec<Segment>> {
+        let local = s.range.start - self.text_base..s.range.end - self.text_base;
+        let mut text = self.text[local.clone()].to_string();
+        text.push(' ');
+        let spaced = crate::segment::Sentence {
+            range: 0..text.len(),
+            end: s.end,
+        };
+        let bos = if self.first { self.bos } else { None };
+        self.first = false;
+        let mut segs = sentence_segments(self.tokenizer, &text, &spaced, bos, self.max_tokens)?;
+        for seg in &mut segs {
+            seg.bytes = (s.range.start + seg.bytes.start).min(s.range.end)
+                ..(s.range.start + seg.bytes.end).min(s.range.end);
+        }
+        self.text.drain(..local.end);
+        self.text_base = s.range.end;
+        Ok(segs)
     }
 
     fn encode(&mut self, sentences: Vec<crate::segment::Sentence>) -> anyhow::Result<Vec<Segment>> {
