@@ -23,11 +23,7 @@ impl Layout {
     /// left out (plain text, for a full-attention baseline).
     pub fn new(model: &GistModel, docs: &[Vec<Segment>], gists: bool) -> Self {
         let gist_ids = &model.gist.gist_token_ids;
-        let bos = model
-            .gist
-            .bos_always_visible
-            .then_some(())
-            .and(model.bos_token_id());
+        let bos = model.kept_bos();
         let mut l = Layout {
             ids: Vec::new(),
             positions: Vec::new(),

@@ -195,11 +195,7 @@ pub fn advance(
     want_logits: bool,
 ) -> Result<Option<Tensor>> {
     let gist_ids = &model.gist.gist_token_ids;
-    let bos = model
-        .gist
-        .bos_always_visible
-        .then_some(())
-        .and(model.bos_token_id());
+    let bos = model.kept_bos();
     let mut ids: Vec<u32> = Vec::new();
     let mut positions: Vec<u32> = Vec::new();
     let mut groups = Vec::with_capacity(items.len());

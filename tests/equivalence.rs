@@ -2,6 +2,8 @@
 //! the parallel path (whole document, sentence-attention mask) computes, and a plain causal
 //! mask does not: the comparison has teeth.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use giststream::model::llama::Ops;
 use giststream::model::{GistModel, LoadOptions};
@@ -112,14 +114,7 @@ fn max_diff_regular(a: &Tensor, b: &Tensor, regular: &[bool]) -> f32 {
     let idx = Tensor::new(rows.as_slice(), a.device()).unwrap();
     let a = a.index_select(&idx, 0).unwrap();
     let b = b.index_select(&idx, 0).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    common::max_abs_diff(&a, &b)
 }
 
 fn check(spec: TinySpec, batch: usize, split_tails: bool) {

@@ -1,5 +1,7 @@
 //! Checkpoint formats: sharded safetensors with an index, bf16 weights, f16 compute.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use giststream::model::llama::Ops;
 use giststream::model::{GistModel, LoadOptions};
@@ -15,17 +17,6 @@ fn logits(dir: &Path, dtype: DType) -> Tensor {
     parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused)
         .unwrap()
         .to_dtype(DType::F32)
-        .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 
@@ -66,7 +57,7 @@ fn a_sharded_checkpoint_loads_the_same_weights() {
     )
     .unwrap();
     assert_eq!(
-        max_diff(&logits(&single, DType::F32), &logits(&sharded, DType::F32)),
+        common::max_abs_diff(&logits(&single, DType::F32), &logits(&sharded, DType::F32)),
         0.0
     );
 }
@@ -95,12 +86,12 @@ fn bf16_weights_load_and_f16_compute_runs() {
         .to_scalar::<f32>()
         .unwrap();
     // bf16 keeps 8 bits of mantissa: the rounded weights move logits by about 1%.
-    let d = max_diff(&reference, &logits(&bf16_dir, DType::F32));
+    let d = common::max_abs_diff(&reference, &logits(&bf16_dir, DType::F32));
     assert!(
         d > 0.0 && d < 0.05 * scale,
         "bf16 weights: {d} (logit scale {scale})"
     );
     // f16 compute on the CPU.
-    let d = max_diff(&reference, &logits(&f32_dir, DType::F16));
+    let d = common::max_abs_diff(&reference, &logits(&f32_dir, DType::F16));
     assert!(d < 0.05 * scale, "f16 compute: {d} (logit scale {scale})");
 }

@@ -5,6 +5,8 @@
 //! (b) the paper's reference code (SentenceLlamaForCausalLM, dense sentence-attention mask,
 //!     its gist ids): our parallel and incremental gist paths give its logits.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use giststream::model::llama::Ops;
 use giststream::model::{GistModel, LoadOptions};
@@ -36,18 +38,6 @@ fn fixture(name: &str) -> (GistModel, Vec<(Vec<u32>, Tensor)>) {
     }
     assert!(!cases.is_empty());
     (model, cases)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Splits a gist-augmented id sequence into segments: tokens up to a full gist group are a
@@ -96,7 +86,7 @@ fn plain_causal_forward_matches_transformers() {
             let ours = parallel::forward(&model, &layout, Mode::Causal, ops).unwrap();
             // Loading a plain checkpoint added 4 gist rows to the head: compare the rest.
             let ours = ours.narrow(1, 0, expected.dim(1).unwrap()).unwrap();
-            let d = max_diff(&ours, &expected);
+            let d = common::max_abs_diff(&ours, &expected);
             eprintln!(
                 "transformers, {} tokens, {ops:?}: max |diff| {d:e}",
                 ids.len()
@@ -121,7 +111,7 @@ fn check_reference(name: &str) {
             "our layout reproduces the reference sequence"
         );
         let par = parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
-        let d = max_diff(&par, &expected);
+        let d = common::max_abs_diff(&par, &expected);
         eprintln!("{name}, {} tokens: parallel max |diff| {d:e}", ids.len());
         assert!(
             d < 1e-4,
@@ -143,7 +133,7 @@ fn check_reference(name: &str) {
             );
         }
         let inc = Tensor::cat(&parts, 0).unwrap();
-        let d = max_diff(&inc, &expected);
+        let d = common::max_abs_diff(&inc, &expected);
         eprintln!("{name}, {} tokens: incremental max |diff| {d:e}", ids.len());
         assert!(
             d < 1e-4,
@@ -154,7 +144,7 @@ fn check_reference(name: &str) {
         // Teeth: plain causal attention over the same sequence is far off.
         let causal = parallel::forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
         let last = ids.len() - 1;
-        let d = max_diff(&causal.i(last).unwrap(), &expected.i(last).unwrap());
+        let d = common::max_abs_diff(&causal.i(last).unwrap(), &expected.i(last).unwrap());
         eprintln!(
             "{name}, {} tokens: plain causal (last row) max |diff| {d:e}",
             ids.len()

@@ -148,6 +148,16 @@ impl GistModel {
         }
     }
 
+    /// The BOS id that stays visible to every later token (kept in the state like a gist),
+    /// when the model was trained that way (`bos_always_visible`).
+    pub fn kept_bos(&self) -> Option<u32> {
+        if self.gist.bos_always_visible {
+            self.bos_token_id()
+        } else {
+            None
+        }
+    }
+
     /// Bytes of keys and values one token costs in a full cache at `bytes_per_value`.
     pub fn kv_bytes_per_token(&self, bytes_per_value: usize) -> u64 {
         let c = &self.llama.cfg;
