@@ -6,6 +6,9 @@
 //! 20, 23, 27, 31, 34 regular tokens in turn (mean 27), each followed by N_g gists, the
 //! same workload `scripts/bench_reference.py` gives the reference code. Throughput counts
 //! document tokens (regular tokens, not gists) per second of wall time.
+//!
+//! The `train-*` paths time one optimizer step (forward, backward, AdamW) on one document,
+//! with the blockwise sentence mask or a dense T x T one.
 
 use crate::compress::{compress, Document};
 use crate::model::llama::{Logits, Ops};
@@ -34,6 +37,10 @@ pub enum Path {
     Parallel,
     /// Plain causal attention, no gists (full KV).
     FullAttention,
+    /// One training step (forward, backward, AdamW) with the blockwise sentence mask.
+    TrainBlockwise,
+    /// The same step with a dense T x T sentence mask (the reference code's way).
+    TrainDense,
 }
 
 /// One measurement.
@@ -156,6 +163,33 @@ pub fn measure(
             state_bytes = results.iter().map(|(_, r)| r.kv_bytes_gist).sum();
             state_allocated = results.iter().map(|(s, _)| s.allocated_bytes()).sum();
         }
+        Path::TrainBlockwise | Path::TrainDense => {
+            use crate::train::{self, AdamW, Attention, TrainConfig, Trainable};
+            let trainee = train::trainee_from_dir(dir.path(), 4, device)?;
+            let mut cfg = TrainConfig::scratch(1, 1e-4, 1);
+            cfg.attention = match path {
+                Path::TrainDense => Attention::GistDense,
+                _ => Attention::Gist,
+            };
+            let mut opt = AdamW::for_trainee(&trainee, Trainable::All)?;
+            // Warm-up step on a short document, then the measured one (timer restarted).
+            train::train_step(&trainee, &mut opt, &[document(256, bos, 99)], 1e-4, &cfg)?;
+            let started = Instant::now();
+            train::train_step(&trainee, &mut opt, &docs, 1e-4, &cfg)?;
+            let seconds = started.elapsed().as_secs_f64();
+            return Ok(Measurement {
+                path,
+                tokens,
+                documents,
+                seconds,
+                tokens_per_second: (tokens * documents) as f64 / seconds,
+                peak_rss: status_kb("VmHWM:") * 1024,
+                base_rss,
+                state_bytes: 0,
+                state_allocated: 0,
+                threads: candle_core::utils::get_num_threads(),
+            });
+        }
         Path::Parallel | Path::FullAttention => {
             let (gists, mode) = match path {
                 Path::Parallel => (true, Mode::Sentence),
@@ -232,6 +266,14 @@ mod tests {
         assert_eq!(d[0].tokens[0], 256);
         let mean = 2048.0 / d.len() as f64;
         assert!((26.0..28.0).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn training_steps_are_measured_with_both_masks() {
+        for path in [Path::TrainBlockwise, Path::TrainDense] {
+            let m = measure(path, 128, 1, &Device::Cpu, DType::F32).unwrap();
+            assert!(m.tokens_per_second > 0.0 && m.seconds > 0.0, "{path:?}");
+        }
     }
 
     #[test]

@@ -156,7 +156,8 @@ pub struct BenchArgs {
     /// Document lengths in regular tokens.
     #[arg(long, value_delimiter = ',', default_values_t = [2048, 16384, 65536])]
     pub lengths: Vec<usize>,
-    /// Paths to measure (default: all).
+    /// Paths to measure (default: the four inference paths; the train-* paths time one
+    /// training step and are chosen explicitly, e.g. with --lengths 1024,4096).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub paths: Vec<crate::bench::Path>,
     /// Documents in the batched incremental measurement.

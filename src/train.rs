@@ -54,6 +54,9 @@ pub enum Attention {
     Gist,
     /// Plain causal attention, no gists: the baseline.
     Full,
+    /// Sentence attention through a dense T x T mask (the reference code's way): the same
+    /// result as `gist`, for measuring what the blockwise mask saves.
+    GistDense,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,7 +287,7 @@ pub fn loss(
     gist_loss: bool,
     ops: Ops,
 ) -> anyhow::Result<(Tensor, usize)> {
-    let layout = Layout::new(model, seqs, attention == Attention::Gist);
+    let layout = Layout::new(model, seqs, attention != Attention::Full);
     let dev = model.llama.device();
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
     let (rows, targets) = loss_rows(&layout, gist_loss);
@@ -301,6 +304,12 @@ pub fn loss(
         Attention::Full => {
             let docs: Vec<_> = layout.docs.iter().map(|d| d.rows.clone()).collect();
             let mut plan = CausalPlan::new(&docs, dtype, dev, ops)?;
+            model
+                .llama
+                .forward(&ids, &layout.positions, &mut plan, ops, &logits_rows)?
+        }
+        Attention::GistDense => {
+            let mut plan = crate::model::llama::DensePlan::new(&layout.docs, dtype, dev, ops)?;
             model
                 .llama
                 .forward(&ids, &layout.positions, &mut plan, ops, &logits_rows)?
@@ -322,6 +331,11 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// AdamW over every parameter a stage of `trainable` trains.
+    pub fn for_trainee(t: &Trainee, trainable: Trainable) -> anyhow::Result<Self> {
+        Self::new(t.vars(trainable))
+    }
+
     pub fn new(params: Vec<(String, Var)>) -> anyhow::Result<Self> {
         let params = params
             .into_iter()
@@ -711,8 +725,9 @@ fn calibrate(
     }
 }
 
-/// One optimizer step; returns the batch's mean loss and its scored tokens.
-fn train_step(
+/// One optimizer step on `batch`: forward and backward over its micro-batches, gradient
+/// clipping, AdamW. Returns the batch's mean loss and its scored tokens.
+pub fn train_step(
     trainee: &Trainee,
     opt: &mut AdamW,
     batch: &[Vec<Segment>],
@@ -727,7 +742,7 @@ fn train_step(
             let l = Layout::new(
                 model,
                 std::slice::from_ref(s),
-                cfg.attention == Attention::Gist,
+                cfg.attention != Attention::Full,
             );
             loss_rows(&l, cfg.gist_loss).0.len()
         })

@@ -337,6 +337,43 @@ impl Attention for SentencePlan {
     }
 }
 
+/// Sentence attention the reference code's way, for comparison only: each document is one
+/// group whose mask is the dense T x T [`sentence_mask`]. Memory grows with T².
+pub struct DensePlan {
+    groups: Vec<(Range<usize>, Tensor)>,
+    ops: Ops,
+}
+
+impl DensePlan {
+    pub fn new(docs: &[SentenceDoc], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
+        let groups = docs
+            .iter()
+            .map(|doc| {
+                let n = doc.rows.len();
+                let idx: Vec<usize> = (0..n).collect();
+                let mask = sentence_mask(&idx, &idx, &doc.segment, &doc.kept);
+                Ok((doc.rows.clone(), mask_tensor(mask, n, n, dtype, device)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { groups, ops })
+    }
+}
+
+impl Attention for DensePlan {
+    fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.groups.len());
+        for (rows, mask) in &self.groups {
+            let (qb, kb, vb) = (
+                q.narrow(1, rows.start, rows.len())?,
+                k.narrow(1, rows.start, rows.len())?,
+                v.narrow(1, rows.start, rows.len())?,
+            );
+            outs.push(attend(&qb, &kb, &vb, Some(mask), self.ops)?);
+        }
+        Tensor::cat(&outs, 1)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Blocks and the model
 // ---------------------------------------------------------------------------------------
