@@ -13,19 +13,6 @@ use giststream::state::{advance, Chunk, GistState};
 use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
 use giststream::tokenize::Segment;
 
-fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, GistModel) {
-    let dir = tempfile::tempdir().unwrap();
-    write_random_model(dir.path(), spec).unwrap();
-    let model = GistModel::load(
-        dir.path(),
-        &Device::Cpu,
-        DType::F32,
-        &LoadOptions::default(),
-    )
-    .unwrap();
-    (dir, model)
-}
-
 /// Documents of different lengths and sentence lengths.
 fn documents(model: &GistModel) -> Vec<Vec<Segment>> {
     [(3, 4, 1), (9, 12, 2), (6, 2, 3), (14, 7, 4)]
@@ -118,7 +105,7 @@ fn max_diff_regular(a: &Tensor, b: &Tensor, regular: &[bool]) -> f32 {
 }
 
 fn check(spec: TinySpec, batch: usize, split_tails: bool) {
-    let (_dir, model) = tiny_model(&spec);
+    let (_dir, model) = common::tiny_model(&spec);
     let docs = documents(&model);
     let layout = Layout::new(&model, &docs, true);
     let par = parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
@@ -217,7 +204,7 @@ fn long_sentences_are_cut_at_the_token_limit_and_still_match() {
         },
         ..TinySpec::default()
     };
-    let (_dir, model) = tiny_model(&spec);
+    let (_dir, model) = common::tiny_model(&spec);
     let segs = model
         .segments(&"no punctuation at all ".repeat(20))
         .unwrap();
@@ -227,7 +214,7 @@ fn long_sentences_are_cut_at_the_token_limit_and_still_match() {
 
 #[test]
 fn the_state_keeps_only_gists() {
-    let (_dir, model) = tiny_model(&TinySpec::default());
+    let (_dir, model) = common::tiny_model(&TinySpec::default());
     let docs = documents(&model);
     let input = docs
         .iter()
@@ -294,8 +281,8 @@ fn a_plain_checkpoint_gets_gist_tokens_at_the_mean_embedding() {
 
 #[test]
 fn a_state_of_another_model_is_refused() {
-    let (_d1, a) = tiny_model(&TinySpec::default());
-    let (_d2, b) = tiny_model(&TinySpec {
+    let (_d1, a) = common::tiny_model(&TinySpec::default());
+    let (_d2, b) = common::tiny_model(&TinySpec {
         seed: 99,
         ..TinySpec::default()
     });

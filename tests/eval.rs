@@ -1,23 +1,16 @@
 //! Evaluation scores each regular token exactly once, from the right context.
 
-use candle_core::{DType, Device, D};
+mod common;
+
+use candle_core::D;
 use giststream::eval::{documents, evaluate, nll_gist, Scoring};
 use giststream::model::llama::Ops;
-use giststream::model::{GistModel, LoadOptions};
 use giststream::parallel::{forward, Layout, Mode};
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+use giststream::tiny::{synthetic_text, TinySpec};
 
 #[test]
 fn incremental_nll_matches_the_parallel_path_and_reports_add_up() {
-    let dir = tempfile::tempdir().unwrap();
-    write_random_model(dir.path(), &TinySpec::default()).unwrap();
-    let model = GistModel::load(
-        dir.path(),
-        &Device::Cpu,
-        DType::F32,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let (_dir, model) = common::tiny_model(&TinySpec::default());
     let texts: Vec<String> = (0..3)
         .map(|i| synthetic_text(6 + 3 * i, 6, i as u64))
         .collect();

@@ -1,6 +1,25 @@
 //! Helpers shared by the integration tests.
 
-use candle_core::Tensor;
+// Each test binary uses its own subset of these.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use giststream::model::{GistModel, LoadOptions};
+use giststream::tiny::{write_random_model, TinySpec};
+
+/// A random model of `spec` written to a temporary directory and loaded (f32, CPU).
+pub fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, GistModel) {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), spec).unwrap();
+    let model = GistModel::load(
+        dir.path(),
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    (dir, model)
+}
 
 /// Largest |a - b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
