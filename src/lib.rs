@@ -10,6 +10,7 @@
 //!   ([`model::llama`]), with the sentence-attention mask;
 //! - [`state`] holds a document's compressed state ([`state::GistState`]: per-layer K/V of
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
+//! - [`store`] turns states into versioned, checksummed records;
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
 //! - [`compress`] drives whole documents through the incremental path;
 //! - [`bench`] measures the paths; [`cli`] is the command line.
@@ -24,6 +25,7 @@ pub mod model;
 pub mod parallel;
 pub mod segment;
 pub mod state;
+pub mod store;
 pub mod tiny;
 pub mod tokenize;
 pub mod train;
