@@ -35,6 +35,10 @@ pub enum Command {
     /// get), baselines with full attention; R_c, stored bytes per token, and a long-range
     /// check (second halves scored after their compressed first half vs alone).
     Eval(EvalArgs),
+    /// List the documents of a store.
+    Docs(DocsArgs),
+    /// Show one stored document's metadata (JSON), checking its state record.
+    Inspect(InspectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -255,6 +259,35 @@ pub struct CompressArgs {
     /// One JSON object per document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also store each document (state, text, metadata) in this sled store; the id is the
+    /// file name without its extension.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Storage precision of the states.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::store::codec::Precision,
+    /// Version recorded for the stored documents.
+    #[arg(long, default_value_t = 1)]
+    pub doc_version: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DocsArgs {
+    /// The sled store.
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    /// One JSON object per document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The sled store.
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    /// Document id.
+    pub id: String,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -264,7 +297,52 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainTokenizer(args) => run_train_tokenizer(args),
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
+        Command::Docs(args) => run_docs(args),
+        Command::Inspect(args) => run_inspect(args),
     }
+}
+
+fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
+    let store = crate::store::Store::open(&args.store)?;
+    let mut out = std::io::stdout().lock();
+    let mut damaged = 0;
+    for entry in store.list() {
+        match entry {
+            Ok(m) if args.json => writeln!(out, "{}", serde_json::to_string(&m)?)?,
+            Ok(m) => writeln!(
+                out,
+                "{:<24} v{:<4} {:>8} tokens {:>6} sentences  {:?}  {}",
+                m.id,
+                m.version,
+                m.tokens,
+                m.sentences,
+                m.precision,
+                human_bytes(m.state_bytes)
+            )?,
+            Err(e) => {
+                damaged += 1;
+                eprintln!("giststream: {e}");
+            }
+        }
+    }
+    if damaged > 0 {
+        bail!("{damaged} document record(s) are damaged (listed above)");
+    }
+    Ok(())
+}
+
+fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let store = crate::store::Store::open(&args.store)?;
+    let meta = store
+        .meta(&args.id)?
+        .with_context(|| format!("no document {:?} in {}", args.id, args.store.display()))?;
+    let record = store
+        .raw("states", &args.id)?
+        .with_context(|| format!("document {:?} has no state", args.id))?;
+    crate::store::codec::check(&record)
+        .with_context(|| format!("checking the state of {:?}", args.id))?;
+    println!("{}", serde_json::to_string_pretty(&meta)?);
+    Ok(())
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
@@ -518,6 +596,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let mut docs = Vec::with_capacity(args.files.len());
+    let mut texts = Vec::with_capacity(args.files.len());
     for f in &args.files {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         let text = String::from_utf8(bytes).map_err(|e| {
@@ -534,8 +613,19 @@ fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
             name: f.display().to_string(),
             segments,
         });
+        texts.push(text);
     }
     let results = compress(&model, docs, args.batch)?;
+    if let Some(dir) = &args.store {
+        let store = crate::store::Store::open(dir)?;
+        for ((state, _), (file, text)) in results.iter().zip(args.files.iter().zip(&texts)) {
+            let id = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .with_context(|| format!("{} has no file name to use as an id", file.display()))?;
+            store.put(&id, args.doc_version, &model, state, text, args.precision)?;
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         for (_, r) in &results {

@@ -1,0 +1,291 @@
+//! The sled store: what is stored equals offline compression, damage is caught per
+//! document, and a writer killed at any moment leaves every document whole.
+
+mod common;
+
+use candle_core::{DType, Device};
+use giststream::compress::{compress, Document};
+use giststream::model::{GistModel, LoadOptions};
+use giststream::store::codec::{encode, Precision};
+use giststream::store::Store;
+use giststream::tiny::{synthetic_text, write_random_model, SplitMix, TinySpec};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn giststream() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_giststream"));
+    c.env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+/// `count` small documents of version `v` written under `dir/v{v}/`.
+fn write_docs(dir: &Path, count: usize, v: u64) -> Vec<PathBuf> {
+    let d = dir.join(format!("v{v}"));
+    std::fs::create_dir_all(&d).unwrap();
+    (0..count)
+        .map(|i| {
+            let p = d.join(format!("doc{i:02}.txt"));
+            std::fs::write(
+                &p,
+                synthetic_text(2 + (i + v as usize) % 4, 5, 100 * v + i as u64),
+            )
+            .unwrap();
+            p
+        })
+        .collect()
+}
+
+/// The f32 record offline compression gives each file, in order.
+fn offline_records(model: &GistModel, files: &[PathBuf]) -> Vec<Vec<u8>> {
+    let docs = files
+        .iter()
+        .map(|f| Document {
+            name: f.display().to_string(),
+            segments: model
+                .segments(&std::fs::read_to_string(f).unwrap())
+                .unwrap(),
+        })
+        .collect();
+    compress(model, docs, 1)
+        .unwrap()
+        .iter()
+        .map(|(s, _)| encode(s, Precision::F32).unwrap())
+        .collect()
+}
+
+fn compress_cmd(model: &Path, store: &Path, files: &[PathBuf], version: u64) -> Command {
+    let mut c = giststream();
+    c.args(["compress", "--json", "--batch", "1", "--model"])
+        .arg(model)
+        .arg("--store")
+        .arg(store)
+        .args(["--doc-version", &version.to_string()])
+        .args(files);
+    c
+}
+
+#[test]
+fn stored_documents_equal_offline_compression() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    let files = write_docs(dir.path(), 3, 1);
+    let store_dir = dir.path().join("store");
+    let out = compress_cmd(&model_dir, &store_dir, &files, 1)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let model = GistModel::load(
+        &model_dir,
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let expected = offline_records(&model, &files);
+    let store = Store::open(&store_dir).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        let id = format!("doc{i:02}");
+        assert_eq!(
+            store.raw("states", &id).unwrap().unwrap(),
+            expected[i],
+            "{id}"
+        );
+        assert_eq!(
+            store.text(&id).unwrap(),
+            std::fs::read_to_string(f).unwrap()
+        );
+        let (meta, state) = store.load(&id, &model).unwrap();
+        assert_eq!(
+            (meta.tokens, meta.sentences),
+            (state.regular_tokens, state.sentences)
+        );
+    }
+    assert_eq!(store.list().len(), 3);
+    drop(store);
+    let listed = giststream()
+        .args(["docs", "--json", "--store"])
+        .arg(&store_dir)
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    assert_eq!(String::from_utf8(listed.stdout).unwrap().lines().count(), 3);
+    let shown = giststream()
+        .args(["inspect", "--store"])
+        .arg(&store_dir)
+        .arg("doc01")
+        .output()
+        .unwrap();
+    assert!(shown.status.success());
+    assert!(String::from_utf8(shown.stdout)
+        .unwrap()
+        .contains("\"id\": \"doc01\""));
+}
+
+#[test]
+fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    let files = write_docs(dir.path(), 3, 1);
+    let store_dir = dir.path().join("store");
+    assert!(compress_cmd(&model_dir, &store_dir, &files, 1)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let (_d, other) = common::tiny_model(&TinySpec {
+        seed: 42,
+        ..TinySpec::default()
+    });
+    let model = GistModel::load(
+        &model_dir,
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    {
+        let store = Store::open(&store_dir).unwrap();
+        // A flipped bit in one state record.
+        let mut rec = store.raw("states", "doc00").unwrap().unwrap();
+        let mid = rec.len() / 2;
+        rec[mid] ^= 0x01;
+        store.put_raw("states", "doc00", &rec).unwrap();
+        let err = format!("{:#}", store.load("doc00", &model).unwrap_err());
+        assert!(err.contains("corrupted") && err.contains("doc00"), "{err}");
+        assert!(
+            store.load("doc01", &model).is_ok(),
+            "other documents stay readable"
+        );
+        // Another model's state, an unknown id.
+        let err = format!("{:#}", store.load("doc01", &other).unwrap_err());
+        assert!(err.contains("another model"), "{err}");
+        let err = format!("{:#}", store.load("nope", &model).unwrap_err());
+        assert!(err.contains("no document \"nope\""), "{err}");
+        // A flipped bit in one metadata record: listing reports it and keeps the rest.
+        let mut meta = store.raw("meta", "doc02").unwrap().unwrap();
+        let last = meta.len() - 1;
+        meta[last] ^= 0x20;
+        store.put_raw("meta", "doc02", &meta).unwrap();
+        let listed = store.list();
+        assert_eq!(listed.iter().filter(|e| e.is_ok()).count(), 2);
+        assert!(listed.iter().any(|e| e
+            .as_ref()
+            .is_err_and(|m| m.contains("doc02") && m.contains("corrupted"))));
+    }
+    let out = giststream()
+        .args(["inspect", "--store"])
+        .arg(&store_dir)
+        .arg("doc00")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupted"));
+    let out = giststream()
+        .args(["docs", "--store"])
+        .arg(&store_dir)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a damaged record makes `docs` exit non-zero"
+    );
+}
+
+#[test]
+fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    let model = GistModel::load(
+        &model_dir,
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let versions: Vec<Vec<PathBuf>> = (1..=2).map(|v| write_docs(dir.path(), 24, v)).collect();
+    let expected: Vec<Vec<Vec<u8>>> = versions
+        .iter()
+        .map(|f| offline_records(&model, f))
+        .collect();
+    let store_dir = dir.path().join("store");
+    let mut rng = SplitMix(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map_or(7, |d| d.as_nanos() as u64)
+            ^ 0x5eed,
+    );
+    // One run to the end, timed: the kills land at random moments within that span.
+    let started = std::time::Instant::now();
+    let first = compress_cmd(&model_dir, &store_dir, &versions[0], 1)
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let span = started.elapsed().as_millis() as u64;
+    let mut kills = 0;
+    for round in 1..=10 {
+        let v = (round % 2 + 1) as u64;
+        let mut child = compress_cmd(&model_dir, &store_dir, &versions[v as usize - 1], v)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            rng.next_u64() % span.max(1),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        child.kill().ok(); // SIGKILL
+        child.wait().unwrap();
+        // Every stored document is whole, at version 1 or 2.
+        let store = Store::open(&store_dir).unwrap();
+        for i in 0..versions[0].len() {
+            let id = format!("doc{i:02}");
+            let Some(meta) = store.meta(&id).unwrap() else {
+                continue;
+            };
+            let vi = meta.version as usize - 1;
+            assert!(vi < 2, "{id}: version {}", meta.version);
+            assert_eq!(
+                store.raw("states", &id).unwrap().unwrap(),
+                expected[vi][i],
+                "{id} v{}",
+                meta.version
+            );
+            let text = std::fs::read_to_string(&versions[vi][i]).unwrap();
+            assert_eq!(
+                store.text(&id).unwrap(),
+                text,
+                "{id}: text of v{}",
+                meta.version
+            );
+        }
+    }
+    assert!(
+        kills >= 3,
+        "only {kills} runs were killed before they finished"
+    );
+    // A last run to the end: everything at version 2.
+    assert!(compress_cmd(&model_dir, &store_dir, &versions[1], 2)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let store = Store::open(&store_dir).unwrap();
+    for (i, record) in expected[1].iter().enumerate() {
+        let id = format!("doc{i:02}");
+        assert_eq!(store.meta(&id).unwrap().unwrap().version, 2);
+        assert_eq!(&store.raw("states", &id).unwrap().unwrap(), record);
+    }
+}
