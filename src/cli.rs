@@ -35,6 +35,10 @@ pub enum Command {
     /// get), baselines with full attention; R_c, stored bytes per token, and a long-range
     /// check (second halves scored after their compressed first half vs alone).
     Eval(EvalArgs),
+    /// Ask a stored document a question: resumes from its gist state (not its text) and
+    /// generates the answer token by token; `--score TEXT` gives the log-likelihood of a
+    /// continuation instead.
+    Query(QueryArgs),
     /// List the documents of a store.
     Docs(DocsArgs),
     /// Show one stored document's metadata (JSON), checking its state record.
@@ -272,6 +276,38 @@ pub struct CompressArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The sled store.
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    /// Document id.
+    #[arg(long, value_name = "ID")]
+    pub doc: String,
+    /// The question (optional with --score).
+    pub question: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+    /// Score this text as the continuation (after the question, if given) instead of
+    /// generating.
+    #[arg(long, value_name = "TEXT")]
+    pub score: Option<String>,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DocsArgs {
     /// The sled store.
     #[arg(long, value_name = "DIR")]
@@ -297,9 +333,60 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainTokenizer(args) => run_train_tokenizer(args),
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
+        Command::Query(args) => run_query(args),
         Command::Docs(args) => run_docs(args),
         Command::Inspect(args) => run_inspect(args),
     }
+}
+
+fn run_query(args: QueryArgs) -> anyhow::Result<()> {
+    use crate::query::{answer, score, Sampling};
+    if args.score.is_none() && args.question.as_deref().is_none_or(|q| q.trim().is_empty()) {
+        bail!("the question is empty: give a question, or --score TEXT");
+    }
+    let model = args.model.load()?;
+    let store = crate::store::Store::open(&args.store)?;
+    let (_, state) = store.load(&args.doc, &model)?;
+    drop(store);
+    let mut out = std::io::stdout().lock();
+    if let Some(text) = &args.score {
+        let s = score(&model, state, args.question.as_deref(), text)?;
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&s)?)?;
+        } else {
+            writeln!(
+                out,
+                "{} tokens, log-likelihood {:.3}, perplexity {:.3}",
+                s.tokens, s.logprob, s.perplexity
+            )?;
+        }
+        return Ok(());
+    }
+    let sampling = Sampling {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let question = args.question.as_deref().unwrap_or_default();
+    let json = args.json;
+    let mut write_err = None;
+    let a = answer(&model, state, question, &sampling, |piece| {
+        if !json && write_err.is_none() {
+            write_err = write!(out, "{piece}").and_then(|_| out.flush()).err();
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    if json {
+        let v = serde_json::json!({"doc": args.doc, "answer": a.text, "tokens": a.tokens,
+            "time_to_first_token_ms": a.time_to_first_token_ms, "seconds": a.seconds});
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 fn run_docs(args: DocsArgs) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@
 //! - [`state`] holds a document's compressed state ([`state::GistState`]: per-layer K/V of
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
 //! - [`store`] turns states into versioned, checksummed records;
+//! - [`query`] answers questions from a stored state;
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
 //! - [`compress`] drives whole documents through the incremental path;
 //! - [`bench`] measures the paths; [`cli`] is the command line.
@@ -23,6 +24,7 @@ pub mod compress;
 pub mod eval;
 pub mod model;
 pub mod parallel;
+pub mod query;
 pub mod segment;
 pub mod state;
 pub mod store;

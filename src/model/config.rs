@@ -51,6 +51,7 @@ pub struct Config {
     pub inv_freq: Vec<f32>,
     pub tie_embeddings: bool,
     pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
 }
 
 impl LlamaFileConfig {
@@ -97,6 +98,11 @@ impl LlamaFileConfig {
             inv_freq,
             tie_embeddings: self.tie_word_embeddings,
             bos_token_id: self.bos_token_id,
+            eos_token_id: match self.eos_token_id {
+                Some(LlamaEosToks::Single(id)) => Some(id),
+                Some(LlamaEosToks::Multiple(ids)) => ids.first().copied(),
+                None => None,
+            },
         })
     }
 }

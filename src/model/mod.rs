@@ -148,6 +148,11 @@ impl GistModel {
         }
     }
 
+    /// End-of-sequence token (config.json `eos_token_id`, the first if several).
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.llama.cfg.eos_token_id
+    }
+
     /// The BOS id that stays visible to every later token (kept in the state like a gist),
     /// when the model was trained that way (`bos_always_visible`).
     pub fn kept_bos(&self) -> Option<u32> {

@@ -1,0 +1,189 @@
+//! Questions against a stored document: resume from its gist state instead of its text.
+//!
+//! The state is loaded (refused if another model made it), the question goes in as an open
+//! segment after the document (positions continue where the document stopped), and the
+//! answer is generated token by token. When the model writes its first gist token it has
+//! ended a sentence: the sentence is closed (all N_g gists written, its tokens dropped from
+//! the cache) and generation goes on, so long answers stay compressed too.
+
+use crate::model::GistModel;
+use crate::state::{advance, Chunk, GistState};
+use anyhow::{ensure, Context};
+use candle_core::{DType, Tensor, D};
+use candle_transformers::generation::LogitsProcessor;
+use serde::Serialize;
+
+/// How to pick tokens.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+/// An answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub text: String,
+    pub tokens: usize,
+    /// From the start of the query to the first answer token.
+    pub time_to_first_token_ms: f64,
+    pub seconds: f64,
+}
+
+/// Feeds `tokens` as an open (unfinished) segment; returns the last row's logits (V,).
+fn feed(model: &GistModel, state: &mut GistState, tokens: &[u32]) -> anyhow::Result<Tensor> {
+    let logits = advance(
+        model,
+        &mut [(
+            state,
+            Chunk {
+                tokens,
+                close: false,
+            },
+        )],
+        true,
+    )?
+    .context("logits requested")?;
+    Ok(logits.get(logits.dim(0)? - 1)?)
+}
+
+/// Closes the open sentence (writes the gists); returns the last gist row's logits.
+fn close(model: &GistModel, state: &mut GistState) -> anyhow::Result<Tensor> {
+    let logits = advance(
+        model,
+        &mut [(
+            state,
+            Chunk {
+                tokens: &[],
+                close: true,
+            },
+        )],
+        true,
+    )?
+    .context("logits requested")?;
+    Ok(logits.get(logits.dim(0)? - 1)?)
+}
+
+/// The question's tokens: a paragraph break, then the question (the document's last
+/// sentence is closed; the question starts a new paragraph as in the training text).
+pub fn question_tokens(model: &GistModel, question: &str) -> anyhow::Result<Vec<u32>> {
+    ensure!(!question.trim().is_empty(), "the question is empty");
+    let (ids, _) = model.tokenizer.encode(&format!("\n\n{question}"))?;
+    Ok(ids)
+}
+
+/// Answers `question` from `state` (consumed: the stored state is not changed).
+pub fn answer(
+    model: &GistModel,
+    mut state: GistState,
+    question: &str,
+    sampling: &Sampling,
+    mut on_text: impl FnMut(&str),
+) -> anyhow::Result<Answer> {
+    let started = std::time::Instant::now();
+    let q = question_tokens(model, question)?;
+    let mut logits = feed(model, &mut state, &q)?;
+    let temperature = (sampling.temperature > 0.0).then_some(sampling.temperature);
+    let mut processor = LogitsProcessor::new(sampling.seed, temperature, sampling.top_p);
+    let eos = model.eos_token_id();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut printed = String::new();
+    let mut ttft = None;
+    while ids.len() < sampling.max_tokens {
+        let next = processor.sample(&logits)?;
+        if Some(next) == eos {
+            break;
+        }
+        ttft.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+        if model.gist.gist_token_ids.contains(&next) {
+            // The model ended a sentence: write all its gists and go on from the last.
+            logits = close(model, &mut state)?;
+            continue;
+        }
+        ids.push(next);
+        // A byte-level token can end inside a character, which decodes as U+FFFD until
+        // the next token completes it: print only what is settled.
+        let text = model.tokenizer.decode(&ids)?;
+        let settled = text.trim_end_matches('\u{FFFD}');
+        if settled.len() > printed.len() && settled.starts_with(&printed) {
+            on_text(&settled[printed.len()..]);
+            printed = settled.to_string();
+        }
+        logits = feed(model, &mut state, &[next])?;
+    }
+    let text = model.tokenizer.decode(&ids)?;
+    if text.len() > printed.len() && text.starts_with(&printed) {
+        on_text(&text[printed.len()..]);
+    }
+    Ok(Answer {
+        text,
+        tokens: ids.len(),
+        time_to_first_token_ms: ttft.unwrap_or(f64::NAN),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The log-likelihood of a continuation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Score {
+    pub tokens: usize,
+    /// Sum of natural-log probabilities.
+    pub logprob: f64,
+    pub perplexity: f64,
+}
+
+/// Scores `text` as the continuation of the document (after `question`, if any). With a
+/// question, every token of `text` is scored; without one, the first token has no stored
+/// prediction (the logits of the document's last gist are not kept), so scoring starts at
+/// the second.
+pub fn score(
+    model: &GistModel,
+    mut state: GistState,
+    question: Option<&str>,
+    text: &str,
+) -> anyhow::Result<Score> {
+    let (ids, _) = model.tokenizer.encode(text)?;
+    ensure!(!ids.is_empty(), "the text to score is empty");
+    let first = match question {
+        Some(q) => Some(feed(model, &mut state, &question_tokens(model, q)?)?),
+        None => None,
+    };
+    let rows = advance(
+        model,
+        &mut [(
+            &mut state,
+            Chunk {
+                tokens: &ids,
+                close: false,
+            },
+        )],
+        true,
+    )?
+    .context("logits requested")?;
+    // Row j predicts ids[j + 1]; `first` (after the question) predicts ids[0].
+    let (predictors, targets) = match first {
+        Some(f) => (
+            Tensor::cat(&[&f.unsqueeze(0)?, &rows.narrow(0, 0, ids.len() - 1)?], 0)?,
+            &ids[..],
+        ),
+        None => {
+            ensure!(
+                ids.len() > 1,
+                "without a question, the text must have at least two tokens"
+            );
+            (rows.narrow(0, 0, ids.len() - 1)?, &ids[1..])
+        }
+    };
+    let logp = candle_nn::ops::log_softmax(&predictors.to_dtype(DType::F32)?, D::Minus1)?;
+    let idx = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    let logprob: f64 = picked.iter().map(|&x| x as f64).sum();
+    Ok(Score {
+        tokens: targets.len(),
+        logprob,
+        perplexity: (-logprob / targets.len() as f64).exp(),
+    })
+}

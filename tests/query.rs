@@ -1,0 +1,150 @@
+//! Queries resume from stored states exactly as from the in-process state, and bad input
+//! fails clearly without touching the store.
+
+mod common;
+
+use giststream::compress::{compress, Document};
+use giststream::query::{answer, score, Sampling};
+use giststream::store::codec::Precision;
+use giststream::store::Store;
+use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+use std::process::Command;
+
+fn greedy(max_tokens: usize) -> Sampling {
+    Sampling {
+        max_tokens,
+        temperature: 0.0,
+        top_p: None,
+        seed: 1,
+    }
+}
+
+#[test]
+fn a_resumed_query_equals_the_in_process_one() {
+    let (_d, model) = common::tiny_model(&TinySpec::default());
+    let text = synthetic_text(9, 7, 11);
+    let doc = Document {
+        name: "d".into(),
+        segments: model.segments(&text).unwrap(),
+    };
+    let (state, _) = compress(&model, vec![doc], 1).unwrap().remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .put("d", 1, &model, &state, &text, Precision::F32)
+        .unwrap();
+    let (_, loaded) = store.load("d", &model).unwrap();
+
+    let q = "Where did the river go?";
+    let a = answer(&model, state.clone(), q, &greedy(24), |_| {}).unwrap();
+    let b = answer(&model, loaded.clone(), q, &greedy(24), |_| {}).unwrap();
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.tokens, b.tokens);
+    let mut streamed = String::new();
+    let c = answer(&model, loaded.clone(), q, &greedy(24), |p| {
+        streamed.push_str(p)
+    })
+    .unwrap();
+    assert_eq!(streamed, c.text, "the streamed pieces add up to the answer");
+
+    let s1 = score(&model, state.clone(), Some(q), "The old garden.").unwrap();
+    let s2 = score(&model, loaded.clone(), Some(q), "The old garden.").unwrap();
+    assert_eq!(s1.logprob, s2.logprob);
+    let s3 = score(&model, loaded, None, "The old garden.").unwrap();
+    assert_eq!(
+        s3.tokens,
+        s1.tokens - 1,
+        "without a question the first token is not scored"
+    );
+    assert!(s1.perplexity.is_finite() && s1.perplexity > 1.0);
+}
+
+#[test]
+fn bad_queries_fail_clearly_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(&model, &TinySpec::default()).unwrap();
+    let other = dir.path().join("other");
+    write_random_model(
+        &other,
+        &TinySpec {
+            seed: 3,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let file = dir.path().join("doc.txt");
+    std::fs::write(&file, synthetic_text(5, 6, 2)).unwrap();
+    let store = dir.path().join("store");
+    let run = |args: &[&str], m: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .env("RAYON_NUM_THREADS", "1")
+            .args(args)
+            .arg("--model")
+            .arg(m)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .unwrap()
+    };
+    let ok = Command::new(env!("CARGO_BIN_EXE_giststream"))
+        .args(["compress", "--model"])
+        .arg(&model)
+        .arg("--store")
+        .arg(&store)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let snapshot = || {
+        let s = Store::open(&store).unwrap();
+        ["meta", "states", "texts"].map(|t| s.raw(t, "doc").unwrap())
+    };
+    let before = snapshot();
+    for (args, m, expect) in [
+        (
+            vec!["query", "--doc", "missing", "Why?"],
+            &model,
+            "no document \"missing\"",
+        ),
+        (
+            vec!["query", "--doc", "doc", "   "],
+            &model,
+            "question is empty",
+        ),
+        (
+            vec!["query", "--doc", "doc", "Why?"],
+            &other,
+            "another model",
+        ),
+    ] {
+        let out = run(&args, m);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    assert_eq!(
+        before,
+        snapshot(),
+        "failed queries leave the store as it was"
+    );
+    let good = run(
+        &[
+            "query",
+            "--doc",
+            "doc",
+            "Why?",
+            "--max-tokens",
+            "5",
+            "--json",
+        ],
+        &model,
+    );
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
+    assert!(v["tokens"].as_u64().unwrap() <= 5);
+}
