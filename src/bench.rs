@@ -41,6 +41,12 @@ pub enum Path {
     TrainBlockwise,
     /// The same step with a dense T x T sentence mask (the reference code's way).
     TrainDense,
+    /// Time to the first answer token of a question on a stored document: read its state
+    /// record, decode it, feed the question, pick a token.
+    TtftGist,
+    /// The same without a stored state: the document and the question through full
+    /// attention (a prefill), then the first token.
+    TtftFull,
 }
 
 /// One measurement.
@@ -176,6 +182,53 @@ pub fn measure(
             train::train_step(&trainee, &mut opt, &[document(256, bos, 99)], 1e-4, &cfg)?;
             start = Instant::now();
             train::train_step(&trainee, &mut opt, &docs, 1e-4, &cfg)?;
+        }
+        Path::TtftGist | Path::TtftFull => {
+            let question = "Where did it happen, and who was there?";
+            let q = crate::query::question_tokens(&model, question)?;
+            if path == Path::TtftGist {
+                // The stored record, as the store would hand it over.
+                let input = vec![Document {
+                    name: "d".into(),
+                    segments: docs[0].clone(),
+                }];
+                let (state, _) = compress(&model, input, 1)?.remove(0);
+                let record =
+                    crate::store::codec::encode(&state, crate::store::codec::Precision::F32)?;
+                state_bytes = record.len() as u64;
+                start = Instant::now();
+                let state = crate::store::codec::decode(&record, device, dtype)?;
+                let sampling = crate::query::Sampling {
+                    max_tokens: 1,
+                    temperature: 0.0,
+                    top_p: None,
+                    seed: 1,
+                };
+                crate::query::answer(&model, state, question, &sampling, |_| {})?;
+            } else {
+                start = Instant::now();
+                let mut tokens: Vec<u32> = docs[0]
+                    .iter()
+                    .flat_map(|s| s.tokens.iter().copied())
+                    .collect();
+                tokens.extend(&q);
+                let seg = Segment {
+                    tokens,
+                    bytes: 0..0,
+                    close: false,
+                };
+                let layout = Layout::new(&model, &[vec![seg]], false);
+                let last = Tensor::new(&[(layout.ids.len() - 1) as u32], device)?;
+                let logits = forward_rows(
+                    &model,
+                    &layout,
+                    Mode::Causal,
+                    Ops::Fused,
+                    &Logits::Rows(last),
+                )?
+                .context("logits requested")?;
+                logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            }
         }
         Path::Parallel | Path::FullAttention => {
             let (gists, mode) = match path {
