@@ -64,13 +64,19 @@ fn compress_cmd(model: &Path, store: &Path, files: &[PathBuf], version: u64) -> 
     c
 }
 
-#[test]
-fn stored_documents_equal_offline_compression() {
+/// A temporary folder with a random model in `model/`, and the store path `store/`.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     write_random_model(&model_dir, &TinySpec::default()).unwrap();
-    let files = write_docs(dir.path(), 3, 1);
     let store_dir = dir.path().join("store");
+    (dir, model_dir, store_dir)
+}
+
+#[test]
+fn stored_documents_equal_offline_compression() {
+    let (dir, model_dir, store_dir) = setup();
+    let files = write_docs(dir.path(), 3, 1);
     let out = compress_cmd(&model_dir, &store_dir, &files, 1)
         .output()
         .unwrap();
@@ -129,11 +135,8 @@ fn stored_documents_equal_offline_compression() {
 
 #[test]
 fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
-    let dir = tempfile::tempdir().unwrap();
-    let model_dir = dir.path().join("model");
-    write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    let (dir, model_dir, store_dir) = setup();
     let files = write_docs(dir.path(), 3, 1);
-    let store_dir = dir.path().join("store");
     assert!(compress_cmd(&model_dir, &store_dir, &files, 1)
         .output()
         .unwrap()
@@ -200,9 +203,7 @@ fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
 
 #[test]
 fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
-    let dir = tempfile::tempdir().unwrap();
-    let model_dir = dir.path().join("model");
-    write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    let (dir, model_dir, store_dir) = setup();
     let model = GistModel::load(
         &model_dir,
         &Device::Cpu,
@@ -215,7 +216,6 @@ fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
         .iter()
         .map(|f| offline_records(&model, f))
         .collect();
-    let store_dir = dir.path().join("store");
     let mut rng = SplitMix(
         std::time::SystemTime::now()
             .elapsed()
