@@ -73,24 +73,19 @@ pub fn nll_gist(
             let live: Vec<usize> = (0..group.len())
                 .filter(|&g| step < docs[group[g]].len())
                 .collect();
-            let mut items: Vec<(&mut GistState, Chunk<'_>)> = Vec::new();
-            let mut it = states.iter_mut().enumerate();
-            for &g in &live {
-                let state = loop {
-                    let (i, s) = it.next().expect("live states are in order");
-                    if i == g {
-                        break s;
-                    }
-                };
-                let seg = &docs[group[g]][step];
-                items.push((
-                    state,
-                    Chunk {
+            let mut items: Vec<(&mut GistState, Chunk<'_>)> = states
+                .iter_mut()
+                .enumerate()
+                .filter(|(g, _)| step < docs[group[*g]].len())
+                .map(|(g, state)| {
+                    let seg = &docs[group[g]][step];
+                    let chunk = Chunk {
                         tokens: &seg.tokens,
                         close: seg.close,
-                    },
-                ));
-            }
+                    };
+                    (state, chunk)
+                })
+                .collect();
             let logits = advance(model, &mut items, true)?.expect("logits requested");
             let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
             let mut row = 0;

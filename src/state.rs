@@ -76,9 +76,11 @@ impl KvBuffer {
                 self.v.slice_set(&old_v.contiguous()?, 1, 0)?;
             }
         }
-        // slice_set needs a source with its own storage.
-        self.k.slice_set(&k.contiguous()?.copy()?, 1, self.len)?;
-        self.v.slice_set(&v.contiguous()?.copy()?, 1, self.len)?;
+        // New rows come from the forward's own tensors, never from this buffer, so
+        // slice_set can read them in place (it only refuses a source sharing storage with
+        // the destination).
+        self.k.slice_set(&k.contiguous()?, 1, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 1, self.len)?;
         self.len += l;
         Ok(())
     }
@@ -97,12 +99,6 @@ impl KvBuffer {
         self.v.slice_set(&v, 1, start)?;
         self.len = start + rows.len();
         Ok(())
-    }
-
-    /// A compact copy (Hkv, len, D) of keys and values.
-    pub fn to_tensors(&self) -> Result<(Tensor, Tensor)> {
-        let (k, v) = self.view()?;
-        Ok((k.contiguous()?.copy()?, v.contiguous()?.copy()?))
     }
 
     /// A buffer holding exactly these rows (Hkv, len, D).

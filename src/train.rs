@@ -351,6 +351,11 @@ impl AdamW {
         self.params.iter().map(|p| p.0.as_str())
     }
 
+    /// The parameters it updates, by name.
+    pub fn params(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.params.iter().map(|p| (p.0.as_str(), &p.1))
+    }
+
     /// One update with `grads` (sums over the step's micro-batches, already scaled).
     pub fn step(
         &mut self,
@@ -735,25 +740,10 @@ pub fn train_step(
     cfg: &TrainConfig,
 ) -> anyhow::Result<(f32, usize)> {
     let model = &trainee.model;
-    // Scored tokens of the whole batch, so each micro-batch's loss is weighted by its share.
-    let total: usize = batch
-        .iter()
-        .map(|s| {
-            let l = Layout::new(
-                model,
-                std::slice::from_ref(s),
-                cfg.attention != Attention::Full,
-            );
-            loss_rows(&l, cfg.gist_loss).0.len()
-        })
-        .sum();
-    let names: Vec<String> = opt.names().map(str::to_string).collect();
-    let vars: HashMap<String, Var> = {
-        let data = trainee.varmap.data().lock().expect("varmap lock");
-        names.iter().map(|n| (n.clone(), data[n].clone())).collect()
-    };
+    // Gradients of the batch's summed NLL, divided by its token count once at the end:
+    // the mean over all scored tokens, however the micro-batches split them.
     let mut grads: HashMap<String, Tensor> = HashMap::new();
-    let mut loss_sum = 0f64;
+    let (mut loss_sum, mut total) = (0f64, 0usize);
     for micro in batch.chunks(cfg.micro_batch.max(1)) {
         let (loss, n) = loss(
             model,
@@ -763,9 +753,9 @@ pub fn train_step(
             Ops::Differentiable,
         )?;
         loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-        let scaled = (loss * (n as f64 / total as f64))?;
-        let store: GradStore = scaled.backward()?;
-        for (name, var) in &vars {
+        total += n;
+        let store: GradStore = (loss * n as f64)?.backward()?;
+        for (name, var) in opt.params() {
             let Some(g) = store.get(var.as_tensor()) else {
                 continue;
             };
@@ -773,9 +763,13 @@ pub fn train_step(
                 Some(a) => (a + g)?,
                 None => g.clone(),
             };
-            grads.insert(name.clone(), acc);
+            grads.insert(name.to_string(), acc);
         }
     }
+    for g in grads.values_mut() {
+        *g = (&*g / total as f64)?;
+    }
+    let names: Vec<String> = opt.names().map(str::to_string).collect();
     for name in &names {
         ensure!(
             grads.contains_key(name),

@@ -211,24 +211,21 @@ impl Store {
 
     /// Raw access for tests and repair tools: (tree name, id) -> bytes.
     pub fn raw(&self, tree: &str, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        let t = match tree {
+        Ok(self.tree(tree)?.get(id.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn tree(&self, name: &str) -> anyhow::Result<&sled::Tree> {
+        Ok(match name {
             "meta" => &self.meta,
             "states" => &self.states,
             "texts" => &self.texts,
-            _ => bail!("no tree {tree:?}"),
-        };
-        Ok(t.get(id.as_bytes())?.map(|v| v.to_vec()))
+            _ => bail!("no tree {name:?} (meta, states, texts)"),
+        })
     }
 
     /// Overwrites a raw record (tests use it to damage one).
     pub fn put_raw(&self, tree: &str, id: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        let t = match tree {
-            "meta" => &self.meta,
-            "states" => &self.states,
-            "texts" => &self.texts,
-            _ => bail!("no tree {tree:?}"),
-        };
-        t.insert(id.as_bytes(), bytes)?;
+        self.tree(tree)?.insert(id.as_bytes(), bytes)?;
         self.db.flush()?;
         Ok(())
     }
