@@ -96,13 +96,7 @@ fn lower_precisions_round_within_their_resolution() {
         for (a, b) in s.layers.iter().zip(&r.layers) {
             let (ka, _) = a.view().unwrap();
             let (kb, _) = b.view().unwrap();
-            let scale = ka
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = common::max_abs(&ka);
             let d = common::max_abs_diff(&ka, &kb);
             assert!(d <= tol * scale, "{p:?}: {d} > {tol} x {scale}");
         }

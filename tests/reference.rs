@@ -7,9 +7,9 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use giststream::model::llama::Ops;
-use giststream::model::{GistModel, LoadOptions};
+use giststream::model::GistModel;
 use giststream::parallel::{self, Layout, Mode};
 use giststream::state::{advance, Chunk, GistState};
 use giststream::tokenize::Segment;
@@ -20,7 +20,7 @@ fn fixture(name: &str) -> (GistModel, Vec<(Vec<u32>, Tensor)>) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
-    let model = GistModel::load(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
+    let model = common::load_model(&dir);
     let tensors: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu).unwrap();
     let mut cases = Vec::new();

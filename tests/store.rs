@@ -3,9 +3,8 @@
 
 mod common;
 
-use candle_core::{DType, Device};
 use giststream::compress::{compress, Document};
-use giststream::model::{GistModel, LoadOptions};
+use giststream::model::GistModel;
 use giststream::store::codec::{encode, Precision};
 use giststream::store::Store;
 use giststream::tiny::{synthetic_text, write_random_model, SplitMix, TinySpec};
@@ -86,13 +85,7 @@ fn stored_documents_equal_offline_compression() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let model = GistModel::load(
-        &model_dir,
-        &Device::Cpu,
-        DType::F32,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let model = common::load_model(&model_dir);
     let expected = offline_records(&model, &files);
     let store = Store::open(&store_dir).unwrap();
     for (i, f) in files.iter().enumerate() {
@@ -146,13 +139,7 @@ fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
         seed: 42,
         ..TinySpec::default()
     });
-    let model = GistModel::load(
-        &model_dir,
-        &Device::Cpu,
-        DType::F32,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let model = common::load_model(&model_dir);
     {
         let store = Store::open(&store_dir).unwrap();
         // A flipped bit in one state record.
@@ -204,13 +191,7 @@ fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
 #[test]
 fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
     let (dir, model_dir, store_dir) = setup();
-    let model = GistModel::load(
-        &model_dir,
-        &Device::Cpu,
-        DType::F32,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let model = common::load_model(&model_dir);
     let versions: Vec<Vec<PathBuf>> = (1..=2).map(|v| write_docs(dir.path(), 24, v)).collect();
     let expected: Vec<Vec<Vec<u8>>> = versions
         .iter()

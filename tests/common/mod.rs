@@ -7,17 +7,26 @@ use candle_core::{DType, Device, Tensor};
 use giststream::model::{GistModel, LoadOptions};
 use giststream::tiny::{write_random_model, TinySpec};
 
+/// The model in `dir`, loaded f32 on the CPU.
+pub fn load_model(dir: &std::path::Path) -> GistModel {
+    GistModel::load(dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap()
+}
+
+/// Largest |x| over all elements.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// A random model of `spec` written to a temporary directory and loaded (f32, CPU).
 pub fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, GistModel) {
     let dir = tempfile::tempdir().unwrap();
     write_random_model(dir.path(), spec).unwrap();
-    let model = GistModel::load(
-        dir.path(),
-        &Device::Cpu,
-        DType::F32,
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let model = load_model(dir.path());
     (dir, model)
 }
 
