@@ -273,6 +273,10 @@ pub struct CompressArgs {
     /// Version recorded for the stored documents.
     #[arg(long, default_value_t = 1)]
     pub doc_version: u64,
+    /// With --store: send each file as parts of at most this many bytes, each appended to
+    /// the stored state as it would arrive from Kafka (0: whole files).
+    #[arg(long, value_name = "BYTES", default_value_t = 0, requires = "store")]
+    pub part_bytes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -421,13 +425,8 @@ fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let store = crate::store::Store::open(&args.store)?;
     let meta = store
-        .meta(&args.id)?
-        .with_context(|| format!("no document {:?} in {}", args.id, args.store.display()))?;
-    let record = store
-        .raw("states", &args.id)?
-        .with_context(|| format!("document {:?} has no state", args.id))?;
-    crate::store::codec::check(&record)
-        .with_context(|| format!("checking the state of {:?}", args.id))?;
+        .check(&args.id)
+        .with_context(|| format!("in {}", args.store.display()))?;
     println!("{}", serde_json::to_string_pretty(&meta)?);
     Ok(())
 }
@@ -680,19 +679,87 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A text file's contents, with a clear error for bytes that are not UTF-8.
+fn read_text(f: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not UTF-8 text (invalid byte at offset {})",
+            f.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// The document id of a file: its name without the extension.
+fn file_id(file: &std::path::Path) -> anyhow::Result<String> {
+    file.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .with_context(|| format!("{} has no file name to use as an id", file.display()))
+}
+
+/// `compress --store --part-bytes N`: every file sent as parts, appended one at a time.
+fn run_compress_parts(args: &CompressArgs, store_dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::update::{apply_parts, split_parts, Outcome, Part};
+    let model = args.model.load()?;
+    let store = crate::store::Store::open(store_dir)?;
+    let mut parts = Vec::new();
+    for f in &args.files {
+        let text = read_text(f)?;
+        let id = file_id(f)?;
+        let pieces = split_parts(&text, args.part_bytes);
+        let n = pieces.len();
+        for (k, piece) in pieces.into_iter().enumerate() {
+            parts.push(Part {
+                id: id.clone(),
+                version: args.doc_version,
+                part: k as u32,
+                last: k + 1 == n,
+                text: piece.to_string(),
+                source: None,
+                attributes: Default::default(),
+            });
+        }
+    }
+    let outcomes = apply_parts(&model, &store, &parts, args.precision, args.batch)?;
+    let mut out = std::io::stdout().lock();
+    let mut rejected = 0;
+    for (p, o) in parts.iter().zip(outcomes) {
+        match o {
+            Outcome::Stored(m) if m.complete => {
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&m)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<24} {} parts {:>8} tokens {:>6} sentences {:>6} gists {} chunks",
+                        m.id, m.parts, m.tokens, m.sentences, m.gist_tokens, m.state_chunks
+                    )?;
+                }
+            }
+            Outcome::Stored(_) => {}
+            Outcome::Skipped(a) => eprintln!("{} part {}: skipped ({a:?})", p.id, p.part),
+            Outcome::Rejected(why) => {
+                rejected += 1;
+                eprintln!("giststream: {} part {}: {why}", p.id, p.part);
+            }
+        }
+    }
+    if rejected > 0 {
+        bail!("{rejected} part(s) were rejected (listed above)");
+    }
+    Ok(())
+}
+
 fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
+    if let (Some(dir), true) = (&args.store, args.part_bytes > 0) {
+        return run_compress_parts(&args, dir);
+    }
     let model = args.model.load()?;
     let mut docs = Vec::with_capacity(args.files.len());
     let mut texts = Vec::with_capacity(args.files.len());
     for f in &args.files {
-        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not UTF-8 text (invalid byte at offset {})",
-                f.display(),
-                e.utf8_error().valid_up_to()
-            )
-        })?;
+        let text = read_text(f)?;
         let segments = model
             .segments(&text)
             .with_context(|| format!("segmenting {}", f.display()))?;
@@ -706,10 +773,7 @@ fn run_compress(args: CompressArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.store {
         let store = crate::store::Store::open(dir)?;
         for ((state, _), (file, text)) in results.iter().zip(args.files.iter().zip(&texts)) {
-            let id = file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .with_context(|| format!("{} has no file name to use as an id", file.display()))?;
+            let id = file_id(file)?;
             store.put(&id, args.doc_version, &model, state, text, args.precision)?;
         }
     }

@@ -40,6 +40,20 @@ pub fn compress(
     docs: Vec<Document>,
     batch: usize,
 ) -> anyhow::Result<Vec<(GistState, Report)>> {
+    let starts = docs
+        .iter()
+        .map(|_| GistState::new(model))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    compress_from(model, docs.into_iter().zip(starts).collect(), batch)
+}
+
+/// Like [`compress`], each document going on from a state (a document arriving in parts:
+/// its stored state, and the segments of its next part).
+pub fn compress_from(
+    model: &GistModel,
+    docs: Vec<(Document, GistState)>,
+    batch: usize,
+) -> anyhow::Result<Vec<(GistState, Report)>> {
     struct Active {
         index: usize,
         state: GistState,
@@ -47,6 +61,8 @@ pub fn compress(
         started: Instant,
     }
     let batch = batch.max(1);
+    let (docs, mut starts): (Vec<Document>, Vec<Option<GistState>>) =
+        docs.into_iter().map(|(d, s)| (d, Some(s))).unzip();
     let mut pending: VecDeque<usize> = (0..docs.len()).collect();
     let mut active: Vec<Active> = Vec::new();
     let mut done: Vec<Option<(GistState, Report)>> = (0..docs.len()).map(|_| None).collect();
@@ -56,7 +72,7 @@ pub fn compress(
             let Some(i) = pending.pop_front() else { break };
             active.push(Active {
                 index: i,
-                state: GistState::new(model)?,
+                state: starts[i].take().expect("each document starts once"),
                 next: 0,
                 started: Instant::now(),
             });

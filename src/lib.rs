@@ -10,7 +10,8 @@
 //!   ([`model::llama`]), with the sentence-attention mask;
 //! - [`state`] holds a document's compressed state ([`state::GistState`]: per-layer K/V of
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
-//! - [`store`] turns states into versioned, checksummed records;
+//! - [`store`] turns states into versioned, checksummed records in sled;
+//! - [`update`] applies documents that arrive in parts, appending to their stored states;
 //! - [`query`] answers questions from a stored state;
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
 //! - [`compress`] drives whole documents through the incremental path;
@@ -31,3 +32,4 @@ pub mod store;
 pub mod tiny;
 pub mod tokenize;
 pub mod train;
+pub mod update;

@@ -166,6 +166,25 @@ impl Segmenter {
         }
     }
 
+    /// A segmenter that goes on from a carry ([`Segmenter::carry`]) taken from another,
+    /// as if it had seen the whole document so far: every decision is made on the text
+    /// after the last emitted sentence, which is all a carry holds. This is how a document
+    /// that arrives in parts is segmented across processes.
+    pub fn resume(cfg: SegmentConfig, text: &str, offset: usize) -> Self {
+        let mut s = Self::new(cfg);
+        s.buf.push_str(text);
+        s.base = offset;
+        s
+    }
+
+    /// Text not yet emitted as a sentence, and its document byte offset. None while a
+    /// UTF-8 sequence is split (a carry must be text).
+    pub fn carry(&self) -> Option<(&str, usize)> {
+        self.pending_bytes
+            .is_empty()
+            .then_some((self.buf.as_str(), self.base))
+    }
+
     /// Bytes of the document seen so far.
     pub fn consumed(&self) -> usize {
         self.base + self.buf.len() + self.pending_bytes.len()
@@ -604,6 +623,33 @@ mod tests {
                 prev = c;
             }
             got.extend(seg.finish().unwrap());
+            prop_assert_eq!(got, whole);
+        }
+
+        #[test]
+        fn resuming_from_a_carry_equals_one_segmenter(
+            text in text_strategy(),
+            cfg in configs(),
+            cuts in prop::collection::vec(0usize..2000, 0..6),
+        ) {
+            // Each part goes to a fresh segmenter resumed from the previous one's carry:
+            // how a document arriving in parts is segmented across processes.
+            let whole = split(&text, &cfg);
+            let mut cuts: Vec<usize> = cuts
+                .into_iter()
+                .map(|c| floor_char_boundary(&text, c % (text.len() + 1)))
+                .collect();
+            cuts.sort();
+            let mut got = Vec::new();
+            let (mut carry, mut offset, mut prev) = (String::new(), 0, 0);
+            for c in cuts.into_iter().chain([text.len()]) {
+                let mut seg = Segmenter::resume(cfg.clone(), &carry, offset);
+                got.extend(seg.push(&text[prev..c]));
+                prev = c;
+                let (t, o) = seg.carry().unwrap();
+                (carry, offset) = (t.to_string(), o);
+            }
+            got.extend(Segmenter::resume(cfg, &carry, offset).finish().unwrap());
             prop_assert_eq!(got, whole);
         }
 

@@ -98,7 +98,7 @@ fn bad_queries_fail_clearly_and_change_nothing() {
     assert!(ok.status.success());
     let snapshot = || {
         let s = Store::open(&store).unwrap();
-        ["meta", "states", "texts"].map(|t| s.raw(t, "doc").unwrap())
+        ["meta", "states", "texts"].map(|t| s.raw(t, "doc", 0).unwrap())
     };
     let before = snapshot();
     for (args, m, expect) in [

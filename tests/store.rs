@@ -91,7 +91,7 @@ fn stored_documents_equal_offline_compression() {
     for (i, f) in files.iter().enumerate() {
         let id = format!("doc{i:02}");
         assert_eq!(
-            store.raw("states", &id).unwrap().unwrap(),
+            store.raw("states", &id, 0).unwrap().unwrap(),
             expected[i],
             "{id}"
         );
@@ -143,10 +143,10 @@ fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
     {
         let store = Store::open(&store_dir).unwrap();
         // A flipped bit in one state record.
-        let mut rec = store.raw("states", "doc00").unwrap().unwrap();
+        let mut rec = store.raw("states", "doc00", 0).unwrap().unwrap();
         let mid = rec.len() / 2;
         rec[mid] ^= 0x01;
-        store.put_raw("states", "doc00", &rec).unwrap();
+        store.put_raw("states", "doc00", 0, &rec).unwrap();
         let err = format!("{:#}", store.load("doc00", &model).unwrap_err());
         assert!(err.contains("corrupted") && err.contains("doc00"), "{err}");
         assert!(
@@ -159,10 +159,10 @@ fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
         let err = format!("{:#}", store.load("nope", &model).unwrap_err());
         assert!(err.contains("no document \"nope\""), "{err}");
         // A flipped bit in one metadata record: listing reports it and keeps the rest.
-        let mut meta = store.raw("meta", "doc02").unwrap().unwrap();
+        let mut meta = store.raw("meta", "doc02", 0).unwrap().unwrap();
         let last = meta.len() - 1;
         meta[last] ^= 0x20;
-        store.put_raw("meta", "doc02", &meta).unwrap();
+        store.put_raw("meta", "doc02", 0, &meta).unwrap();
         let listed = store.list();
         assert_eq!(listed.iter().filter(|e| e.is_ok()).count(), 2);
         assert!(listed.iter().any(|e| e
@@ -239,7 +239,7 @@ fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
             let vi = meta.version as usize - 1;
             assert!(vi < 2, "{id}: version {}", meta.version);
             assert_eq!(
-                store.raw("states", &id).unwrap().unwrap(),
+                store.raw("states", &id, 0).unwrap().unwrap(),
                 expected[vi][i],
                 "{id} v{}",
                 meta.version
@@ -267,6 +267,6 @@ fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
     for (i, record) in expected[1].iter().enumerate() {
         let id = format!("doc{i:02}");
         assert_eq!(store.meta(&id).unwrap().unwrap().version, 2);
-        assert_eq!(&store.raw("states", &id).unwrap().unwrap(), record);
+        assert_eq!(&store.raw("states", &id, 0).unwrap().unwrap(), record);
     }
 }

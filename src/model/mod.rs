@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use config::{GistConfig, LlamaFileConfig};
 use llama::Llama;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// How to load a checkpoint that has no `gist.json`.
@@ -183,6 +184,17 @@ impl GistModel {
     }
 }
 
+/// Where a document's encoding stands between two of its parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carry {
+    /// Text after the last sentence emitted (no sentence end is certain in it yet).
+    pub text: String,
+    /// Document byte offset of `text`.
+    pub offset: usize,
+    /// Whether the first sentence (the one that gets BOS) was emitted.
+    pub started: bool,
+}
+
 /// Text in, model segments out, as sentences become certain.
 pub struct DocumentEncoder<'m> {
     tokenizer: &'m GistTokenizer,
@@ -209,6 +221,32 @@ impl<'m> DocumentEncoder<'m> {
             text: String::new(),
             text_base: 0,
             first: true,
+        }
+    }
+
+    /// An encoder that goes on where the one that wrote `carry` stopped (a document that
+    /// arrives in parts: each part may be encoded by another process).
+    pub fn resume(
+        tokenizer: &'m GistTokenizer,
+        gist: &GistConfig,
+        bos: Option<u32>,
+        carry: &Carry,
+    ) -> Self {
+        let mut enc = Self::new(tokenizer, gist, bos);
+        enc.segmenter = Segmenter::resume(gist.segmentation.clone(), &carry.text, carry.offset);
+        enc.text = carry.text.clone();
+        enc.text_base = carry.offset;
+        enc.first = !carry.started;
+        enc
+    }
+
+    /// What a later [`DocumentEncoder::resume`] needs: the text after the last sentence
+    /// emitted, where it starts, and whether the document has begun.
+    pub fn carry(&self) -> Carry {
+        Carry {
+            text: self.text.clone(),
+            offset: self.text_base,
+            started: !self.first,
         }
     }
 

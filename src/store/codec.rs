@@ -2,19 +2,26 @@
 //! boundaries. Versioned and checksummed, so a record from another format or a flipped bit
 //! is a clear error, never a silently wrong state.
 //!
-//! Layout (little-endian):
+//! A state may be stored as several *chunks*, each holding a run of rows of every layer:
+//! a document that arrives in parts appends a chunk per part instead of rewriting its state
+//! (at a part boundary every sentence is closed, so earlier rows never change). A whole
+//! state is one chunk starting at row 0.
+//!
+//! Layout of a chunk (little-endian):
 //!
 //! ```text
 //! magic "GIST" | version u16 | precision u8 | 0u8
 //! fingerprint u64 | next_position u32 | sentences u64 | regular_tokens u64 | gist_tokens u64
-//! layers u32 | kv_heads u32 | head_dim u32 | rows u32 | tail u32 | tail flags ⌈tail/8⌉ bytes
+//! layers u32 | kv_heads u32 | head_dim u32 | first_row u32 | rows u32
+//! tail u32 | tail flags ⌈tail/8⌉ bytes
 //! per layer: K then V, each (kv_heads, rows, head_dim) in `precision`
 //! crc32 of everything before it
 //! ```
 //!
-//! Int8 stores one f16 scale per (head, row) before the values of that tensor: a scale per
-//! row (rather than per head for the whole state) keeps appended rows from changing the
-//! encoding of earlier ones.
+//! The counters and the tail describe the whole state after this chunk (the last chunk's
+//! are the state's). Int8 stores one f16 scale per (head, row) before the values of that
+//! tensor: a scale per row (rather than per head for the whole state) keeps appended rows
+//! from changing the encoding of earlier ones.
 
 use crate::state::{GistState, KvBuffer};
 use candle_core::{DType, Device, Tensor};
@@ -22,8 +29,8 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 4] = b"GIST";
-/// Bumped on any change of the layout above.
-pub const FORMAT_VERSION: u16 = 1;
+/// Bumped on any change of the layout above (2: chunks, `first_row`).
+pub const FORMAT_VERSION: u16 = 2;
 
 /// How keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -70,9 +77,19 @@ pub enum DecodeError {
     Malformed(&'static str),
 }
 
-/// Encodes `state` at `precision`.
+/// Encodes `state` at `precision`, whole.
 pub fn encode(state: &GistState, precision: Precision) -> anyhow::Result<Vec<u8>> {
-    let (kv_heads, rows, head_dim) = match state.layers.first() {
+    encode_rows(state, precision, 0)
+}
+
+/// Encodes rows `first_row..` of `state` as a chunk that follows chunks holding the rows
+/// before it.
+pub fn encode_rows(
+    state: &GistState,
+    precision: Precision,
+    first_row: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let (kv_heads, total, head_dim) = match state.layers.first() {
         Some(b) => {
             let (k, _) = b.view()?;
             k.dims3()?
@@ -80,11 +97,16 @@ pub fn encode(state: &GistState, precision: Precision) -> anyhow::Result<Vec<u8>
         None => (0, 0, 0),
     };
     anyhow::ensure!(
-        state.tail_kept.len() <= rows,
-        "inconsistent state: a tail of {} rows in a state of {rows} rows",
+        state.tail_kept.len() <= total,
+        "inconsistent state: a tail of {} rows in a state of {total} rows",
         state.tail_kept.len()
     );
-    let mut out = Vec::with_capacity(64 + state.layers.len() * 2 * kv_heads * rows * head_dim * 4);
+    anyhow::ensure!(
+        first_row <= total,
+        "a chunk from row {first_row} of a state of {total} rows"
+    );
+    let rows = total - first_row;
+    let mut out = Vec::with_capacity(72 + state.layers.len() * 2 * kv_heads * rows * head_dim * 4);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.push(precision.code());
@@ -98,6 +120,7 @@ pub fn encode(state: &GistState, precision: Precision) -> anyhow::Result<Vec<u8>
         state.layers.len(),
         kv_heads,
         head_dim,
+        first_row,
         rows,
         state.tail_kept.len(),
     ] {
@@ -113,6 +136,7 @@ pub fn encode(state: &GistState, precision: Precision) -> anyhow::Result<Vec<u8>
     for layer in &state.layers {
         let (k, v) = layer.view()?;
         for t in [k, v] {
+            let t = t.narrow(1, first_row, rows)?;
             let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             write_values(&mut out, &values, precision, head_dim);
         }
@@ -206,8 +230,30 @@ pub fn check(bytes: &[u8]) -> Result<Precision, DecodeError> {
     Precision::from_code(bytes[6]).ok_or(DecodeError::Malformed("unknown precision"))
 }
 
-/// Decodes a record into a state on `device` at `dtype` (the model's compute precision).
+/// Decodes a whole-state record into a state on `device` at `dtype` (the model's compute
+/// precision).
 pub fn decode(bytes: &[u8], device: &Device, dtype: DType) -> anyhow::Result<GistState> {
+    decode_chunks(&[bytes], device, dtype)
+}
+
+/// One parsed chunk: its header and, per layer, K and V values as f32.
+struct Parsed {
+    precision: Precision,
+    fingerprint: u64,
+    next_position: u32,
+    sentences: u64,
+    regular_tokens: u64,
+    gist_tokens: u64,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    first_row: usize,
+    rows: usize,
+    tail_kept: Vec<bool>,
+    values: Vec<[Vec<f32>; 2]>,
+}
+
+fn parse(bytes: &[u8]) -> Result<Parsed, DecodeError> {
     let precision = check(bytes)?;
     let mut r = Reader {
         bytes: &bytes[..bytes.len() - 4],
@@ -221,10 +267,11 @@ pub fn decode(bytes: &[u8], device: &Device, dtype: DType) -> anyhow::Result<Gis
     let layers = r.u32()? as usize;
     let kv_heads = r.u32()? as usize;
     let head_dim = r.u32()? as usize;
+    let first_row = r.u32()? as usize;
     let rows = r.u32()? as usize;
     let tail = r.u32()? as usize;
-    if tail > rows {
-        return Err(DecodeError::Malformed("tail longer than the state").into());
+    if tail > first_row.saturating_add(rows) {
+        return Err(DecodeError::Malformed("tail longer than the state"));
     }
     let flags = r.take(tail.div_ceil(8))?;
     let tail_kept = (0..tail)
@@ -246,30 +293,100 @@ pub fn decode(bytes: &[u8], device: &Device, dtype: DType) -> anyhow::Result<Gis
         .and_then(|t| t.checked_mul(layers))
         .ok_or(DecodeError::Malformed("size overflow"))?;
     if r.bytes.len() - r.pos != expected {
-        return Err(DecodeError::Malformed("sizes disagree with the record length").into());
+        return Err(DecodeError::Malformed(
+            "sizes disagree with the record length",
+        ));
     }
-    let mut buffers = Vec::with_capacity(layers);
+    let mut values = Vec::with_capacity(layers);
     for _ in 0..layers {
+        let k = read_values(&mut r, n, precision, head_dim)?;
+        let v = read_values(&mut r, n, precision, head_dim)?;
+        values.push([k, v]);
+    }
+    if r.pos != r.bytes.len() {
+        return Err(DecodeError::Malformed("trailing bytes"));
+    }
+    Ok(Parsed {
+        precision,
+        fingerprint,
+        next_position,
+        sentences,
+        regular_tokens,
+        gist_tokens,
+        layers,
+        kv_heads,
+        head_dim,
+        first_row,
+        rows,
+        tail_kept,
+        values,
+    })
+}
+
+/// Decodes the chunks of one state, in order, into a state on `device` at `dtype`. Each
+/// chunk must start where the previous one ended and agree with it on model and shape.
+pub fn decode_chunks(chunks: &[&[u8]], device: &Device, dtype: DType) -> anyhow::Result<GistState> {
+    // Name the chunk in errors only when there are several.
+    let fail = |i: usize, e: DecodeError| -> anyhow::Error {
+        if chunks.len() > 1 {
+            anyhow::anyhow!("chunk {i} of {}: {e}", chunks.len())
+        } else {
+            e.into()
+        }
+    };
+    let mut parsed: Vec<Parsed> = Vec::with_capacity(chunks.len());
+    let mut rows = 0usize;
+    for (i, bytes) in chunks.iter().enumerate() {
+        let p = parse(bytes).map_err(|e| fail(i, e))?;
+        if p.first_row != rows {
+            return Err(fail(
+                i,
+                DecodeError::Malformed("a chunk does not start where the previous ended"),
+            ));
+        }
+        if let Some(f) = parsed.first() {
+            if (f.fingerprint, f.layers, f.kv_heads, f.head_dim, f.precision)
+                != (p.fingerprint, p.layers, p.kv_heads, p.head_dim, p.precision)
+            {
+                return Err(fail(
+                    i,
+                    DecodeError::Malformed("chunks of different states"),
+                ));
+            }
+        }
+        rows += p.rows;
+        parsed.push(p);
+    }
+    let Some(last) = parsed.last() else {
+        anyhow::bail!("a state needs at least one chunk");
+    };
+    let (layers, kv_heads, head_dim) = (last.layers, last.kv_heads, last.head_dim);
+    let mut buffers = Vec::with_capacity(layers);
+    for layer in 0..layers {
         let mut kv = Vec::with_capacity(2);
-        for _ in 0..2 {
-            let values = read_values(&mut r, n, precision, head_dim)?;
-            kv.push(Tensor::from_vec(values, (kv_heads, rows, head_dim), device)?.to_dtype(dtype)?);
+        for which in 0..2 {
+            let parts = parsed
+                .iter()
+                .map(|p| {
+                    let values = p.values[layer][which].clone();
+                    Tensor::from_vec(values, (kv_heads, p.rows, head_dim), device)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            kv.push(Tensor::cat(&parts, 1)?.to_dtype(dtype)?);
         }
         let v = kv.pop().expect("two tensors");
         let k = kv.pop().expect("two tensors");
         buffers.push(KvBuffer::from_tensors(k, v)?);
     }
-    if r.pos != r.bytes.len() {
-        return Err(DecodeError::Malformed("trailing bytes").into());
-    }
+    let last = parsed.pop().expect("one chunk at least");
     Ok(GistState {
-        fingerprint,
+        fingerprint: last.fingerprint,
         layers: buffers,
-        tail_kept,
-        next_position,
-        sentences,
-        regular_tokens,
-        gist_tokens,
+        tail_kept: last.tail_kept,
+        next_position: last.next_position,
+        sentences: last.sentences,
+        regular_tokens: last.regular_tokens,
+        gist_tokens: last.gist_tokens,
     })
 }
 
@@ -338,6 +455,53 @@ mod tests {
             let crc = crc32fast::hash(&bytes);
             bytes.extend_from_slice(&crc.to_le_bytes());
             let _ = decode(&bytes, &Device::Cpu, DType::F32);
+        }
+
+        #[test]
+        fn chunks_decode_to_the_whole_state(
+            rows in 0usize..9,
+            cuts in prop::collection::vec(0usize..9, 0..4),
+            seed in any::<u64>(),
+            p in 0u8..4,
+        ) {
+            let precision = Precision::from_code(p).unwrap();
+            let mut rng = crate::tiny::SplitMix(seed);
+            let (heads, dim) = (2, 3);
+            let mut t = || Tensor::from_vec(
+                (0..heads * rows * dim).map(|_| rng.normal()).collect::<Vec<f32>>(),
+                (heads, rows, dim),
+                &Device::Cpu,
+            ).unwrap();
+            let layers: Vec<(Tensor, Tensor)> = (0..2).map(|_| (t(), t())).collect();
+            // The state as it stood after `n` rows (as when each chunk was written).
+            let at = |n: usize| GistState {
+                fingerprint: seed,
+                layers: layers
+                    .iter()
+                    .map(|(k, v)| KvBuffer::from_tensors(k.narrow(1, 0, n).unwrap(), v.narrow(1, 0, n).unwrap()).unwrap())
+                    .collect(),
+                tail_kept: if n == rows { vec![true; rows.min(2)] } else { Vec::new() },
+                next_position: n as u32,
+                sentences: n as u64,
+                regular_tokens: 2 * n as u64,
+                gist_tokens: n as u64,
+            };
+            let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(rows)).collect();
+            bounds.sort();
+            bounds.insert(0, 0);
+            bounds.push(rows);
+            let chunks: Vec<Vec<u8>> = bounds
+                .windows(2)
+                .map(|w| encode_rows(&at(w[1]), precision, w[0]).unwrap())
+                .collect();
+            let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+            let joined = decode_chunks(&refs, &Device::Cpu, DType::F32).unwrap();
+            let whole = decode(&encode(&at(rows), precision).unwrap(), &Device::Cpu, DType::F32).unwrap();
+            prop_assert_eq!(encode(&joined, Precision::F32).unwrap(), encode(&whole, Precision::F32).unwrap());
+            // Out of order, or a chunk missing: an error, never a wrong state.
+            if refs.len() > 2 && bounds[1] > 0 && bounds[1] < rows {
+                prop_assert!(decode_chunks(&refs[1..], &Device::Cpu, DType::F32).is_err());
+            }
         }
 
         #[test]

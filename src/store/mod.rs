@@ -1,15 +1,22 @@
 //! Persistence of gist states: a sled database holding, per document, its metadata, its
-//! gist state record ([`codec`]) and its raw text (compressed; re-index jobs need it).
+//! gist state ([`codec`] chunks) and its raw text (compressed; re-index jobs need it).
 //!
-//! The three live in three trees under the document id and change together in one sled
-//! transaction, flushed before `put` returns: a crash leaves a document at its old or its
-//! new version, never a mix. Metadata and text records carry a format version and a CRC32
-//! like state records do, so a damaged record is a clear error for that document while the
-//! others stay readable.
+//! Trees and keys:
+//! - `meta`: id → sealed JSON [`DocMeta`];
+//! - `states`: id ∘ 0xFF ∘ chunk (u32 BE) → codec chunk;
+//! - `texts`: id ∘ 0xFF ∘ part (u32 BE) → sealed lz4 text of that part.
+//!
+//! (0xFF never occurs in UTF-8, so no id's keys run into another's.) A document that
+//! arrives in parts gets a state chunk and a text record per part: appending never
+//! rewrites what is stored. Every change of a document (a new version, or one more part)
+//! is one sled transaction over the three trees, flushed before it returns: a crash leaves
+//! the document at its old or its new state, never a mix. Metadata and text records carry
+//! a format version and a CRC32 like state chunks do, so a damaged record is a clear error
+//! for that document while the others stay readable.
 
 pub mod codec;
 
-use crate::model::GistModel;
+use crate::model::{Carry, GistModel};
 use crate::segment::SegmentConfig;
 use crate::state::GistState;
 use anyhow::{bail, Context};
@@ -17,8 +24,16 @@ use codec::Precision;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Format version of metadata and text records.
-pub const RECORD_VERSION: u16 = 1;
+/// Format version of metadata and text records (2: chunked states, parts, carry).
+pub const RECORD_VERSION: u16 = 2;
+
+/// Where a document part came from (a Kafka message), for tracing and replays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
 
 /// What is known about a stored document without decoding its state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +41,10 @@ pub struct DocMeta {
     pub id: String,
     /// Caller's version of the document (a later version replaces an earlier one).
     pub version: u64,
+    /// Parts of this version stored so far (parts are numbered from 0).
+    pub parts: u32,
+    /// Whether the last part arrived: the document is whole and takes no more parts.
+    pub complete: bool,
     /// Regular tokens, BOS included.
     pub tokens: u64,
     pub sentences: u64,
@@ -35,10 +54,96 @@ pub struct DocMeta {
     pub num_gists: usize,
     pub segmentation: SegmentConfig,
     pub precision: Precision,
+    /// Rows per layer of the stored state, and the chunks holding them.
+    pub state_rows: u64,
+    pub state_chunks: u32,
     pub state_bytes: u64,
     pub text_bytes: u64,
+    /// Text after the last complete sentence, held until the next part (empty once
+    /// complete).
+    pub carry: Carry,
+    /// The message of the last part stored, when it came from Kafka.
+    pub source: Option<SourceOffset>,
+    /// The producer's metadata of the document, as given.
+    #[serde(default)]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
+}
+
+/// What to do with part `part` of version `version` of a document, given what is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartAction {
+    /// Store it (a new document, a newer version, or the next part).
+    Apply,
+    /// Already stored (a redelivery): nothing to do.
+    Duplicate,
+    /// An older version than the stored one: nothing to do.
+    Stale { stored: u64 },
+    /// A gap: an earlier part is missing.
+    OutOfOrder { expected: u32 },
+    /// The stored version is complete and takes no more parts.
+    AfterLast { parts: u32 },
+}
+
+impl PartAction {
+    /// The action for a part, given the stored metadata.
+    pub fn plan(stored: Option<&DocMeta>, version: u64, part: u32) -> Self {
+        let Some(m) = stored else {
+            return if part == 0 {
+                PartAction::Apply
+            } else {
+                PartAction::OutOfOrder { expected: 0 }
+            };
+        };
+        if version < m.version {
+            return PartAction::Stale { stored: m.version };
+        }
+        if version > m.version {
+            return if part == 0 {
+                PartAction::Apply
+            } else {
+                PartAction::OutOfOrder { expected: 0 }
+            };
+        }
+        if part < m.parts {
+            PartAction::Duplicate
+        } else if m.complete {
+            PartAction::AfterLast { parts: m.parts }
+        } else if part == m.parts {
+            PartAction::Apply
+        } else {
+            PartAction::OutOfOrder { expected: m.parts }
+        }
+    }
+}
+
+/// One change to a document: part `part` of version `version`, with the state after it.
+pub struct Update<'a> {
+    pub id: &'a str,
+    pub version: u64,
+    pub part: u32,
+    /// This part is the last one.
+    pub last: bool,
+    /// The part's text.
+    pub text: &'a str,
+    /// The document's state after this part (built on the stored state for part > 0).
+    pub state: &'a GistState,
+    /// The encoder's carry after this part.
+    pub carry: Carry,
+    /// Storage precision (a later part keeps the document's first one).
+    pub precision: Precision,
+    pub source: Option<SourceOffset>,
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The key of chunk or part `n` of document `id`.
+fn chunk_key(id: &str, n: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 5);
+    k.extend_from_slice(id.as_bytes());
+    k.push(0xFF);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
 }
 
 /// A sealed record: version, CRC32 of the payload, payload.
@@ -97,8 +202,9 @@ impl Store {
         })
     }
 
-    /// Stores (or replaces) a document: metadata, state and text in one transaction,
-    /// durable when this returns.
+    /// Stores a whole document as version `version` (one part, complete), replacing
+    /// whatever is stored under its id, whatever its version: an explicit overwrite, unlike
+    /// [`Store::apply`], which keeps versions and parts in order.
     pub fn put(
         &self,
         id: &str,
@@ -108,39 +214,122 @@ impl Store {
         text: &str,
         precision: Precision,
     ) -> anyhow::Result<DocMeta> {
-        use sled::transaction::{ConflictableTransactionError, Transactional};
+        self.write(
+            model,
+            true,
+            &Update {
+                id,
+                version,
+                part: 0,
+                last: true,
+                text,
+                state,
+                carry: Carry::default(),
+                precision,
+                source: None,
+                attributes: Default::default(),
+            },
+        )
+    }
+
+    /// Stores one part of a document in one durable transaction: part 0 of a version
+    /// replaces whatever was stored, a later part appends a state chunk and a text record.
+    /// Refuses an update that [`PartAction::plan`] would not apply (checked inside the
+    /// transaction, so two writers cannot interleave parts).
+    pub fn apply(&self, model: &GistModel, u: &Update<'_>) -> anyhow::Result<DocMeta> {
+        self.write(model, false, u)
+    }
+
+    /// `apply`, or with `overwrite` a replacement by a whole document.
+    fn write(&self, model: &GistModel, overwrite: bool, u: &Update<'_>) -> anyhow::Result<DocMeta> {
+        use sled::transaction::{abort, ConflictableTransactionError, Transactional};
+        let id = u.id;
         if id.is_empty() {
             bail!("a document id cannot be empty");
         }
-        let record = codec::encode(state, precision)?;
-        let text_record = seal(&lz4_flex::compress_prepend_size(text.as_bytes()));
-        let created = self
-            .meta(id)
-            .ok()
-            .flatten()
-            .map_or_else(now_ms, |m| m.created_unix_ms);
+        let stored_bytes = self.meta.get(id.as_bytes())?;
+        let stored = match &stored_bytes {
+            Some(b) => Some(parse_meta(b, id)?),
+            None => None,
+        };
+        match PartAction::plan(stored.as_ref(), u.version, u.part) {
+            _ if overwrite && u.part == 0 => {}
+            PartAction::Apply => {}
+            other => bail!(
+                "document {id:?} version {} part {}: not applicable ({other:?})",
+                u.version,
+                u.part
+            ),
+        }
+        let base = stored.as_ref().filter(|_| u.part > 0);
+        let (first_row, chunk, precision) = match base {
+            Some(m) => (m.state_rows as usize, m.state_chunks, m.precision),
+            None => (0, 0, u.precision),
+        };
+        let rows = u.state.kv_len();
+        if rows < first_row {
+            bail!("document {id:?}: the new state ({rows} rows) is shorter than the stored one ({first_row} rows)");
+        }
+        // A part that closed no sentence changes the carry only.
+        let record = (rows > first_row || chunk == 0)
+            .then(|| codec::encode_rows(u.state, precision, first_row))
+            .transpose()?;
+        let text_record = seal(&lz4_flex::compress_prepend_size(u.text.as_bytes()));
+        let now = now_ms();
         let meta = DocMeta {
             id: id.to_string(),
-            version,
-            tokens: state.regular_tokens,
-            sentences: state.sentences,
-            gist_tokens: state.gist_tokens,
-            fingerprint: format!("{:016x}", state.fingerprint),
+            version: u.version,
+            parts: u.part + 1,
+            complete: u.last,
+            tokens: u.state.regular_tokens,
+            sentences: u.state.sentences,
+            gist_tokens: u.state.gist_tokens,
+            fingerprint: format!("{:016x}", u.state.fingerprint),
             num_gists: model.gist.num_gist_tokens,
             segmentation: model.gist.segmentation.clone(),
             precision,
-            state_bytes: record.len() as u64,
-            text_bytes: text.len() as u64,
-            created_unix_ms: created,
-            updated_unix_ms: now_ms(),
+            state_rows: rows as u64,
+            state_chunks: chunk + u32::from(record.is_some()),
+            state_bytes: base.map_or(0, |m| m.state_bytes)
+                + record.as_ref().map_or(0, |r| r.len() as u64),
+            text_bytes: base.map_or(0, |m| m.text_bytes) + u.text.len() as u64,
+            carry: if u.last {
+                Carry::default()
+            } else {
+                u.carry.clone()
+            },
+            source: u.source.clone(),
+            attributes: if u.part == 0 {
+                u.attributes.clone()
+            } else {
+                base.map(|m| m.attributes.clone()).unwrap_or_default()
+            },
+            created_unix_ms: stored.as_ref().map_or(now, |m| m.created_unix_ms),
+            updated_unix_ms: now,
         };
         let meta_record = seal(&serde_json::to_vec(&meta)?);
+        // A replacement drops every chunk and part of the old version.
+        let (old_chunks, old_parts) = match (&stored, base) {
+            (Some(m), None) => (m.state_chunks, m.parts),
+            _ => (0, 0),
+        };
         (&self.meta, &self.states, &self.texts)
             .transaction(|(m, s, t)| {
+                if m.get(id.as_bytes())?.as_deref() != stored_bytes.as_deref() {
+                    return abort("changed by another writer meanwhile");
+                }
+                for n in 0..old_chunks {
+                    s.remove(chunk_key(id, n))?;
+                }
+                for n in 0..old_parts {
+                    t.remove(chunk_key(id, n))?;
+                }
                 m.insert(id.as_bytes(), meta_record.as_slice())?;
-                s.insert(id.as_bytes(), record.as_slice())?;
-                t.insert(id.as_bytes(), text_record.as_slice())?;
-                Ok::<(), ConflictableTransactionError<()>>(())
+                if let Some(r) = &record {
+                    s.insert(chunk_key(id, chunk), r.as_slice())?;
+                }
+                t.insert(chunk_key(id, u.part), text_record.as_slice())?;
+                Ok::<(), ConflictableTransactionError<&str>>(())
             })
             .map_err(|e| anyhow::anyhow!("storing document {id:?}: {e:?}"))?;
         self.db.flush().context("flushing the store")?;
@@ -152,23 +341,24 @@ impl Store {
         let Some(bytes) = self.meta.get(id.as_bytes())? else {
             return Ok(None);
         };
-        let payload = unseal(&bytes, "metadata", id)?;
-        Ok(Some(serde_json::from_slice(payload).with_context(
-            || format!("reading the metadata of {id:?}"),
-        )?))
+        Ok(Some(parse_meta(&bytes, id)?))
     }
 
-    /// The state of a document, checked against `model` (fingerprint) and its record
-    /// (format, checksum).
+    /// The state of a document, checked against `model` (fingerprint) and its records
+    /// (format, checksums, chunk order).
     pub fn load(&self, id: &str, model: &GistModel) -> anyhow::Result<(DocMeta, GistState)> {
         let meta = self
             .meta(id)?
             .with_context(|| format!("no document {id:?} in the store"))?;
-        let bytes = self
-            .states
-            .get(id.as_bytes())?
-            .with_context(|| format!("document {id:?} has metadata but no state"))?;
-        let state = codec::decode(&bytes, model.llama.device(), model.llama.dtype())
+        let chunks = (0..meta.state_chunks)
+            .map(|n| {
+                self.states
+                    .get(chunk_key(id, n))?
+                    .with_context(|| format!("document {id:?} lacks state chunk {n}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
+        let state = codec::decode_chunks(&refs, model.llama.device(), model.llama.dtype())
             .with_context(|| format!("reading the state of {id:?}"))?;
         if state.fingerprint != model.fingerprint {
             bail!(
@@ -180,15 +370,39 @@ impl Store {
         Ok((meta, state))
     }
 
-    /// The raw text of a document.
+    /// Checks every state chunk of a document (format, checksum) without decoding it.
+    pub fn check(&self, id: &str) -> anyhow::Result<DocMeta> {
+        let meta = self
+            .meta(id)?
+            .with_context(|| format!("no document {id:?} in the store"))?;
+        for n in 0..meta.state_chunks {
+            let bytes = self
+                .states
+                .get(chunk_key(id, n))?
+                .with_context(|| format!("document {id:?} lacks state chunk {n}"))?;
+            codec::check(&bytes)
+                .with_context(|| format!("checking chunk {n} of the state of {id:?}"))?;
+        }
+        Ok(meta)
+    }
+
+    /// The raw text of a document (its parts, joined).
     pub fn text(&self, id: &str) -> anyhow::Result<String> {
-        let bytes = self
-            .texts
-            .get(id.as_bytes())?
-            .with_context(|| format!("no text stored for {id:?}"))?;
-        let payload = unseal(&bytes, "text", id)?;
-        let raw = lz4_flex::decompress_size_prepended(payload)
-            .with_context(|| format!("decompressing the text of {id:?}"))?;
+        let meta = self
+            .meta(id)?
+            .with_context(|| format!("no document {id:?} in the store"))?;
+        let mut raw = Vec::with_capacity(meta.text_bytes as usize);
+        for n in 0..meta.parts {
+            let bytes = self
+                .texts
+                .get(chunk_key(id, n))?
+                .with_context(|| format!("no text stored for part {n} of {id:?}"))?;
+            let payload = unseal(&bytes, "text", id)?;
+            raw.extend(
+                lz4_flex::decompress_size_prepended(payload)
+                    .with_context(|| format!("decompressing the text of {id:?}"))?,
+            );
+        }
         String::from_utf8(raw).with_context(|| format!("the text of {id:?} is not UTF-8"))
     }
 
@@ -209,24 +423,85 @@ impl Store {
             .collect()
     }
 
-    /// Raw access for tests and repair tools: (tree name, id) -> bytes.
-    pub fn raw(&self, tree: &str, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self.tree(tree)?.get(id.as_bytes())?.map(|v| v.to_vec()))
+    /// Raw access for tests and repair tools: record `n` (chunk or part; ignored for
+    /// `meta`) of document `id` in tree `tree`.
+    pub fn raw(&self, tree: &str, id: &str, n: u32) -> anyhow::Result<Option<Vec<u8>>> {
+        let (tree, key) = self.key(tree, id, n)?;
+        Ok(tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    fn tree(&self, name: &str) -> anyhow::Result<&sled::Tree> {
+    fn key(&self, name: &str, id: &str, n: u32) -> anyhow::Result<(&sled::Tree, Vec<u8>)> {
         Ok(match name {
-            "meta" => &self.meta,
-            "states" => &self.states,
-            "texts" => &self.texts,
+            "meta" => (&self.meta, id.as_bytes().to_vec()),
+            "states" => (&self.states, chunk_key(id, n)),
+            "texts" => (&self.texts, chunk_key(id, n)),
             _ => bail!("no tree {name:?} (meta, states, texts)"),
         })
     }
 
     /// Overwrites a raw record (tests use it to damage one).
-    pub fn put_raw(&self, tree: &str, id: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        self.tree(tree)?.insert(id.as_bytes(), bytes)?;
+    pub fn put_raw(&self, tree: &str, id: &str, n: u32, bytes: &[u8]) -> anyhow::Result<()> {
+        let (tree, key) = self.key(tree, id, n)?;
+        tree.insert(key, bytes)?;
         self.db.flush()?;
         Ok(())
+    }
+}
+
+fn parse_meta(bytes: &[u8], id: &str) -> anyhow::Result<DocMeta> {
+    let payload = unseal(bytes, "metadata", id)?;
+    serde_json::from_slice(payload).with_context(|| format!("reading the metadata of {id:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(version: u64, parts: u32, complete: bool) -> DocMeta {
+        DocMeta {
+            id: "d".into(),
+            version,
+            parts,
+            complete,
+            tokens: 0,
+            sentences: 0,
+            gist_tokens: 0,
+            fingerprint: String::new(),
+            num_gists: 1,
+            segmentation: SegmentConfig::default(),
+            precision: Precision::F32,
+            state_rows: 0,
+            state_chunks: 0,
+            state_bytes: 0,
+            text_bytes: 0,
+            carry: Carry::default(),
+            source: None,
+            attributes: Default::default(),
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn parts_are_planned_in_order_and_redeliveries_skipped() {
+        use PartAction::*;
+        assert_eq!(PartAction::plan(None, 1, 0), Apply);
+        assert_eq!(PartAction::plan(None, 1, 2), OutOfOrder { expected: 0 });
+        let open = meta(3, 2, false);
+        assert_eq!(PartAction::plan(Some(&open), 3, 2), Apply);
+        assert_eq!(PartAction::plan(Some(&open), 3, 1), Duplicate);
+        assert_eq!(
+            PartAction::plan(Some(&open), 3, 4),
+            OutOfOrder { expected: 2 }
+        );
+        assert_eq!(PartAction::plan(Some(&open), 2, 0), Stale { stored: 3 });
+        assert_eq!(PartAction::plan(Some(&open), 4, 0), Apply);
+        assert_eq!(
+            PartAction::plan(Some(&open), 4, 1),
+            OutOfOrder { expected: 0 }
+        );
+        let done = meta(3, 2, true);
+        assert_eq!(PartAction::plan(Some(&done), 3, 1), Duplicate);
+        assert_eq!(PartAction::plan(Some(&done), 3, 2), AfterLast { parts: 2 });
     }
 }
