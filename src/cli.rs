@@ -43,6 +43,9 @@ pub enum Command {
     Docs(DocsArgs),
     /// Show one stored document's metadata (JSON), checking its state record.
     Inspect(InspectArgs),
+    /// Serve a store over the local HTTP API without ingesting (a query node): `query`,
+    /// `docs` and `inspect` on the same store go through it while it runs.
+    Api(ApiArgs),
 }
 
 #[derive(Debug, Args)]
@@ -191,7 +194,7 @@ pub struct ModelArgs {
     /// HF-format model directory: config.json, model.safetensors (or a sharded index),
     /// tokenizer.json, and gist.json for a gist checkpoint.
     #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -217,8 +220,11 @@ impl ModelArgs {
             num_gists: self.num_gists,
             ..LoadOptions::default()
         };
-        GistModel::load(&self.model, &self.device()?, self.dtype()?, &opts)
-            .with_context(|| format!("loading model {}", self.model.display()))
+        let Some(dir) = &self.model else {
+            bail!("no model: give --model DIR");
+        };
+        GistModel::load(dir, &self.device()?, self.dtype()?, &opts)
+            .with_context(|| format!("loading model {}", dir.display()))
     }
 }
 
@@ -283,7 +289,8 @@ pub struct CompressArgs {
 pub struct QueryArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The sled store.
+    /// The sled store (when a process serves it, the query goes through its API and its
+    /// model answers; --model is then not needed).
     #[arg(long, value_name = "DIR")]
     pub store: PathBuf,
     /// Document id.
@@ -309,6 +316,18 @@ pub struct QueryArgs {
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The sled store to serve.
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    /// Address to listen on (port 0: any free port; the address goes to DIR/api.json).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
 }
 
 #[derive(Debug, Args)]
@@ -340,6 +359,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Query(args) => run_query(args),
         Command::Docs(args) => run_docs(args),
         Command::Inspect(args) => run_inspect(args),
+        Command::Api(args) => run_api(args),
     }
 }
 
@@ -348,23 +368,49 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
     if args.score.is_none() && args.question.as_deref().is_none_or(|q| q.trim().is_empty()) {
         bail!("the question is empty: give a question, or --score TEXT");
     }
+    let mut out = std::io::stdout().lock();
+    let json = args.json;
+    if let Some(client) = crate::api::Client::discover(&args.store) {
+        let req = crate::api::QueryRequest {
+            doc: args.doc.clone(),
+            question: args.question.clone(),
+            score: args.score.clone(),
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        };
+        let via = || {
+            format!(
+                "asking the process serving {} ({})",
+                args.store.display(),
+                client.address()
+            )
+        };
+        if args.score.is_some() {
+            let s = client.score(&req).with_context(via)?;
+            return print_score(&mut out, &s, json);
+        }
+        let mut write_err = None;
+        let a = client
+            .ask(&req, |piece| {
+                if !json && write_err.is_none() {
+                    write_err = write!(out, "{piece}").and_then(|_| out.flush()).err();
+                }
+            })
+            .with_context(via)?;
+        if let Some(e) = write_err {
+            return Err(e.into());
+        }
+        return print_answer_end(&mut out, &args.doc, &a, json);
+    }
     let model = args.model.load()?;
     let store = crate::store::Store::open(&args.store)?;
     let (_, state) = store.load(&args.doc, &model)?;
     drop(store);
-    let mut out = std::io::stdout().lock();
     if let Some(text) = &args.score {
         let s = score(&model, state, args.question.as_deref(), text)?;
-        if args.json {
-            writeln!(out, "{}", serde_json::to_string(&s)?)?;
-        } else {
-            writeln!(
-                out,
-                "{} tokens, log-likelihood {:.3}, perplexity {:.3}",
-                s.tokens, s.logprob, s.perplexity
-            )?;
-        }
-        return Ok(());
+        return print_score(&mut out, &s, json);
     }
     let sampling = Sampling {
         max_tokens: args.max_tokens,
@@ -373,7 +419,6 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     let question = args.question.as_deref().unwrap_or_default();
-    let json = args.json;
     let mut write_err = None;
     let a = answer(&model, state, question, &sampling, |piece| {
         if !json && write_err.is_none() {
@@ -383,8 +428,31 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
     if let Some(e) = write_err {
         return Err(e.into());
     }
+    print_answer_end(&mut out, &args.doc, &a, json)
+}
+
+fn print_score(out: &mut impl Write, s: &crate::query::Score, json: bool) -> anyhow::Result<()> {
     if json {
-        let v = serde_json::json!({"doc": args.doc, "answer": a.text, "tokens": a.tokens,
+        writeln!(out, "{}", serde_json::to_string(s)?)?;
+    } else {
+        writeln!(
+            out,
+            "{} tokens, log-likelihood {:.3}, perplexity {:.3}",
+            s.tokens, s.logprob, s.perplexity
+        )?;
+    }
+    Ok(())
+}
+
+/// After a streamed answer: a newline, or with --json the whole answer as one object.
+fn print_answer_end(
+    out: &mut impl Write,
+    doc: &str,
+    a: &crate::query::Answer,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let v = serde_json::json!({"doc": doc, "answer": a.text, "tokens": a.tokens,
             "time_to_first_token_ms": a.time_to_first_token_ms, "seconds": a.seconds});
         writeln!(out, "{v}")?;
     } else {
@@ -393,11 +461,59 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
+fn run_api(args: ApiArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
     let store = crate::store::Store::open(&args.store)?;
+    let svc = std::sync::Arc::new(crate::api::Service {
+        store,
+        model,
+        metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
+        started: std::time::Instant::now(),
+    });
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(crate::api::serve(
+        svc,
+        &args.store,
+        &args.listen,
+        shutdown_signal(),
+        |addr| {
+            eprintln!(
+                "giststream: serving {} on http://{addr}",
+                args.store.display()
+            )
+        },
+    ))
+}
+
+/// Resolves at SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
+    let entries: Vec<Result<crate::store::DocMeta, String>> =
+        match crate::api::Client::discover(&args.store) {
+            Some(client) => {
+                let list = client.docs()?;
+                let ok = list.documents.into_iter().map(Ok);
+                ok.chain(list.damaged.into_iter().map(Err)).collect()
+            }
+            None => crate::store::Store::open(&args.store)?.list(),
+        };
     let mut out = std::io::stdout().lock();
     let mut damaged = 0;
-    for entry in store.list() {
+    for entry in entries {
         match entry {
             Ok(m) if args.json => writeln!(out, "{}", serde_json::to_string(&m)?)?,
             Ok(m) => writeln!(
@@ -423,10 +539,10 @@ fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let store = crate::store::Store::open(&args.store)?;
-    let meta = store
-        .check(&args.id)
-        .with_context(|| format!("in {}", args.store.display()))?;
+    let meta = match crate::api::Client::discover(&args.store) {
+        Some(client) => client.doc(&args.id)?,
+        None => crate::store::Store::open(&args.store)?.check(&args.id)?,
+    };
     println!("{}", serde_json::to_string_pretty(&meta)?);
     Ok(())
 }

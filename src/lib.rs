@@ -15,14 +15,18 @@
 //! - [`query`] answers questions from a stored state;
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
 //! - [`compress`] drives whole documents through the incremental path;
+//! - [`api`] serves a store over local HTTP (with [`metrics`]) and is the CLI's client of
+//!   a running process;
 //! - [`bench`] measures the paths; [`cli`] is the command line.
 //!
 //! [`tiny`] writes small random models for tests and benchmarks.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod compress;
 pub mod eval;
+pub mod metrics;
 pub mod model;
 pub mod parallel;
 pub mod query;

@@ -11,7 +11,7 @@ use crate::state::{advance, Chunk, GistState};
 use anyhow::{ensure, Context};
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::LogitsProcessor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How to pick tokens.
 #[derive(Debug, Clone)]
@@ -24,12 +24,13 @@ pub struct Sampling {
 }
 
 /// An answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Answer {
     pub text: String,
     pub tokens: usize,
-    /// From the start of the query to the first answer token.
-    pub time_to_first_token_ms: f64,
+    /// From the start of the query to the first answer token (none if the model ended at
+    /// once).
+    pub time_to_first_token_ms: Option<f64>,
     pub seconds: f64,
 }
 
@@ -121,13 +122,13 @@ pub fn answer(
     Ok(Answer {
         text,
         tokens: ids.len(),
-        time_to_first_token_ms: ttft.unwrap_or(f64::NAN),
+        time_to_first_token_ms: ttft,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
 /// The log-likelihood of a continuation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Score {
     pub tokens: usize,
     /// Sum of natural-log probabilities.

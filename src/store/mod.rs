@@ -137,6 +137,20 @@ pub struct Update<'a> {
     pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Refusals a caller may want to tell apart (the HTTP API maps them to statuses); they
+/// travel inside `anyhow::Error` and are found with `downcast_ref`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no document {0:?} in the store")]
+    NotFound(String),
+    #[error("document {id:?} was compressed by another model (fingerprint {stored}); this model is {model}: re-index it")]
+    OtherModel {
+        id: String,
+        stored: String,
+        model: String,
+    },
+}
+
 /// The key of chunk or part `n` of document `id`.
 fn chunk_key(id: &str, n: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 5);
@@ -349,7 +363,7 @@ impl Store {
     pub fn load(&self, id: &str, model: &GistModel) -> anyhow::Result<(DocMeta, GistState)> {
         let meta = self
             .meta(id)?
-            .with_context(|| format!("no document {id:?} in the store"))?;
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         let chunks = (0..meta.state_chunks)
             .map(|n| {
                 self.states
@@ -361,11 +375,12 @@ impl Store {
         let state = codec::decode_chunks(&refs, model.llama.device(), model.llama.dtype())
             .with_context(|| format!("reading the state of {id:?}"))?;
         if state.fingerprint != model.fingerprint {
-            bail!(
-                "document {id:?} was compressed by another model (fingerprint {:016x}); this model is {:016x}: re-index it",
-                state.fingerprint,
-                model.fingerprint
-            );
+            return Err(StoreError::OtherModel {
+                id: id.to_string(),
+                stored: format!("{:016x}", state.fingerprint),
+                model: format!("{:016x}", model.fingerprint),
+            }
+            .into());
         }
         Ok((meta, state))
     }
@@ -374,7 +389,7 @@ impl Store {
     pub fn check(&self, id: &str) -> anyhow::Result<DocMeta> {
         let meta = self
             .meta(id)?
-            .with_context(|| format!("no document {id:?} in the store"))?;
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         for n in 0..meta.state_chunks {
             let bytes = self
                 .states
@@ -390,7 +405,7 @@ impl Store {
     pub fn text(&self, id: &str) -> anyhow::Result<String> {
         let meta = self
             .meta(id)?
-            .with_context(|| format!("no document {id:?} in the store"))?;
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         let mut raw = Vec::with_capacity(meta.text_bytes as usize);
         for n in 0..meta.parts {
             let bytes = self
@@ -404,6 +419,15 @@ impl Store {
             );
         }
         String::from_utf8(raw).with_context(|| format!("the text of {id:?} is not UTF-8"))
+    }
+
+    /// Documents stored.
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
     }
 
     /// Every document's metadata, in id order. A damaged record is reported as an error
