@@ -80,6 +80,13 @@ pub struct QueryRequest {
     pub top_p: Option<f64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Wrap the question in the model's chat template, when it has one.
+    #[serde(default = "default_chat_template")]
+    pub chat_template: bool,
+}
+
+fn default_chat_template() -> bool {
+    true
 }
 
 fn default_max_tokens() -> usize {
@@ -205,8 +212,16 @@ async fn run_query(svc: Arc<Service>, req: QueryRequest) -> Result<Response, Api
     let (_, state) = blocking(move || loader.store.load(&doc, &loader.model)).await?;
     if let Some(text) = req.score.clone() {
         let s = svc.clone();
-        let r: Score =
-            blocking(move || score(&s.model, state, req.question.as_deref(), &text)).await?;
+        let r: Score = blocking(move || {
+            score(
+                &s.model,
+                state,
+                req.question.as_deref(),
+                req.chat_template,
+                &text,
+            )
+        })
+        .await?;
         return Ok(Json(r).into_response());
     }
     // The answer streams as JSON lines while the model generates it on a blocking thread.
@@ -216,6 +231,7 @@ async fn run_query(svc: Arc<Service>, req: QueryRequest) -> Result<Response, Api
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
+        chat_template: req.chat_template,
     };
     let question = req.question.unwrap_or_default();
     tokio::task::spawn_blocking(move || {

@@ -185,7 +185,7 @@ pub fn measure(
         }
         Path::TtftGist | Path::TtftFull => {
             let question = "Where did it happen, and who was there?";
-            let q = crate::query::question_tokens(&model, question)?;
+            let q = crate::query::question_tokens(&model, question, true)?;
             if path == Path::TtftGist {
                 // The stored record, as the store would hand it over.
                 let input = vec![Document {
@@ -203,6 +203,7 @@ pub fn measure(
                     temperature: 0.0,
                     top_p: None,
                     seed: 1,
+                    chat_template: true,
                 };
                 crate::query::answer(&model, state, question, &sampling, |_| {})?;
             } else {

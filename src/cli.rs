@@ -316,6 +316,9 @@ pub struct QueryArgs {
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
+    /// Send the question as plain text even when the model has a chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
 }
 
 #[derive(Debug, Args)]
@@ -379,6 +382,7 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
             temperature: args.temperature,
             top_p: args.top_p,
             seed: args.seed,
+            chat_template: !args.no_chat_template,
         };
         let via = || {
             format!(
@@ -409,7 +413,13 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
     let (_, state) = store.load(&args.doc, &model)?;
     drop(store);
     if let Some(text) = &args.score {
-        let s = score(&model, state, args.question.as_deref(), text)?;
+        let s = score(
+            &model,
+            state,
+            args.question.as_deref(),
+            !args.no_chat_template,
+            text,
+        )?;
         return print_score(&mut out, &s, json);
     }
     let sampling = Sampling {
@@ -417,6 +427,7 @@ fn run_query(args: QueryArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
+        chat_template: !args.no_chat_template,
     };
     let question = args.question.as_deref().unwrap_or_default();
     let mut write_err = None;

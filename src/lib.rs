@@ -12,7 +12,8 @@
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
 //! - [`store`] turns states into versioned, checksummed records in sled;
 //! - [`update`] applies documents that arrive in parts, appending to their stored states;
-//! - [`query`] answers questions from a stored state;
+//! - [`query`] answers questions from a stored state (wrapped by the model's [`chat`]
+//!   template when it has one);
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
 //! - [`compress`] drives whole documents through the incremental path;
 //! - [`api`] serves a store over local HTTP (with [`metrics`]) and is the CLI's client of
@@ -23,6 +24,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod compress;
 pub mod eval;

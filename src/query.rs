@@ -21,6 +21,8 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub seed: u64,
+    /// Wrap the question in the model's chat template, when it has one.
+    pub chat_template: bool,
 }
 
 /// An answer.
@@ -68,11 +70,21 @@ fn close(model: &GistModel, state: &mut GistState) -> anyhow::Result<Tensor> {
     Ok(logits.get(logits.dim(0)? - 1)?)
 }
 
-/// The question's tokens: a paragraph break, then the question (the document's last
-/// sentence is closed; the question starts a new paragraph as in the training text).
-pub fn question_tokens(model: &GistModel, question: &str) -> anyhow::Result<Vec<u32>> {
+/// The question's tokens: rendered by the model's chat template when it has one and
+/// `chat_template` asks for it; otherwise a paragraph break, then the question (the
+/// document's last sentence is closed; the question starts a new paragraph as in the
+/// training text).
+pub fn question_tokens(
+    model: &GistModel,
+    question: &str,
+    chat_template: bool,
+) -> anyhow::Result<Vec<u32>> {
     ensure!(!question.trim().is_empty(), "the question is empty");
-    let (ids, _) = model.tokenizer.encode(&format!("\n\n{question}"))?;
+    let text = match &model.chat_template {
+        Some(t) if chat_template => t.render_question(question)?,
+        _ => format!("\n\n{question}"),
+    };
+    let (ids, _) = model.tokenizer.encode(&text)?;
     Ok(ids)
 }
 
@@ -85,7 +97,7 @@ pub fn answer(
     mut on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
     let started = std::time::Instant::now();
-    let q = question_tokens(model, question)?;
+    let q = question_tokens(model, question, sampling.chat_template)?;
     let mut logits = feed(model, &mut state, &q)?;
     let temperature = (sampling.temperature > 0.0).then_some(sampling.temperature);
     let mut processor = LogitsProcessor::new(sampling.seed, temperature, sampling.top_p);
@@ -144,12 +156,17 @@ pub fn score(
     model: &GistModel,
     mut state: GistState,
     question: Option<&str>,
+    chat_template: bool,
     text: &str,
 ) -> anyhow::Result<Score> {
     let (ids, _) = model.tokenizer.encode(text)?;
     ensure!(!ids.is_empty(), "the text to score is empty");
     let first = match question {
-        Some(q) => Some(feed(model, &mut state, &question_tokens(model, q)?)?),
+        Some(q) => Some(feed(
+            model,
+            &mut state,
+            &question_tokens(model, q, chat_template)?,
+        )?),
         None => None,
     };
     let rows = advance(

@@ -4,7 +4,7 @@
 mod common;
 
 use giststream::compress::{compress, Document};
-use giststream::query::{answer, score, Sampling};
+use giststream::query::{answer, question_tokens, score, Sampling};
 use giststream::store::codec::Precision;
 use giststream::store::Store;
 use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
@@ -16,6 +16,7 @@ fn greedy(max_tokens: usize) -> Sampling {
         temperature: 0.0,
         top_p: None,
         seed: 1,
+        chat_template: true,
     }
 }
 
@@ -47,10 +48,10 @@ fn a_resumed_query_equals_the_in_process_one() {
     .unwrap();
     assert_eq!(streamed, c.text, "the streamed pieces add up to the answer");
 
-    let s1 = score(&model, state.clone(), Some(q), "The old garden.").unwrap();
-    let s2 = score(&model, loaded.clone(), Some(q), "The old garden.").unwrap();
+    let s1 = score(&model, state.clone(), Some(q), true, "The old garden.").unwrap();
+    let s2 = score(&model, loaded.clone(), Some(q), true, "The old garden.").unwrap();
     assert_eq!(s1.logprob, s2.logprob);
-    let s3 = score(&model, loaded, None, "The old garden.").unwrap();
+    let s3 = score(&model, loaded, None, true, "The old garden.").unwrap();
     assert_eq!(
         s3.tokens,
         s1.tokens - 1,
@@ -147,4 +148,26 @@ fn bad_queries_fail_clearly_and_change_nothing() {
     );
     let v: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
     assert!(v["tokens"].as_u64().unwrap() <= 5);
+}
+
+#[test]
+fn a_chat_template_in_the_model_directory_wraps_the_question() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &TinySpec::default()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content.strip() }}{% endfor %}{% if add_generation_prompt %} [assistant]{% endif %}"}"#,
+    )
+    .unwrap();
+    let model = common::load_model(dir.path());
+    let encode = |t: &str| model.tokenizer.encode(t).unwrap().0;
+    assert_eq!(
+        question_tokens(&model, " Who? ", true).unwrap(),
+        encode("[user] Who? [assistant]"),
+        "rendered, with the template's BOS dropped (the document has one)"
+    );
+    assert_eq!(
+        question_tokens(&model, " Who? ", false).unwrap(),
+        encode("\n\n Who? ")
+    );
 }

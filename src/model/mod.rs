@@ -43,6 +43,8 @@ pub struct GistModel {
     /// Hash of config, gist settings, tokenizer and weights (see [`fingerprint`]).
     pub fingerprint: u64,
     pub dir: PathBuf,
+    /// How questions are wrapped, when the checkpoint has a chat template.
+    pub chat_template: Option<crate::chat::ChatTemplate>,
 }
 
 impl GistModel {
@@ -121,6 +123,7 @@ impl GistModel {
             gist,
             fingerprint,
             dir: dir.to_path_buf(),
+            chat_template: crate::chat::ChatTemplate::from_dir(dir)?,
         })
     }
 
@@ -137,6 +140,7 @@ impl GistModel {
             gist,
             fingerprint,
             dir: PathBuf::new(),
+            chat_template: None,
         }
     }
 
