@@ -270,3 +270,91 @@ fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
         assert_eq!(&store.raw("states", &id, 0).unwrap().unwrap(), record);
     }
 }
+
+#[test]
+fn a_writer_killed_while_appending_parts_leaves_whole_parts_and_resumes() {
+    let (dir, model_dir, store_dir) = setup();
+    let model = common::load_model(&model_dir);
+    let versions: Vec<Vec<PathBuf>> = (1..=2).map(|v| write_docs(dir.path(), 16, v)).collect();
+    let expected: Vec<Vec<Vec<u8>>> = versions
+        .iter()
+        .map(|f| offline_records(&model, f))
+        .collect();
+    const PART: usize = 60;
+    let run = |v: u64| {
+        let mut c = compress_cmd(&model_dir, &store_dir, &versions[v as usize - 1], v);
+        c.args(["--part-bytes", &PART.to_string()]);
+        c
+    };
+    let started = std::time::Instant::now();
+    let first = run(1).output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let span = started.elapsed().as_millis() as u64;
+    let mut rng = SplitMix(0xface ^ span);
+    let mut kills = 0;
+    for round in 1..=10 {
+        let v = (round % 2 + 1) as u64;
+        let mut child = run(v).stdout(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(
+            rng.next_u64() % span.max(1),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        child.kill().ok(); // SIGKILL
+        child.wait().unwrap();
+        // Every document holds whole parts of one version: its text is exactly those
+        // parts, its state decodes to the rows its metadata names, and a complete one
+        // equals offline compression.
+        let store = Store::open(&store_dir).unwrap();
+        for i in 0..versions[0].len() {
+            let id = format!("doc{i:02}");
+            let meta = store.meta(&id).unwrap().unwrap();
+            let vi = meta.version as usize - 1;
+            let text = std::fs::read_to_string(&versions[vi][i]).unwrap();
+            let parts = giststream::update::split_parts(&text, PART);
+            let stored_text = store.text(&id).unwrap();
+            assert_eq!(
+                stored_text,
+                parts[..meta.parts as usize].concat(),
+                "{id} v{}: {} parts",
+                meta.version,
+                meta.parts
+            );
+            let (_, state) = store.load(&id, &model).unwrap();
+            assert_eq!(state.kv_len() as u64, meta.state_rows, "{id}");
+            assert_eq!(meta.complete, meta.parts as usize == parts.len());
+            if meta.complete {
+                assert_eq!(
+                    encode(&state, Precision::F32).unwrap(),
+                    expected[vi][i],
+                    "{id} v{}",
+                    meta.version
+                );
+            }
+        }
+    }
+    assert!(
+        kills >= 3,
+        "only {kills} runs were killed before they finished"
+    );
+    // Run to the end: what was stored is skipped, the rest appended, and every document
+    // ends equal to compressing its version-2 text whole.
+    let last = run(2).output().unwrap();
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    let store = Store::open(&store_dir).unwrap();
+    for (i, record) in expected[1].iter().enumerate() {
+        let id = format!("doc{i:02}");
+        let (meta, state) = store.load(&id, &model).unwrap();
+        assert!(meta.version == 2 && meta.complete, "{meta:?}");
+        assert_eq!(&encode(&state, Precision::F32).unwrap(), record, "{id}");
+    }
+}
