@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,6 +36,10 @@ pub struct Endpoint {
     /// `host:port` on loopback.
     pub address: String,
     pub pid: u32,
+    /// Bootstrap address of the embedded Kafka broker, when the process runs one (so
+    /// `produce` can find it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_bootstrap: Option<String>,
 }
 
 /// Everything the handlers share.
@@ -286,6 +290,7 @@ pub async fn serve(
     svc: Arc<Service>,
     store_dir: &Path,
     listen: &str,
+    kafka_bootstrap: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(&str),
 ) -> anyhow::Result<()> {
@@ -300,6 +305,7 @@ pub async fn serve(
         &Endpoint {
             address: address.clone(),
             pid: std::process::id(),
+            kafka_bootstrap,
         },
     )?;
     on_ready(&address);
@@ -331,8 +337,7 @@ type Reply = (StatusCode, Vec<u8>);
 impl Client {
     /// The API of the process holding `store_dir`, if one is running and answers.
     pub fn discover(store_dir: &Path) -> Option<Client> {
-        let bytes = std::fs::read(store_dir.join(ENDPOINT_FILE)).ok()?;
-        let endpoint: Endpoint = serde_json::from_slice(&bytes).ok()?;
+        let endpoint = read_endpoint(store_dir)?;
         let client = Client {
             address: endpoint.address,
             rt: tokio::runtime::Builder::new_current_thread()
@@ -493,9 +498,10 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// The endpoint file of a store directory.
-pub fn endpoint_path(store_dir: &Path) -> PathBuf {
-    store_dir.join(ENDPOINT_FILE)
+/// The endpoint a running process announced in `store_dir`, if any (not checked).
+pub fn read_endpoint(store_dir: &Path) -> Option<Endpoint> {
+    let bytes = std::fs::read(store_dir.join(ENDPOINT_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 #[cfg(test)]

@@ -46,6 +46,19 @@ pub enum Command {
     /// Serve a store over the local HTTP API without ingesting (a query node): `query`,
     /// `docs` and `inspect` on the same store go through it while it runs.
     Api(ApiArgs),
+    /// Consume document messages from Kafka into the store, as a pipeline file says
+    /// (broker, topics, group, model, store, batching); serves the local HTTP API too.
+    /// With no brokers configured it starts the embedded broker and prints its address.
+    Serve(ServeArgs),
+    /// Send files, folders of .txt files, or JSON lines from stdin to Kafka as document
+    /// messages (large texts split into ordered parts).
+    Produce(ProduceArgs),
+    /// Rebuild a store from a pipeline's state topic, without running the model.
+    Restore(RestoreArgs),
+    /// The whole path on the embedded defaults: bundled texts produced to the embedded
+    /// broker, ingested by the project's model into a temporary store, then a stored state
+    /// resumed (a continuation, and the perplexity of a held-back passage).
+    Demo(DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -192,7 +205,8 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// HF-format model directory: config.json, model.safetensors (or a sharded index),
-    /// tokenizer.json, and gist.json for a gist checkpoint.
+    /// tokenizer.json, and gist.json for a gist checkpoint. Default: the project's own
+    /// model, embedded in the binary.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
@@ -220,10 +234,11 @@ impl ModelArgs {
             num_gists: self.num_gists,
             ..LoadOptions::default()
         };
-        let Some(dir) = &self.model else {
-            bail!("no model: give --model DIR");
+        let dir = match &self.model {
+            Some(d) => d.clone(),
+            None => crate::model::embedded::dir()?,
         };
-        GistModel::load(dir, &self.device()?, self.dtype()?, &opts)
+        GistModel::load(&dir, &self.device()?, self.dtype()?, &opts)
             .with_context(|| format!("loading model {}", dir.display()))
     }
 }
@@ -334,6 +349,61 @@ pub struct ApiArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Pipeline definition (TOML; see pipelines/local.toml).
+    #[arg(long, value_name = "FILE", default_value = "pipelines/local.toml")]
+    pub pipeline: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Files (one document each; the id is the file name without extension), folders
+    /// (their .txt files), or `-` for JSON lines of document messages on stdin (the
+    /// default with no paths).
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Pipeline whose brokers and topic to use.
+    #[arg(long, value_name = "FILE", default_value = "pipelines/local.toml")]
+    pub pipeline: PathBuf,
+    /// Bootstrap servers (default: the pipeline's, or the embedded broker of the `serve`
+    /// running on the pipeline's store).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Topic (default: the pipeline's).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Version of the documents sent from files.
+    #[arg(long, default_value_t = 1)]
+    pub doc_version: u64,
+    /// Largest part of a text in one message (bytes): larger texts go as ordered parts.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    pub part_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Pipeline whose brokers and state topic to read.
+    #[arg(long, value_name = "FILE", default_value = "pipelines/local.toml")]
+    pub pipeline: PathBuf,
+    /// Store to write (default: the pipeline's); it must not be in use.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Bootstrap servers (default: the pipeline's).
+    #[arg(long)]
+    pub brokers: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the store here instead of a temporary folder.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Model directory (default: the embedded model).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct DocsArgs {
     /// The sled store.
     #[arg(long, value_name = "DIR")]
@@ -363,6 +433,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Docs(args) => run_docs(args),
         Command::Inspect(args) => run_inspect(args),
         Command::Api(args) => run_api(args),
+        Command::Serve(args) => crate::serve::run_serve(args),
+        Command::Produce(args) => crate::produce::run(args),
+        Command::Restore(args) => crate::serve::run_restore(args),
+        Command::Demo(args) => crate::demo::run(args),
     }
 }
 
@@ -486,6 +560,7 @@ fn run_api(args: ApiArgs) -> anyhow::Result<()> {
         svc,
         &args.store,
         &args.listen,
+        None,
         shutdown_signal(),
         |addr| {
             eprintln!(
@@ -853,7 +928,7 @@ fn run_compress_parts(args: &CompressArgs, store_dir: &std::path::Path) -> anyho
     let mut rejected = 0;
     for (p, o) in parts.iter().zip(outcomes) {
         match o {
-            Outcome::Stored(m) if m.complete => {
+            Outcome::Stored { meta: m, .. } if m.complete => {
                 if args.json {
                     writeln!(out, "{}", serde_json::to_string(&m)?)?;
                 } else {
@@ -864,7 +939,7 @@ fn run_compress_parts(args: &CompressArgs, store_dir: &std::path::Path) -> anyho
                     )?;
                 }
             }
-            Outcome::Stored(_) => {}
+            Outcome::Stored { .. } => {}
             Outcome::Skipped(a) => eprintln!("{} part {}: skipped ({a:?})", p.id, p.part),
             Outcome::Rejected(why) => {
                 rejected += 1;

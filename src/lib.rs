@@ -12,6 +12,8 @@
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
 //! - [`store`] turns states into versioned, checksummed records in sled;
 //! - [`update`] applies documents that arrive in parts, appending to their stored states;
+//! - [`ingest`] consumes document messages from Kafka into the store (`serve`, configured
+//!   by a [`pipeline`]), and [`changelog`] mirrors state updates to a compacted topic;
 //! - [`query`] answers questions from a stored state (wrapped by the model's [`chat`]
 //!   template when it has one);
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
@@ -24,15 +26,21 @@
 
 pub mod api;
 pub mod bench;
+pub mod changelog;
 pub mod chat;
 pub mod cli;
 pub mod compress;
+pub mod demo;
 pub mod eval;
+pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod parallel;
+pub mod pipeline;
+pub mod produce;
 pub mod query;
 pub mod segment;
+pub mod serve;
 pub mod state;
 pub mod store;
 pub mod tiny;

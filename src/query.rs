@@ -91,14 +91,40 @@ pub fn question_tokens(
 /// Answers `question` from `state` (consumed: the stored state is not changed).
 pub fn answer(
     model: &GistModel,
-    mut state: GistState,
+    state: GistState,
     question: &str,
     sampling: &Sampling,
-    mut on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
     let started = std::time::Instant::now();
     let q = question_tokens(model, question, sampling.chat_template)?;
-    let mut logits = feed(model, &mut state, &q)?;
+    generate(model, state, &q, sampling, started, on_text)
+}
+
+/// Continues the document: `text` is fed as its next words (no question framing) and the
+/// model writes on from there.
+pub fn continuation(
+    model: &GistModel,
+    state: GistState,
+    text: &str,
+    sampling: &Sampling,
+    on_text: impl FnMut(&str),
+) -> anyhow::Result<Answer> {
+    let started = std::time::Instant::now();
+    let (ids, _) = model.tokenizer.encode(text)?;
+    ensure!(!ids.is_empty(), "the text to continue is empty");
+    generate(model, state, &ids, sampling, started, on_text)
+}
+
+fn generate(
+    model: &GistModel,
+    mut state: GistState,
+    prompt: &[u32],
+    sampling: &Sampling,
+    started: std::time::Instant,
+    mut on_text: impl FnMut(&str),
+) -> anyhow::Result<Answer> {
+    let mut logits = feed(model, &mut state, prompt)?;
     let temperature = (sampling.temperature > 0.0).then_some(sampling.temperature);
     let mut processor = LogitsProcessor::new(sampling.seed, temperature, sampling.top_p);
     let eos = model.eos_token_id();

@@ -32,8 +32,8 @@ pub struct Part {
 /// What became of a part.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Stored; the document's metadata after it.
-    Stored(Box<DocMeta>),
+    /// Stored: the document's metadata after it, and the regular tokens this part added.
+    Stored { meta: Box<DocMeta>, tokens: u64 },
     /// Already stored, or an older version than the stored one: nothing to do (a
     /// redelivery after a crash lands here).
     Skipped(PartAction),
@@ -56,6 +56,7 @@ pub fn apply_parts(
 ) -> anyhow::Result<Vec<Outcome>> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; parts.len()];
     let mut remaining: Vec<usize> = (0..parts.len()).collect();
+    let mut before = vec![0u64; parts.len()];
     while !remaining.is_empty() {
         // A wave holds at most one part per document: the next one waits for it.
         let mut ids = HashSet::new();
@@ -66,7 +67,10 @@ pub fn apply_parts(
         let mut jobs = Vec::new();
         for &i in &wave {
             match prepare(model, store, &parts[i]) {
-                Ok(Prepared::Run(doc, state, carry)) => jobs.push((i, doc, state, carry)),
+                Ok(Prepared::Run(doc, state, carry)) => {
+                    before[i] = state.regular_tokens;
+                    jobs.push((i, doc, state, carry))
+                }
                 Ok(Prepared::Done(o)) => outcomes[i] = Some(o),
                 Err(e) => outcomes[i] = Some(Outcome::Rejected(format!("{e:#}"))),
             }
@@ -95,7 +99,10 @@ pub fn apply_parts(
                     attributes: p.attributes.clone(),
                 },
             )?;
-            outcomes[i] = Some(Outcome::Stored(Box::new(meta)));
+            outcomes[i] = Some(Outcome::Stored {
+                tokens: meta.tokens - before[i],
+                meta: Box::new(meta),
+            });
         }
     }
     Ok(outcomes

@@ -73,7 +73,7 @@ fn parts_append_chunks_and_end_equal_to_the_whole_text() {
         for p in &parts {
             let out =
                 apply_parts(&model, &store, std::slice::from_ref(p), Precision::F32, 1).unwrap();
-            let Outcome::Stored(meta) = &out[0] else {
+            let Outcome::Stored { meta, .. } = &out[0] else {
                 panic!("{id} part {}: {:?}", p.part, out[0]);
             };
             assert_eq!(meta.parts, p.part + 1);
@@ -122,7 +122,7 @@ fn batched_parts_of_many_documents_match_offline_compression() {
     // Documents interleaved: every first part, then every second part...
     parts.sort_by_key(|p| (p.part, p.id.clone()));
     let out = apply_parts(&model, &store, &parts, Precision::F32, 4).unwrap();
-    assert!(out.iter().all(|o| matches!(o, Outcome::Stored(_))));
+    assert!(out.iter().all(|o| matches!(o, Outcome::Stored { .. })));
     for (i, t) in texts.iter().enumerate() {
         let id = format!("d{i}");
         let (_, state) = store.load(&id, &model).unwrap();

@@ -480,6 +480,36 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// Parameters, counting a tied embedding/head once.
+    pub fn parameter_count(&self) -> usize {
+        let block: usize = self
+            .layers
+            .iter()
+            .map(|b| {
+                [
+                    &b.input_layernorm,
+                    &b.q_proj,
+                    &b.k_proj,
+                    &b.v_proj,
+                    &b.o_proj,
+                    &b.post_attention_layernorm,
+                    &b.gate_proj,
+                    &b.up_proj,
+                    &b.down_proj,
+                ]
+                .iter()
+                .map(|t| t.elem_count())
+                .sum::<usize>()
+            })
+            .sum();
+        let head = if self.cfg.tie_embeddings {
+            0
+        } else {
+            self.lm_head.elem_count()
+        };
+        self.embed_tokens.elem_count() + block + self.norm.elem_count() + head
+    }
+
     /// Loads the weights. `file_vocab` is the number of embedding rows in the checkpoint;
     /// when `cfg.vocab` is larger (gist tokens added to a plain checkpoint), the new rows
     /// of the embedding and of the head start at the mean of the existing rows.

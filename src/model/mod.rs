@@ -4,6 +4,7 @@
 //! embedding (and head) grow rows initialised to the mean row.
 
 pub mod config;
+pub mod embedded;
 pub mod llama;
 
 use crate::segment::{SegmentConfig, Segmenter};

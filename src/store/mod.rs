@@ -447,6 +447,52 @@ impl Store {
             .collect()
     }
 
+    /// Writes a document from its raw records (a restore from the state topic): metadata,
+    /// state chunks and text parts, each checked first, replacing whatever is stored
+    /// under `id`, in one durable transaction.
+    pub fn put_records(
+        &self,
+        id: &str,
+        meta: &[u8],
+        chunks: &[&[u8]],
+        texts: &[&[u8]],
+    ) -> anyhow::Result<()> {
+        use sled::transaction::{ConflictableTransactionError, Transactional};
+        let m = parse_meta(meta, id)?;
+        if m.id != id || m.state_chunks as usize != chunks.len() || m.parts as usize != texts.len()
+        {
+            bail!("document {id:?}: the records do not match its metadata");
+        }
+        for (n, c) in chunks.iter().enumerate() {
+            codec::check(c).with_context(|| format!("document {id:?}: state chunk {n}"))?;
+        }
+        for t in texts {
+            unseal(t, "text", id)?;
+        }
+        let old = self.meta(id).ok().flatten();
+        let (old_chunks, old_parts) = old.map_or((0, 0), |o| (o.state_chunks, o.parts));
+        (&self.meta, &self.states, &self.texts)
+            .transaction(|(mt, st, tt)| {
+                for n in 0..old_chunks {
+                    st.remove(chunk_key(id, n))?;
+                }
+                for n in 0..old_parts {
+                    tt.remove(chunk_key(id, n))?;
+                }
+                mt.insert(id.as_bytes(), meta)?;
+                for (n, c) in chunks.iter().enumerate() {
+                    st.insert(chunk_key(id, n as u32), *c)?;
+                }
+                for (n, t) in texts.iter().enumerate() {
+                    tt.insert(chunk_key(id, n as u32), *t)?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| anyhow::anyhow!("storing document {id:?}: {e:?}"))?;
+        self.db.flush().context("flushing the store")?;
+        Ok(())
+    }
+
     /// Raw access for tests and repair tools: record `n` (chunk or part; ignored for
     /// `meta`) of document `id` in tree `tree`.
     pub fn raw(&self, tree: &str, id: &str, n: u32) -> anyhow::Result<Option<Vec<u8>>> {
@@ -472,7 +518,8 @@ impl Store {
     }
 }
 
-fn parse_meta(bytes: &[u8], id: &str) -> anyhow::Result<DocMeta> {
+/// Reads a sealed metadata record.
+pub fn parse_meta(bytes: &[u8], id: &str) -> anyhow::Result<DocMeta> {
     let payload = unseal(bytes, "metadata", id)?;
     serde_json::from_slice(payload).with_context(|| format!("reading the metadata of {id:?}"))
 }

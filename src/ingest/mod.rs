@@ -1,0 +1,451 @@
+//! `serve`: documents in from Kafka, gist states out to the store.
+//!
+//! Two tasks share a bounded queue. The reader receives messages from the consumer group
+//! and pauses its partitions while the queue is full (the model fell behind). The worker
+//! takes a batch of messages, runs every valid one through the incremental path together
+//! ([`crate::update::apply_parts`]: sentences of several documents share forwards), makes
+//! the states durable in sled, sends refused messages to the dead-letter topic (and state
+//! updates to the changelog topic) and waits for those deliveries, and only then commits
+//! the batch's offsets. A crash anywhere before the commit redelivers the batch, and
+//! redelivery is idempotent (the store skips parts it has), so no acknowledged message is
+//! lost and none is applied twice.
+
+pub mod message;
+
+use crate::api::Service;
+use crate::pipeline::Pipeline;
+use crate::store::{PartAction, SourceOffset};
+use crate::update::{apply_parts, Outcome, Part};
+use anyhow::Context;
+use message::{parse, Reject};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Headers of a dead-letter record (schemas/dead-letter.schema.json).
+pub const HEADER_ERROR: &str = "giststream.error";
+pub const HEADER_KIND: &str = "giststream.error.kind";
+pub const HEADER_TOPIC: &str = "giststream.source.topic";
+pub const HEADER_PARTITION: &str = "giststream.source.partition";
+pub const HEADER_OFFSET: &str = "giststream.source.offset";
+
+/// The brokers a pipeline talks to: its own, or the embedded mock cluster, which lives
+/// as long as this value.
+pub struct Broker {
+    pub bootstrap: String,
+    pub embedded: bool,
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+}
+
+impl Broker {
+    /// Connects to the pipeline's brokers, or starts the embedded one (creating the
+    /// pipeline's topics) when none are configured.
+    pub fn start(p: &Pipeline) -> anyhow::Result<Self> {
+        if !p.kafka.brokers.is_empty() {
+            return Ok(Self {
+                bootstrap: p.kafka.brokers.clone(),
+                embedded: false,
+                _mock: None,
+            });
+        }
+        let mock = MockCluster::new(1).context("starting the embedded Kafka broker")?;
+        for t in [
+            &p.kafka.topic,
+            &p.kafka.dead_letter_topic,
+            &p.kafka.state_topic,
+        ] {
+            if !t.is_empty() {
+                mock.create_topic(t, p.kafka.partitions, 1)
+                    .with_context(|| format!("creating topic {t} on the embedded broker"))?;
+            }
+        }
+        Ok(Self {
+            bootstrap: mock.bootstrap_servers(),
+            embedded: true,
+            _mock: Some(mock),
+        })
+    }
+}
+
+/// Client settings shared by consumer and producers: bootstrap servers, then the
+/// pipeline's librdkafka properties (which may override anything).
+pub fn client_config(p: &Pipeline, bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    for (k, v) in &p.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A producer that never duplicates or reorders on retries, and reports delivery only
+/// once every in-sync replica has the record.
+pub fn producer(p: &Pipeline, bootstrap: &str) -> anyhow::Result<FutureProducer> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    for (k, v) in &p.kafka.properties {
+        c.set(k, v);
+    }
+    c.create().context("creating a Kafka producer")
+}
+
+/// Runs the pipeline until `stop` turns true, then finishes the batch in hand (stored and
+/// committed) and returns. An error (store, model, broker) returns at once, leaving the
+/// uncommitted batch to be redelivered.
+pub async fn run(
+    p: &Pipeline,
+    bootstrap: &str,
+    svc: Arc<Service>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut cc = client_config(p, bootstrap);
+    cc.set("group.id", &p.kafka.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in &p.kafka.properties {
+        cc.set(k, v);
+    }
+    let consumer: Arc<StreamConsumer> =
+        Arc::new(cc.create().context("creating the Kafka consumer")?);
+    consumer
+        .subscribe(&[&p.kafka.topic])
+        .with_context(|| format!("subscribing to {}", p.kafka.topic))?;
+    let producer = producer(p, bootstrap)?;
+    let (tx, mut rx) = mpsc::channel::<OwnedMessage>(p.batch.max_in_flight);
+
+    let reader = {
+        let consumer = consumer.clone();
+        let metrics = svc.metrics.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    _ = stop.changed() => break,
+                    r = consumer.recv() => r,
+                };
+                let m = match received {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        eprintln!("giststream: receiving from Kafka: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                metrics.add("giststream_messages_total", "Messages received.", 1.0);
+                match tx.try_send(m) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(m)) => {
+                        // The model is behind: stop fetching until the queue has room.
+                        let paused = consumer.assignment().ok();
+                        if let Some(a) = &paused {
+                            let _ = consumer.pause(a);
+                        }
+                        metrics.add(
+                            "giststream_pauses_total",
+                            "Times the partitions were paused because the queue was full.",
+                            1.0,
+                        );
+                        metrics.gauge(
+                            "giststream_paused",
+                            "1 while the partitions are paused.",
+                            1.0,
+                        );
+                        let sent = tokio::select! {
+                            _ = stop.changed() => false,
+                            r = tx.send(m) => r.is_ok(),
+                        };
+                        if let Some(a) = &paused {
+                            let _ = consumer.resume(a);
+                        }
+                        metrics.gauge(
+                            "giststream_paused",
+                            "1 while the partitions are paused.",
+                            0.0,
+                        );
+                        if !sent {
+                            break;
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
+        })
+    };
+
+    let worker = Worker {
+        p: p.clone(),
+        svc,
+        consumer: consumer.clone(),
+        producer,
+        last_lag: None,
+    };
+    let result = worker.run(&mut rx, &mut stop).await;
+    reader.abort();
+    let _ = reader.await;
+    result
+}
+
+struct Worker {
+    p: Pipeline,
+    svc: Arc<Service>,
+    consumer: Arc<StreamConsumer>,
+    producer: FutureProducer,
+    last_lag: Option<Instant>,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        rx: &mut mpsc::Receiver<OwnedMessage>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let first = tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
+            };
+            let mut batch = vec![first];
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(self.p.batch.max_wait_ms);
+            while batch.len() < self.p.batch.max_documents {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(m)) => batch.push(m),
+                    _ => break,
+                }
+            }
+            // Not cancelled by `stop`: a batch in hand is stored and committed first.
+            self.process(batch).await?;
+            self.update_lag().await;
+        }
+    }
+
+    async fn process(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let metrics = self.svc.metrics.clone();
+        let mut parts: Vec<(usize, Part)> = Vec::new();
+        let mut refused: Vec<(usize, Reject)> = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match parse(m.key(), m.payload(), self.p.batch.max_message_bytes) {
+                Ok(d) => parts.push((
+                    i,
+                    d.into_part(Some(SourceOffset {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                    })),
+                )),
+                Err(r) => refused.push((i, r)),
+            }
+        }
+        let svc = self.svc.clone();
+        let list: Vec<Part> = parts.iter().map(|(_, p)| p.clone()).collect();
+        let precision = self.p.store.precision;
+        let batch_size = self.p.batch.max_documents;
+        let outcomes = tokio::task::spawn_blocking(move || {
+            apply_parts(&svc.model, &svc.store, &list, precision, batch_size)
+        })
+        .await
+        .context("the model task panicked")?
+        .context("storing a batch")?;
+        let mut tokens = 0u64;
+        let mut stored = Vec::new();
+        let mut republish = Vec::new();
+        for ((i, part), outcome) in parts.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Stored { meta, tokens: t } => {
+                    tokens += t;
+                    stored.push((part.id.clone(), meta));
+                }
+                Outcome::Skipped(action) => {
+                    metrics.add(
+                        "giststream_parts_skipped_total",
+                        "Redelivered or stale parts skipped.",
+                        1.0,
+                    );
+                    // A redelivery after a crash between the store and the state topic:
+                    // publish the stored records again (the topic is compacted).
+                    if action == PartAction::Duplicate {
+                        if let Some(meta) = self.svc.store.meta(&part.id)? {
+                            republish.push((part.id.clone(), Box::new(meta)));
+                        }
+                    }
+                }
+                Outcome::Rejected(why) => refused.push((*i, Reject::Order(why))),
+            }
+        }
+        for (i, why) in &refused {
+            self.dead_letter(&batch[*i], why).await?;
+        }
+        if !self.p.kafka.state_topic.is_empty() {
+            for (id, meta) in stored.iter().chain(&republish) {
+                crate::changelog::publish(
+                    &self.producer,
+                    &self.p.kafka.state_topic,
+                    &self.svc.store,
+                    id,
+                    meta,
+                )
+                .await?;
+            }
+        }
+        self.commit(&batch).await?;
+
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        metrics.add(
+            "giststream_parts_stored_total",
+            "Document parts stored.",
+            stored.len() as f64,
+        );
+        metrics.add(
+            "giststream_tokens_total",
+            "Regular tokens compressed.",
+            tokens as f64,
+        );
+        metrics.gauge(
+            "giststream_tokens_per_second",
+            "Tokens/s of the last batch (receive to commit).",
+            tokens as f64 / secs,
+        );
+        metrics.gauge(
+            "giststream_batch_size",
+            "Messages in the last batch.",
+            batch.len() as f64,
+        );
+        if let Some(total) = metrics.get("giststream_tokens_total") {
+            let gists: u64 = stored.iter().map(|(_, m)| m.gist_tokens).sum();
+            let toks: u64 = stored.iter().map(|(_, m)| m.tokens).sum();
+            if gists > 0 && total > 0.0 {
+                metrics.gauge(
+                    "giststream_compression_ratio",
+                    "R_c (regular tokens / gist tokens) of the documents stored by the last batch.",
+                    toks as f64 / gists as f64,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The original key and value, with the reason and source in headers; delivery is
+    /// awaited, since the offset commit that follows acknowledges the message.
+    async fn dead_letter(&self, m: &OwnedMessage, why: &Reject) -> anyhow::Result<()> {
+        let reason = why.to_string();
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: HEADER_ERROR,
+                value: Some(reason.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_KIND,
+                value: Some(why.kind()),
+            })
+            .insert(Header {
+                key: HEADER_TOPIC,
+                value: Some(m.topic()),
+            })
+            .insert(Header {
+                key: HEADER_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_OFFSET,
+                value: Some(offset.as_str()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.p.kafka.dead_letter_topic).headers(headers);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(v) = m.payload() {
+            record = record.payload(v);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("sending to {}", self.p.kafka.dead_letter_topic))?;
+        self.svc.metrics.add(
+            "giststream_dead_letters_total",
+            "Messages sent to the dead-letter topic.",
+            1.0,
+        );
+        eprintln!(
+            "giststream: {}[{}]@{} to the dead-letter topic: {reason}",
+            m.topic(),
+            m.partition(),
+            m.offset()
+        );
+        Ok(())
+    }
+
+    /// Commits, per partition, the offset after the batch's last message.
+    async fn commit(&self, batch: &[OwnedMessage]) -> anyhow::Result<()> {
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for m in batch {
+            let e = next
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &next {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+        }
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await?
+            .context("committing offsets")?;
+        Ok(())
+    }
+
+    /// Consumer lag (high watermark minus position, summed over the assignment), at most
+    /// every 5 s.
+    async fn update_lag(&mut self) {
+        if self
+            .last_lag
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.last_lag = Some(Instant::now());
+        let consumer = self.consumer.clone();
+        let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
+            let position = consumer.position().ok()?;
+            let mut lag = 0;
+            for e in position.elements() {
+                let (_, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                    .ok()?;
+                if let Offset::Offset(o) = e.offset() {
+                    lag += (high - o).max(0);
+                }
+            }
+            Some(lag)
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(lag) = lag {
+            self.svc.metrics.gauge(
+                "giststream_consumer_lag",
+                "Messages behind the high watermarks of the assigned partitions.",
+                lag as f64,
+            );
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! `serve` (ingest from Kafka plus the local HTTP API, in one process sharing one store
+//! and one model) and `restore` (a store rebuilt from the state topic).
+
+use crate::api::Service;
+use crate::cli::{parse_device, parse_dtype, RestoreArgs, ServeArgs};
+use crate::ingest::{client_config, Broker};
+use crate::model::{GistModel, LoadOptions};
+use crate::pipeline::Pipeline;
+use anyhow::Context;
+use std::sync::Arc;
+
+/// The pipeline's model: its directory, or the embedded one.
+pub fn load_model(p: &Pipeline) -> anyhow::Result<GistModel> {
+    let dir = if p.model.dir.is_empty() {
+        crate::model::embedded::dir()?
+    } else {
+        p.model.dir.clone().into()
+    };
+    GistModel::load(
+        &dir,
+        &parse_device(&p.model.device)?,
+        parse_dtype(&p.model.dtype)?,
+        &LoadOptions::default(),
+    )
+    .with_context(|| format!("loading model {}", dir.display()))
+}
+
+pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let p = Pipeline::from_file(&args.pipeline)?;
+    let broker = Broker::start(&p)?;
+    if broker.embedded {
+        eprintln!(
+            "giststream: embedded Kafka broker at {} (topic {}): `giststream produce --brokers {} FILE...`",
+            broker.bootstrap, p.kafka.topic, broker.bootstrap
+        );
+    }
+    let model = load_model(&p)?;
+    let store = crate::store::Store::open(&p.store.path)?;
+    let svc = Arc::new(Service {
+        store,
+        model,
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+        started: std::time::Instant::now(),
+    });
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let api = {
+            let svc = svc.clone();
+            let store = p.store.path.clone();
+            let listen = p.api.listen.clone();
+            let bootstrap = broker.embedded.then(|| broker.bootstrap.clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                crate::api::serve(
+                    svc,
+                    &store,
+                    &listen,
+                    bootstrap,
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                    |addr| eprintln!("giststream: HTTP API on http://{addr}"),
+                )
+                .await
+            })
+        };
+        eprintln!(
+            "giststream: consuming {} as group {} into {}",
+            p.kafka.topic,
+            p.kafka.group,
+            p.store.path.display()
+        );
+        let ingest = crate::ingest::run(&p, &broker.bootstrap, svc, stop_rx);
+        tokio::pin!(ingest);
+        let result = tokio::select! {
+            r = &mut ingest => r,
+            _ = crate::cli::shutdown_signal() => {
+                eprintln!("giststream: stopping: finishing the batch in hand");
+                let _ = stop_tx.send(true);
+                ingest.await
+            }
+        };
+        let _ = stop_tx.send(true);
+        let served = api.await.context("the API task panicked")?;
+        result.and(served)
+    })
+}
+
+pub fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let p = Pipeline::from_file(&args.pipeline)?;
+    anyhow::ensure!(
+        !p.kafka.state_topic.is_empty(),
+        "the pipeline {} has no kafka.state_topic to restore from",
+        args.pipeline.display()
+    );
+    let brokers = args.brokers.clone().unwrap_or(p.kafka.brokers.clone());
+    anyhow::ensure!(
+        !brokers.is_empty(),
+        "no brokers: give --brokers (the embedded broker forgets everything when its process ends)"
+    );
+    let store_dir = args.store.clone().unwrap_or(p.store.path.clone());
+    let store = crate::store::Store::open(&store_dir)?;
+    let report =
+        crate::changelog::restore(client_config(&p, &brokers), &p.kafka.state_topic, &store)?;
+    println!("{}", serde_json::to_string(&report)?);
+    for s in &report.skipped {
+        eprintln!("giststream: not restored: {s}");
+    }
+    Ok(())
+}
