@@ -1,0 +1,665 @@
+//! `serve` against a real Kafka-protocol broker: Tansu when GISTSTREAM_TEST_BROKERS names
+//! one (`.ci/run` starts it with scripts/kafka-broker.sh), librdkafka's in-process mock
+//! cluster otherwise. Every test uses its own topics and group.
+
+mod common;
+
+use giststream::api::Client;
+use giststream::compress::{compress, Document};
+use giststream::model::GistModel;
+use giststream::store::Store;
+use giststream::tiny::{synthetic_text, write_random_model, SplitMix, TinySpec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The broker for this test: Tansu from the environment, or a mock cluster kept alive by
+/// the returned value.
+struct Broker {
+    bootstrap: String,
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+}
+
+fn broker() -> Broker {
+    match std::env::var("GISTSTREAM_TEST_BROKERS") {
+        Ok(b) if !b.is_empty() => Broker {
+            bootstrap: b,
+            _mock: None,
+        },
+        _ => {
+            let mock = MockCluster::new(1).unwrap();
+            Broker {
+                bootstrap: mock.bootstrap_servers(),
+                _mock: Some(mock),
+            }
+        }
+    }
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    model_dir: PathBuf,
+    topic: String,
+    group: String,
+}
+
+impl Setup {
+    fn new(name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model_dir = dir.path().join("model");
+        write_random_model(&model_dir, &TinySpec::default()).unwrap();
+        Self {
+            dir,
+            model_dir,
+            topic: unique(name),
+            group: unique(&format!("{name}-group")),
+        }
+    }
+
+    /// A pipeline file for a store `store` (relative to the temp dir).
+    fn pipeline(&self, b: &Broker, store: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{store}.toml"));
+        let text = format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+topic = "{topic}"
+dead_letter_topic = "{topic}.dlq"
+state_topic = "{topic}.state"
+group = "{group}"
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"topic.metadata.refresh.interval.ms" = "1000"
+[model]
+dir = "{model}"
+[store]
+path = "{store_path}"
+[batch]
+max_documents = 8
+max_wait_ms = 20
+{extra}
+"#,
+            brokers = b.bootstrap,
+            topic = self.topic,
+            group = self.group,
+            model = self.model_dir.display(),
+            store_path = self.dir.path().join(store).display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn store(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(pipeline: &Path) -> Serve {
+    Serve(
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .env("RAYON_NUM_THREADS", "1")
+            .arg("serve")
+            .arg("--pipeline")
+            .arg(pipeline)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// SIGTERM, and the exit status.
+fn stop(mut s: Serve) -> std::process::ExitStatus {
+    let pid = s.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    s.0.wait().unwrap()
+}
+
+/// Polls the running process's API until `done` holds for its document list.
+fn wait_for(
+    store: &Path,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&[giststream::store::DocMeta]) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        if let Some(c) = Client::discover(store) {
+            if let Ok(list) = c.docs() {
+                if done(&list.documents) {
+                    return;
+                }
+            }
+        }
+        assert!(
+            started.elapsed().as_secs() < secs,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn producer(b: &Broker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &b.bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap()
+}
+
+/// Sends raw messages and waits for every delivery.
+fn send(b: &Broker, topic: &str, msgs: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    let p = producer(b);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for (k, v) in msgs {
+            let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(v);
+            if let Some(k) = k {
+                r = r.key(k);
+            }
+            p.send(r, Duration::from_secs(30)).await.unwrap();
+        }
+    });
+}
+
+fn message(id: &str, part: u32, last: bool, text: &str) -> (Option<Vec<u8>>, Vec<u8>) {
+    let v = serde_json::json!({"id": id, "part": part, "final": last, "text": text});
+    (
+        Some(id.as_bytes().to_vec()),
+        serde_json::to_vec(&v).unwrap(),
+    )
+}
+
+/// Documents of varied length; with `part_bytes`, the longer ones go as parts.
+fn documents(n: usize, seed: u64) -> Vec<(String, String)> {
+    let mut rng = SplitMix(seed);
+    (0..n)
+        .map(|i| {
+            let sentences = 1 + (rng.next_u64() % 24) as usize;
+            (
+                format!("doc{i:03}"),
+                synthetic_text(sentences, 7, seed * 1000 + i as u64),
+            )
+        })
+        .collect()
+}
+
+fn produce_docs(b: &Broker, topic: &str, docs: &[(String, String)], part_bytes: usize) -> usize {
+    let mut msgs = Vec::new();
+    for (id, text) in docs {
+        for m in giststream::produce::messages(id, 1, text, part_bytes) {
+            msgs.push((
+                Some(id.as_bytes().to_vec()),
+                serde_json::to_vec(&m).unwrap(),
+            ));
+        }
+    }
+    send(b, topic, &msgs);
+    msgs.len()
+}
+
+/// Checks every document is stored once, complete, with its text, and a state equal to
+/// compressing it offline (batching changes summation order: within 1e-4).
+fn check_stored(model: &GistModel, store: &Store, docs: &[(String, String)], part_bytes: usize) {
+    assert_eq!(store.len(), docs.len(), "documents stored");
+    for (id, text) in docs {
+        let (meta, state) = store.load(id, model).unwrap();
+        let parts = giststream::update::split_parts(text, part_bytes).len();
+        assert!(meta.complete, "{id}: {meta:?}");
+        assert_eq!(meta.parts as usize, parts, "{id}");
+        assert_eq!(store.text(id).unwrap(), *text, "{id}");
+        let doc = Document {
+            name: id.clone(),
+            segments: model.segments(text).unwrap(),
+        };
+        let (want, _) = compress(model, vec![doc], 1).unwrap().remove(0);
+        assert_eq!(
+            (state.kv_len(), state.regular_tokens, state.sentences),
+            (want.kv_len(), want.regular_tokens, want.sentences),
+            "{id}"
+        );
+        for (a, b) in state.layers.iter().zip(&want.layers) {
+            let (ka, va) = a.view().unwrap();
+            let (kb, vb) = b.view().unwrap();
+            let d = common::max_abs_diff(&ka, &kb).max(common::max_abs_diff(&va, &vb));
+            assert!(d < 1e-4, "{id}: state differs by {d}");
+        }
+    }
+}
+
+/// Every record of a topic, from the beginning to its current end: (key, value, headers).
+/// (key, value, headers) of one record.
+type Record = (Vec<u8>, Vec<u8>, HashMap<String, String>);
+
+fn read_topic(b: &Broker, topic: &str) -> Vec<Record> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &b.bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut end = HashMap::new();
+    for p in md.topics()[0].partitions() {
+        let (lo, hi) = c
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .unwrap();
+        if hi > lo {
+            end.insert(p.id(), hi);
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+    }
+    let mut out = Vec::new();
+    if end.is_empty() {
+        return out;
+    }
+    c.assign(&tpl).unwrap();
+    let started = Instant::now();
+    while !end.is_empty() {
+        assert!(started.elapsed().as_secs() < 60, "reading {topic}");
+        let Some(m) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for i in 0..h.count() {
+                let x = h.get(i);
+                headers.insert(
+                    x.key.to_string(),
+                    String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        out.push((
+            m.key().unwrap_or_default().to_vec(),
+            m.payload().unwrap_or_default().to_vec(),
+            headers,
+        ));
+        if end
+            .get(&m.partition())
+            .is_some_and(|&e| m.offset() + 1 >= e)
+        {
+            end.remove(&m.partition());
+        }
+    }
+    out
+}
+
+#[test]
+fn documents_stream_in_and_equal_offline_compression_and_restore_rebuilds_the_store() {
+    let b = broker();
+    let s = Setup::new("e2e");
+    let model = common::load_model(&s.model_dir);
+    const PART: usize = 400;
+    let docs = documents(200, 1);
+    assert!(
+        docs.iter().filter(|(_, t)| t.len() > PART).count() > 20,
+        "some go in parts"
+    );
+    // Through the CLI producer, from files.
+    let files = s.dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for (id, text) in &docs {
+        std::fs::write(files.join(format!("{id}.txt")), text).unwrap();
+    }
+    let pipeline = s.pipeline(&b, "store", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
+        .args(["produce", "--part-bytes", &PART.to_string(), "--pipeline"])
+        .arg(&pipeline)
+        .arg(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let server = serve(&pipeline);
+    let store_dir = s.store("store");
+    wait_for(&store_dir, "200 documents", 600, |d| {
+        d.len() == docs.len() && d.iter().all(|m| m.complete)
+    });
+    let metrics = Client::discover(&store_dir).unwrap().metrics().unwrap();
+    assert!(metrics.contains("giststream_tokens_total"), "{metrics}");
+    assert!(stop(server).success(), "a clean exit on SIGTERM");
+    let store = Store::open(&store_dir).unwrap();
+    check_stored(&model, &store, &docs, PART);
+    assert!(
+        read_topic(&b, &format!("{}.dlq", s.topic)).is_empty(),
+        "no dead letters"
+    );
+
+    // Restore a second store from the state topic: every record identical, so queries
+    // answer identically.
+    let restored_dir = s.store("restored");
+    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
+        .args(["restore", "--pipeline"])
+        .arg(&pipeline)
+        .arg("--store")
+        .arg(&restored_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = Store::open(&restored_dir).unwrap();
+    assert_eq!(restored.len(), docs.len());
+    for (id, _) in &docs {
+        let m = store.meta(id).unwrap().unwrap();
+        assert_eq!(
+            restored.raw("meta", id, 0).unwrap(),
+            store.raw("meta", id, 0).unwrap()
+        );
+        for n in 0..m.state_chunks {
+            assert_eq!(
+                restored.raw("states", id, n).unwrap(),
+                store.raw("states", id, n).unwrap()
+            );
+        }
+        assert_eq!(restored.text(id).unwrap(), store.text(id).unwrap());
+    }
+    drop((store, restored));
+    for (id, _) in docs.iter().step_by(50) {
+        let ask = |dir: &Path| {
+            let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
+                .args([
+                    "query",
+                    "--json",
+                    "--max-tokens",
+                    "8",
+                    "--doc",
+                    id,
+                    "what now?",
+                    "--model",
+                ])
+                .arg(&s.model_dir)
+                .arg("--store")
+                .arg(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["answer"].clone()
+        };
+        assert_eq!(ask(&store_dir), ask(&restored_dir), "{id}");
+    }
+}
+
+#[test]
+fn bad_messages_go_to_the_dead_letter_topic_and_the_rest_is_stored() {
+    let b = broker();
+    let s = Setup::new("dlq");
+    let model = common::load_model(&s.model_dir);
+    let pipeline = s.pipeline(&b, "store", "max_message_bytes = 20000");
+    let good = documents(6, 2);
+    let mut msgs = Vec::new();
+    let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut bad = |msgs: &mut Vec<_>, kind: &'static str, m: (Option<Vec<u8>>, Vec<u8>)| {
+        *expected.entry(kind).or_default() += 1;
+        msgs.push(m);
+    };
+    for (i, (id, text)) in good.iter().enumerate() {
+        msgs.push(message(id, 0, true, text));
+        match i {
+            0 => bad(
+                &mut msgs,
+                "invalid_json",
+                (Some(b"x".to_vec()), b"{\"id\": \"x\", ".to_vec()),
+            ),
+            1 => bad(
+                &mut msgs,
+                "schema",
+                (
+                    Some(b"y".to_vec()),
+                    br#"{"id": "y", "txt": "hello"}"#.to_vec(),
+                ),
+            ),
+            2 => bad(
+                &mut msgs,
+                "not_utf8",
+                (
+                    Some(b"z".to_vec()),
+                    b"{\"id\": \"z\", \"text\": \"\xff\xfe\"}".to_vec(),
+                ),
+            ),
+            3 => bad(&mut msgs, "empty_text", message("e", 0, true, "")),
+            4 => {
+                bad(
+                    &mut msgs,
+                    "oversize",
+                    message("big", 0, true, &"word ".repeat(5000)),
+                );
+                bad(
+                    &mut msgs,
+                    "key_mismatch",
+                    (Some(b"other".to_vec()), message("k", 0, true, "Hi.").1),
+                );
+                bad(&mut msgs, "no_value", (Some(b"nv".to_vec()), Vec::new()));
+            }
+            _ => {
+                // A gap (part 2 of a document never started), and a part after the last.
+                bad(&mut msgs, "rejected", message("gap", 2, true, "Late."));
+                bad(
+                    &mut msgs,
+                    "rejected",
+                    message(id, 1, true, "After the end."),
+                );
+            }
+        }
+    }
+    // An empty value arrives as no payload on some brokers and as zero bytes on others;
+    // both are refused (no_value or invalid_json).
+    send(&b, &s.topic, &msgs);
+    let server = serve(&pipeline);
+    let store_dir = s.store("store");
+    let dlq_topic = format!("{}.dlq", s.topic);
+    let total_bad: usize = expected.values().sum();
+    let started = Instant::now();
+    let dead = loop {
+        let dead = read_topic(&b, &dlq_topic);
+        if dead.len() >= total_bad {
+            break dead;
+        }
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "only {} dead letters",
+            dead.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    wait_for(&store_dir, "the good documents", 300, |d| {
+        d.len() == good.len()
+    });
+    assert!(stop(server).success());
+    assert_eq!(dead.len(), total_bad);
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let schema = {
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/dead-letter.schema.json");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        jsonschema::validator_for(&json).unwrap()
+    };
+    for (_, _, h) in &dead {
+        let v = serde_json::to_value(h).unwrap();
+        assert!(schema.is_valid(&v), "{v}");
+        assert!(!h["giststream.error"].is_empty());
+        *kinds.entry(h["giststream.error.kind"].clone()).or_default() += 1;
+    }
+    let mut want: BTreeMap<String, usize> =
+        expected.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    if !kinds.contains_key("no_value") {
+        // Zero bytes, not a null value: not JSON.
+        let n = want.remove("no_value").unwrap();
+        *want.entry("invalid_json".into()).or_default() += n;
+    }
+    assert_eq!(kinds, want);
+    // The originals, byte for byte.
+    assert!(dead
+        .iter()
+        .any(|(k, v, _)| k == b"x" && v == b"{\"id\": \"x\", "));
+    let store = Store::open(&store_dir).unwrap();
+    check_stored(&model, &store, &good, usize::MAX);
+}
+
+#[test]
+fn killed_at_random_moments_ten_times_every_document_is_stored_once() {
+    let b = broker();
+    let s = Setup::new("kill");
+    let model = common::load_model(&s.model_dir);
+    const PART: usize = 300;
+    let docs = documents(100, 3);
+    let pipeline = s.pipeline(&b, "store", "");
+    let store_dir = s.store("store");
+    let mut rng = SplitMix(0xdead ^ std::process::id() as u64);
+    let mut mid_work = 0;
+    for round in 0..10 {
+        // New documents every round, so each kill can land on work in progress.
+        produce_docs(&b, &s.topic, &docs[round * 10..(round + 1) * 10], PART);
+        let mut server = serve(&pipeline);
+        let started = Instant::now();
+        while Client::discover(&store_dir).is_none() {
+            assert!(started.elapsed().as_secs() < 60);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(rng.next_u64() % 1500));
+        server.0.kill().unwrap(); // SIGKILL
+        server.0.wait().unwrap();
+        let _ = std::fs::remove_file(store_dir.join("api.json"));
+        // Whatever is stored is whole: each document's parts are a prefix of its parts.
+        let store = Store::open(&store_dir).unwrap();
+        let mut complete = 0;
+        for (id, text) in &docs[..(round + 1) * 10] {
+            if let Some(m) = store.meta(id).unwrap() {
+                let parts = giststream::update::split_parts(text, PART);
+                assert_eq!(
+                    store.text(id).unwrap(),
+                    parts[..m.parts as usize].concat(),
+                    "{id}"
+                );
+                store.load(id, &model).unwrap();
+                complete += usize::from(m.complete);
+            }
+        }
+        mid_work += usize::from(complete < (round + 1) * 10);
+    }
+    assert!(
+        mid_work >= 3,
+        "only {mid_work} of 10 kills landed before the work was done"
+    );
+    let server = serve(&pipeline);
+    wait_for(&store_dir, "every document", 600, |d| {
+        d.len() == docs.len() && d.iter().all(|m| m.complete)
+    });
+    assert!(stop(server).success());
+    let store = Store::open(&store_dir).unwrap();
+    check_stored(&model, &store, &docs, PART);
+}
+
+#[test]
+fn two_processes_in_one_group_split_the_work_and_store_each_document_once() {
+    let b = broker();
+    let s = Setup::new("pair");
+    let model = common::load_model(&s.model_dir);
+    let docs = documents(80, 4);
+    let pa = s.pipeline(&b, "store-a", "");
+    let pb = s.pipeline(&b, "store-b", "");
+    // The topic exists with 4 partitions before both join (auto-created by a first write).
+    send(&b, &s.topic, &[message("warmup", 0, true, "One sentence.")]);
+    let (a, bb) = (serve(&pa), serve(&pb));
+    for st in ["store-a", "store-b"] {
+        let started = Instant::now();
+        while Client::discover(&s.store(st)).is_none() {
+            assert!(started.elapsed().as_secs() < 60);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Let the group settle on both members before the documents arrive.
+    std::thread::sleep(Duration::from_secs(8));
+    produce_docs(&b, &s.topic, &docs, usize::MAX);
+    let started = Instant::now();
+    loop {
+        let count = |st: &str| {
+            Client::discover(&s.store(st)).map_or(0, |c| c.docs().map_or(0, |l| l.documents.len()))
+        };
+        if count("store-a") + count("store-b") == docs.len() + 1 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 600, "timed out");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(stop(a).success() && stop(bb).success());
+    let (sa, sb) = (
+        Store::open(&s.store("store-a")).unwrap(),
+        Store::open(&s.store("store-b")).unwrap(),
+    );
+    assert!(
+        !sa.is_empty() && !sb.is_empty(),
+        "work split: {} and {}",
+        sa.len(),
+        sb.len()
+    );
+    for (id, _) in &docs {
+        let (ina, inb) = (
+            sa.meta(id).unwrap().is_some(),
+            sb.meta(id).unwrap().is_some(),
+        );
+        assert!(ina ^ inb, "{id}: in a {ina}, in b {inb}");
+    }
+    // Each store's documents equal offline compression.
+    for st in [&sa, &sb] {
+        let mine: Vec<(String, String)> = docs
+            .iter()
+            .filter(|(id, _)| st.meta(id).unwrap().is_some())
+            .cloned()
+            .collect();
+        for (id, text) in &mine {
+            let (_, state) = st.load(id, &model).unwrap();
+            let doc = Document {
+                name: id.clone(),
+                segments: model.segments(text).unwrap(),
+            };
+            let (want, _) = compress(&model, vec![doc], 1).unwrap().remove(0);
+            assert_eq!(state.kv_len(), want.kv_len(), "{id}");
+        }
+    }
+}
