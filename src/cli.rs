@@ -55,6 +55,9 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Rebuild a store from a pipeline's state topic, without running the model.
     Restore(RestoreArgs),
+    /// End-to-end tokens/s through Kafka (produce to stored and committed) against the
+    /// bare incremental forward on the same documents, per batch size, in one run.
+    BenchIngest(BenchIngestArgs),
     /// The whole path on the embedded defaults: bundled texts produced to the embedded
     /// broker, ingested by the project's model into a temporary store, then a stored state
     /// resumed (a continuation, and the perplexity of a held-back passage).
@@ -394,6 +397,28 @@ pub struct RestoreArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BenchIngestArgs {
+    /// Model directory (default: a random model of the benchmark shape).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Documents per measurement.
+    #[arg(long, default_value_t = 32)]
+    pub docs: usize,
+    /// Tokens per document (about: byte-level text).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Batch sizes (messages per batch, documents per forward).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub batches: Vec<usize>,
+    /// Bootstrap servers (default: the embedded broker).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Also write the measurements to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Keep the store here instead of a temporary folder.
     #[arg(long, value_name = "DIR")]
@@ -436,6 +461,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => crate::serve::run_serve(args),
         Command::Produce(args) => crate::produce::run(args),
         Command::Restore(args) => crate::serve::run_restore(args),
+        Command::BenchIngest(args) => run_bench_ingest(args),
         Command::Demo(args) => crate::demo::run(args),
     }
 }
@@ -542,6 +568,36 @@ fn print_answer_end(
         writeln!(out, "{v}")?;
     } else {
         writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn run_bench_ingest(args: BenchIngestArgs) -> anyhow::Result<()> {
+    println!(
+        "{:>5} {:>5} {:>8} {:>12} {:>15} {:>9}",
+        "batch", "docs", "tokens", "bare tok/s", "pipeline tok/s", "overhead"
+    );
+    let all = crate::ingest::bench::run(
+        args.model.as_deref(),
+        args.docs,
+        args.tokens,
+        &args.batches,
+        args.brokers.as_deref(),
+        |m| {
+            println!(
+                "{:>5} {:>5} {:>8} {:>12.0} {:>15.0} {:>8.1}%",
+                m.batch,
+                m.documents,
+                m.tokens,
+                m.bare_tokens_per_second,
+                m.pipeline_tokens_per_second,
+                100.0 * m.overhead
+            )
+        },
+    )?;
+    if let Some(f) = &args.json {
+        std::fs::write(f, serde_json::to_string_pretty(&all)?)
+            .with_context(|| format!("writing {}", f.display()))?;
     }
     Ok(())
 }

@@ -43,8 +43,9 @@ pub enum Outcome {
 }
 
 /// Applies parts in order, running the documents of up to `batch` parts through the model
-/// together. Parts of the same document are applied one after another. Returns an outcome
-/// per part, in input order; an `Err` is a failure of the store or the model, after which
+/// together. Parts of the same document are applied one after another. Everything stored
+/// is durable when it returns (one flush for the call). Returns an outcome per part, in
+/// input order; an `Err` is a failure of the store or the model, after which
 /// parts may be partly applied (each part is atomic) and the caller must not acknowledge
 /// the parts.
 pub fn apply_parts(
@@ -84,7 +85,7 @@ pub fn apply_parts(
         )?;
         for ((i, carry), (state, _)) in carries.into_iter().zip(states) {
             let p = &parts[i];
-            let meta = store.apply(
+            let meta = store.apply_deferred(
                 model,
                 &Update {
                     id: &p.id,
@@ -105,6 +106,8 @@ pub fn apply_parts(
             });
         }
     }
+    // One flush makes the whole call durable before anything is acknowledged.
+    store.flush()?;
     Ok(outcomes
         .into_iter()
         .map(|o| o.expect("every part has an outcome"))

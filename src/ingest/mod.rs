@@ -10,6 +10,7 @@
 //! redelivery is idempotent (the store skips parts it has), so no acknowledged message is
 //! lost and none is applied twice.
 
+pub mod bench;
 pub mod message;
 
 use crate::api::Service;
@@ -112,7 +113,9 @@ pub async fn run(
     cc.set("group.id", &p.kafka.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        // An idle consumer answers new messages within 50 ms, not the default 500.
+        .set("fetch.wait.max.ms", "50");
     for (k, v) in &p.kafka.properties {
         cc.set(k, v);
     }

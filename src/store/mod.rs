@@ -228,7 +228,7 @@ impl Store {
         text: &str,
         precision: Precision,
     ) -> anyhow::Result<DocMeta> {
-        self.write(
+        let meta = self.write(
             model,
             true,
             &Update {
@@ -243,7 +243,9 @@ impl Store {
                 source: None,
                 attributes: Default::default(),
             },
-        )
+        )?;
+        self.flush()?;
+        Ok(meta)
     }
 
     /// Stores one part of a document in one durable transaction: part 0 of a version
@@ -251,10 +253,24 @@ impl Store {
     /// Refuses an update that [`PartAction::plan`] would not apply (checked inside the
     /// transaction, so two writers cannot interleave parts).
     pub fn apply(&self, model: &GistModel, u: &Update<'_>) -> anyhow::Result<DocMeta> {
+        let meta = self.write(model, false, u)?;
+        self.flush()?;
+        Ok(meta)
+    }
+
+    /// [`Store::apply`] without the flush: atomic, but durable only after the next
+    /// [`Store::flush`]. A batch of updates pays for one flush, and is acknowledged after it.
+    pub fn apply_deferred(&self, model: &GistModel, u: &Update<'_>) -> anyhow::Result<DocMeta> {
         self.write(model, false, u)
     }
 
-    /// `apply`, or with `overwrite` a replacement by a whole document.
+    /// Makes every change so far durable.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush().context("flushing the store")?;
+        Ok(())
+    }
+
+    /// `apply` (not flushed), or with `overwrite` a replacement by a whole document.
     fn write(&self, model: &GistModel, overwrite: bool, u: &Update<'_>) -> anyhow::Result<DocMeta> {
         use sled::transaction::{abort, ConflictableTransactionError, Transactional};
         let id = u.id;
@@ -346,7 +362,6 @@ impl Store {
                 Ok::<(), ConflictableTransactionError<&str>>(())
             })
             .map_err(|e| anyhow::anyhow!("storing document {id:?}: {e:?}"))?;
-        self.db.flush().context("flushing the store")?;
         Ok(meta)
     }
 
