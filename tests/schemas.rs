@@ -65,3 +65,33 @@ fn compress_reports_and_bench_measurements_match_their_schemas() {
         &serde_json::to_value(&m).unwrap(),
     );
 }
+
+#[test]
+fn the_document_schema_and_the_parser_agree() {
+    use giststream::ingest::message::parse;
+    let v = schema("document.schema.json");
+    let cases = [
+        r#"{"id": "a", "text": "Hello."}"#,
+        r#"{"id": "a", "version": 2, "part": 1, "final": false, "text": "x", "metadata": {"k": 1}}"#,
+        r#"{"id": "a", "part": 3, "final": true, "text": ""}"#,
+        r#"{"id": "a", "text": ""}"#,
+        r#"{"id": "a", "part": 2, "final": false, "text": ""}"#,
+        r#"{"id": "", "text": "x"}"#,
+        r#"{"text": "x"}"#,
+        r#"{"id": "a"}"#,
+        r#"{"id": "a", "text": "x", "extra": true}"#,
+        r#"{"id": "a", "text": "x", "part": -1}"#,
+        r#"{"id": "a", "text": "x", "version": 1.5}"#,
+        r#"{"id": "a", "text": 7}"#,
+        r#"{"id": "a", "text": "x", "metadata": []}"#,
+        r#"["id", "a"]"#,
+    ];
+    for c in cases {
+        let json: Value = serde_json::from_str(c).unwrap();
+        let parsed = parse(None, Some(c.as_bytes()), usize::MAX);
+        assert_eq!(v.is_valid(&json), parsed.is_ok(), "{c}: {parsed:?}");
+    }
+    let long_id = format!(r#"{{"id": "{}", "text": "x"}}"#, "a".repeat(513));
+    assert!(!v.is_valid(&serde_json::from_str(&long_id).unwrap()));
+    assert!(parse(None, Some(long_id.as_bytes()), usize::MAX).is_err());
+}

@@ -413,6 +413,11 @@ impl Worker {
         tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
             .await?
             .context("committing offsets")?;
+        self.svc.metrics.add(
+            "giststream_commits_total",
+            "Offset commits (one per batch).",
+            1.0,
+        );
         Ok(())
     }
 
