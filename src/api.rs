@@ -10,6 +10,8 @@
 //! - `GET /v1/docs`: every document's metadata (damaged records listed apart).
 //! - `GET /v1/docs/{id}`: one document's metadata, its state checked.
 //! - `POST /v1/query`: a question (answer streamed as JSON lines) or `score`.
+//! - `POST /v1/reindex`: start a re-index job in this process (a dry run answers at once).
+//! - `GET /v1/jobs`: every job's progress.
 //! - `GET /metrics`: Prometheus text.
 
 use crate::metrics::Metrics;
@@ -142,6 +144,8 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/docs", get(docs))
         .route("/v1/docs/{id}", get(doc))
         .route("/v1/query", post(query))
+        .route("/v1/reindex", post(reindex))
+        .route("/v1/jobs", get(jobs))
         .route("/metrics", get(metrics))
         .with_state(svc)
 }
@@ -202,6 +206,60 @@ async fn query(
         );
     }
     result
+}
+
+/// A re-index job to run in the serving process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReindexRequest {
+    /// Model directory of the new states (on the serving machine); None: the embedded model.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(flatten)]
+    pub spec: crate::reindex::JobSpec,
+}
+
+async fn reindex(
+    State(svc): State<Arc<Service>>,
+    Json(req): Json<ReindexRequest>,
+) -> Result<Response, ApiError> {
+    let model = blocking(move || {
+        let dir = match &req.model {
+            Some(d) => std::path::PathBuf::from(d),
+            None => crate::model::embedded::dir()?,
+        };
+        let m = GistModel::load(
+            &dir,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+            &crate::model::LoadOptions::default(),
+        )
+        .map_err(|e| e.context(format!("loading model {}", dir.display())))?;
+        Ok((m, req.spec))
+    })
+    .await
+    .map_err(|ApiError(_, m)| ApiError(StatusCode::BAD_REQUEST, m))?;
+    let (model, spec) = model;
+    if spec.dry_run {
+        let s = svc.clone();
+        let plan = blocking(move || crate::reindex::run(&s.store, &model, &spec, |_| {})).await?;
+        return Ok(Json(plan).into_response());
+    }
+    // The job runs on a blocking thread; its progress is in the store (GET /v1/jobs).
+    let s = svc.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = crate::reindex::run(&s.store, &model, &spec, |_| {}) {
+            eprintln!("giststream: re-index job failed: {e:#}");
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"started": true})),
+    )
+        .into_response())
+}
+
+async fn jobs(State(svc): State<Arc<Service>>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    Ok(Json(svc.store.jobs()?))
 }
 
 async fn run_query(svc: Arc<Service>, req: QueryRequest) -> Result<Response, ApiError> {
@@ -364,6 +422,22 @@ impl Client {
 
     pub fn doc(&self, id: &str) -> anyhow::Result<DocMeta> {
         self.get_json(&format!("/v1/docs/{}", percent_encode(id)))
+    }
+
+    /// Starts a re-index job in the serving process (a dry run returns its plan).
+    pub fn reindex(&self, req: &ReindexRequest) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.request(
+            "POST",
+            "/v1/reindex",
+            Some(serde_json::to_vec(req)?),
+            |_| Ok(()),
+        )?;
+        check(status, &body)?;
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    pub fn jobs(&self) -> anyhow::Result<Vec<crate::reindex::Progress>> {
+        self.get_json("/v1/jobs")
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {

@@ -55,6 +55,11 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Rebuild a store from a pipeline's state topic, without running the model.
     Restore(RestoreArgs),
+    /// Re-index stored documents with a new model or precision: recompress from the stored
+    /// text, switch each document atomically, drop the old generation at the end.
+    /// Resumable (a rerun skips finished documents); runs inside `serve` when one holds
+    /// the store.
+    Reindex(ReindexArgs),
     /// End-to-end tokens/s through Kafka (produce to stored and committed) against the
     /// bare incremental forward on the same documents, per batch size, in one run.
     BenchIngest(BenchIngestArgs),
@@ -397,6 +402,36 @@ pub struct RestoreArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReindexArgs {
+    /// Pipeline whose store to re-index.
+    #[arg(long, value_name = "FILE", default_value = "pipelines/local.toml")]
+    pub pipeline: PathBuf,
+    /// Store (default: the pipeline's).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// The new model (default: the embedded model).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Which documents: conditions on id, version, fingerprint, precision, num_gists,
+    /// tokens, e.g. "version>=2,id=news-*" (default: all; documents already made by the
+    /// new model at the target precision are skipped either way).
+    #[arg(long = "where", value_name = "EXPR", default_value = "")]
+    pub filter: String,
+    /// New storage precision (default: each document keeps its own).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::store::codec::Precision>,
+    /// Keep the old generation of states after the job completes.
+    #[arg(long)]
+    pub keep_old: bool,
+    /// Report what would change and the estimated time; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Documents compressed together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchIngestArgs {
     /// Model directory (default: a random model of the benchmark shape).
     #[arg(long, value_name = "DIR")]
@@ -461,6 +496,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => crate::serve::run_serve(args),
         Command::Produce(args) => crate::produce::run(args),
         Command::Restore(args) => crate::serve::run_restore(args),
+        Command::Reindex(args) => run_reindex(args),
         Command::BenchIngest(args) => run_bench_ingest(args),
         Command::Demo(args) => crate::demo::run(args),
     }
@@ -600,6 +636,95 @@ fn run_bench_ingest(args: BenchIngestArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", f.display()))?;
     }
     Ok(())
+}
+
+fn run_reindex(args: ReindexArgs) -> anyhow::Result<()> {
+    use crate::reindex::{Filter, JobSpec, Progress};
+    let p = if args.pipeline.exists() {
+        crate::pipeline::Pipeline::from_file(&args.pipeline)?
+    } else {
+        crate::pipeline::Pipeline::default()
+    };
+    let store_dir = args.store.clone().unwrap_or(p.store.path.clone());
+    let spec = JobSpec {
+        precision: args.precision,
+        filter: Filter::parse(&args.filter)?,
+        keep_old: args.keep_old,
+        dry_run: args.dry_run,
+        batch: args.batch,
+    };
+    let show = |pr: &Progress| {
+        eprintln!(
+            "{}: {} {}/{} documents, {}/{} tokens, {:.0} tok/s, ETA {:.0} s, {} up to date, {} skipped",
+            pr.job,
+            pr.state,
+            pr.done_documents,
+            pr.total_documents,
+            pr.done_tokens,
+            pr.total_tokens,
+            pr.tokens_per_second,
+            pr.eta_seconds,
+            pr.up_to_date,
+            pr.skipped.len()
+        )
+    };
+    let finish = |pr: &Progress| -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string(pr)?);
+        for s in &pr.skipped {
+            eprintln!("giststream: skipped {s}");
+        }
+        Ok(())
+    };
+    if let Some(client) = crate::api::Client::discover(&store_dir) {
+        let model = match &args.model {
+            Some(m) => Some(
+                std::fs::canonicalize(m)
+                    .with_context(|| format!("finding {}", m.display()))?
+                    .display()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let asked_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let answer = client.reindex(&crate::api::ReindexRequest { model, spec })?;
+        if args.dry_run {
+            let pr: Progress = serde_json::from_value(answer)?;
+            return finish(&pr);
+        }
+        // Follow the job's progress until it is done (records of earlier runs are older).
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let jobs = client.jobs()?;
+            if let Some(pr) = jobs
+                .iter()
+                .filter(|j| j.started_unix_ms + 1000 >= asked_ms)
+                .max_by_key(|j| j.started_unix_ms)
+            {
+                show(pr);
+                if pr.state == "done" {
+                    return finish(pr);
+                }
+                if pr.state == "failed" {
+                    bail!(
+                        "the re-index job failed in the serving process: {}",
+                        pr.error.as_deref().unwrap_or("no reason given")
+                    );
+                }
+            }
+        }
+    }
+    let model = ModelArgs {
+        model: args.model.clone(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        num_gists: 4,
+    }
+    .load()?;
+    let store = crate::store::Store::open(&store_dir)?;
+    let pr = crate::reindex::run(&store, &model, &spec, show)?;
+    finish(&pr)
 }
 
 fn run_api(args: ApiArgs) -> anyhow::Result<()> {

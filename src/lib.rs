@@ -14,6 +14,8 @@
 //! - [`update`] applies documents that arrive in parts, appending to their stored states;
 //! - [`ingest`] consumes document messages from Kafka into the store (`serve`, configured
 //!   by a [`pipeline`]), and [`changelog`] mirrors state updates to a compacted topic;
+//! - [`reindex`] rebuilds stored states with a new model or precision, switching each
+//!   document atomically;
 //! - [`query`] answers questions from a stored state (wrapped by the model's [`chat`]
 //!   template when it has one);
 //! - [`parallel`] runs whole documents at once (training, evaluation, equivalence checks);
@@ -39,6 +41,7 @@ pub mod parallel;
 pub mod pipeline;
 pub mod produce;
 pub mod query;
+pub mod reindex;
 pub mod segment;
 pub mod serve;
 pub mod state;

@@ -197,6 +197,12 @@ pub struct Store {
     meta: sled::Tree,
     states: sled::Tree,
     texts: sled::Tree,
+    /// The previous generation of re-indexed documents (metadata and state chunks, same
+    /// keys), kept until the job completes.
+    old_meta: sled::Tree,
+    old_states: sled::Tree,
+    /// Re-index jobs: id → JSON progress.
+    jobs: sled::Tree,
 }
 
 impl Store {
@@ -212,6 +218,9 @@ impl Store {
             meta: db.open_tree("meta")?,
             states: db.open_tree("states")?,
             texts: db.open_tree("texts")?,
+            old_meta: db.open_tree("old_meta")?,
+            old_states: db.open_tree("old_states")?,
+            jobs: db.open_tree("jobs")?,
             db,
         })
     }
@@ -376,16 +385,28 @@ impl Store {
     /// The state of a document, checked against `model` (fingerprint) and its records
     /// (format, checksums, chunk order).
     pub fn load(&self, id: &str, model: &GistModel) -> anyhow::Result<(DocMeta, GistState)> {
-        let meta = self
-            .meta(id)?
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        let chunks = (0..meta.state_chunks)
-            .map(|n| {
-                self.states
-                    .get(chunk_key(id, n))?
-                    .with_context(|| format!("document {id:?} lacks state chunk {n}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        // A consistent snapshot: metadata and chunks read, then the metadata read again.
+        // Every change of a document rewrites its metadata, so an unchanged record means
+        // no writer (an append, a switch) came between; otherwise read again.
+        let (meta, chunks) = loop {
+            let before = self
+                .meta
+                .get(id.as_bytes())?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            let meta = parse_meta(&before, id)?;
+            let chunks = (0..meta.state_chunks)
+                .map(|n| Ok(self.states.get(chunk_key(id, n))?))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if self.meta.get(id.as_bytes())?.as_deref() != Some(&*before) {
+                continue;
+            }
+            let chunks = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(n, c)| c.with_context(|| format!("document {id:?} lacks state chunk {n}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            break (meta, chunks);
+        };
         let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
         let state = codec::decode_chunks(&refs, model.llama.device(), model.llama.dtype())
             .with_context(|| format!("reading the state of {id:?}"))?;
@@ -506,6 +527,94 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("storing document {id:?}: {e:?}"))?;
         self.db.flush().context("flushing the store")?;
         Ok(())
+    }
+
+    /// The metadata record of `id` as stored (for compare-and-swap).
+    pub fn meta_bytes(&self, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(id.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Replaces the state of a complete document by `state` (made by `model`, at
+    /// `precision`), keeping its text, version and parts: the switch of a re-index job. Atomic, and only if the
+    /// metadata is still `expected` (else Ok(None): the document changed meanwhile). The
+    /// replaced metadata and chunks move to the old generation, unless it already holds
+    /// this document (the oldest generation is the one kept). Not flushed.
+    pub fn switch(
+        &self,
+        id: &str,
+        expected: &[u8],
+        model: &GistModel,
+        state: &GistState,
+        precision: Precision,
+    ) -> anyhow::Result<Option<DocMeta>> {
+        use sled::transaction::{ConflictableTransactionError, Transactional};
+        let old = parse_meta(expected, id)?;
+        let record = codec::encode(state, precision)?;
+        let meta = DocMeta {
+            tokens: state.regular_tokens,
+            sentences: state.sentences,
+            gist_tokens: state.gist_tokens,
+            fingerprint: format!("{:016x}", state.fingerprint),
+            num_gists: model.gist.num_gist_tokens,
+            segmentation: model.gist.segmentation.clone(),
+            precision,
+            state_rows: state.kv_len() as u64,
+            state_chunks: 1,
+            state_bytes: record.len() as u64,
+            updated_unix_ms: now_ms(),
+            ..old.clone()
+        };
+        let meta_record = seal(&serde_json::to_vec(&meta)?);
+        let switched = (&self.meta, &self.states, &self.old_meta, &self.old_states)
+            .transaction(|(m, s, om, os)| {
+                if m.get(id.as_bytes())?.as_deref() != Some(expected) {
+                    return Ok(false);
+                }
+                let archive = om.get(id.as_bytes())?.is_none();
+                if archive {
+                    om.insert(id.as_bytes(), expected)?;
+                }
+                for n in 0..old.state_chunks {
+                    let k = chunk_key(id, n);
+                    if let Some(v) = s.remove(k.clone())? {
+                        if archive {
+                            os.insert(k, v)?;
+                        }
+                    }
+                }
+                s.insert(chunk_key(id, 0), record.as_slice())?;
+                m.insert(id.as_bytes(), meta_record.as_slice())?;
+                Ok::<bool, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(|e| anyhow::anyhow!("switching document {id:?}: {e:?}"))?;
+        Ok(switched.then_some(meta))
+    }
+
+    /// Documents in the old generation.
+    pub fn old_generation_len(&self) -> usize {
+        self.old_meta.len()
+    }
+
+    /// Drops the old generation (a re-index job completed). Durable when it returns.
+    pub fn drop_old_generation(&self) -> anyhow::Result<()> {
+        self.old_meta.clear()?;
+        self.old_states.clear()?;
+        self.flush()
+    }
+
+    /// Saves a job's progress record (JSON), durably.
+    pub fn put_job(&self, id: &str, progress: &serde_json::Value) -> anyhow::Result<()> {
+        self.jobs
+            .insert(id.as_bytes(), serde_json::to_vec(progress)?)?;
+        self.flush()
+    }
+
+    /// Every job's progress record, in id order.
+    pub fn jobs(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        self.jobs
+            .iter()
+            .map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+            .collect()
     }
 
     /// Raw access for tests and repair tools: record `n` (chunk or part; ignored for
