@@ -63,6 +63,8 @@ pub enum Command {
     /// End-to-end tokens/s through Kafka (produce to stored and committed) against the
     /// bare incremental forward on the same documents, per batch size, in one run.
     BenchIngest(BenchIngestArgs),
+    /// Re-index throughput against the bare incremental forward on the same documents.
+    BenchReindex(BenchReindexArgs),
     /// The whole path on the embedded defaults: bundled texts produced to the embedded
     /// broker, ingested by the project's model into a temporary store, then a stored state
     /// resumed (a continuation, and the perplexity of a held-back passage).
@@ -429,6 +431,22 @@ pub struct ReindexArgs {
     /// Documents compressed together.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Take the new states from replaying the pipeline's document topic from its earliest
+    /// offsets (into a scratch store beside the store) instead of the stored text. Offline
+    /// only.
+    #[arg(long)]
+    pub from_kafka: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReindexArgs {
+    #[arg(long, default_value_t = 32)]
+    pub docs: usize,
+    /// Tokens per document (about: byte-level text).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
 }
 
 #[derive(Debug, Args)]
@@ -498,6 +516,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => crate::serve::run_restore(args),
         Command::Reindex(args) => run_reindex(args),
         Command::BenchIngest(args) => run_bench_ingest(args),
+        Command::BenchReindex(args) => {
+            let m = crate::reindex::bench(args.docs, args.tokens, args.batch)?;
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
         Command::Demo(args) => crate::demo::run(args),
     }
 }
@@ -675,7 +698,14 @@ fn run_reindex(args: ReindexArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    if let Some(client) = crate::api::Client::discover(&store_dir) {
+    let served = crate::api::Client::discover(&store_dir);
+    if args.from_kafka && served.is_some() {
+        bail!(
+            "--from-kafka runs offline, and a process serves {}: stop it, or re-index from the stored text",
+            store_dir.display()
+        );
+    }
+    if let Some(client) = served {
         let model = match &args.model {
             Some(m) => Some(
                 std::fs::canonicalize(m)
@@ -723,7 +753,38 @@ fn run_reindex(args: ReindexArgs) -> anyhow::Result<()> {
     }
     .load()?;
     let store = crate::store::Store::open(&store_dir)?;
-    let pr = crate::reindex::run(&store, &model, &spec, show)?;
+    if !args.from_kafka {
+        let pr = crate::reindex::run(&store, &model, &spec, show)?;
+        return finish(&pr);
+    }
+    anyhow::ensure!(
+        !p.kafka.brokers.is_empty(),
+        "--from-kafka needs the pipeline's brokers (the embedded broker keeps nothing between runs)"
+    );
+    let mut scratch_dir = store_dir.clone().into_os_string();
+    scratch_dir.push(".replay");
+    let scratch_dir = PathBuf::from(scratch_dir);
+    let pr = {
+        let scratch = crate::store::Store::open(&scratch_dir)?;
+        let n = crate::reindex::replay(
+            crate::ingest::client_config(&p, &p.kafka.brokers),
+            &p.kafka.topic,
+            &scratch,
+            &model,
+            args.batch,
+            p.batch.max_message_bytes,
+        )?;
+        eprintln!(
+            "giststream: replayed {n} messages of {} into {}",
+            p.kafka.topic,
+            scratch_dir.display()
+        );
+        crate::reindex::run_from(&store, Some(&scratch), &model, &spec, show)?
+    };
+    if !spec.dry_run {
+        std::fs::remove_dir_all(&scratch_dir)
+            .with_context(|| format!("removing {}", scratch_dir.display()))?;
+    }
     finish(&pr)
 }
 

@@ -168,6 +168,19 @@ pub fn run(
     store: &Store,
     model: &GistModel,
     spec: &JobSpec,
+    report: impl FnMut(&Progress),
+) -> anyhow::Result<Progress> {
+    run_from(store, None, model, spec, report)
+}
+
+/// [`run`], taking the new states from `replayed` (a scratch store the document topic was
+/// replayed into with the new model, see [`replay`]) instead of recompressing the stored
+/// text.
+pub fn run_from(
+    store: &Store,
+    replayed: Option<&Store>,
+    model: &GistModel,
+    spec: &JobSpec,
     mut report: impl FnMut(&Progress),
 ) -> anyhow::Result<Progress> {
     let job = format!(
@@ -230,7 +243,7 @@ pub fn run(
     }
     store.put_job(&job, &serde_json::to_value(&p)?)?;
     report(&p);
-    let result = work(store, model, spec, &todo, &mut p, &mut report);
+    let result = work(store, replayed, model, spec, &todo, &mut p, &mut report);
     if let Err(e) = &result {
         // Progress is data: a failure is recorded where the progress was.
         p.state = "failed".into();
@@ -245,6 +258,7 @@ pub fn run(
 /// The batches of a job, then the old generation dropped.
 fn work(
     store: &Store,
+    replayed: Option<&Store>,
     model: &GistModel,
     spec: &JobSpec,
     todo: &[DocMeta],
@@ -255,10 +269,20 @@ fn work(
     let started = Instant::now();
     for batch in todo.chunks(spec.batch.max(1)) {
         let mut docs = Vec::new();
-        let mut expected = Vec::new();
+        let mut expected: Vec<(&DocMeta, Vec<u8>)> = Vec::new();
         for m in batch {
             let prepared = (|| -> anyhow::Result<(Vec<u8>, Document)> {
                 let bytes = store.meta_bytes(&m.id)?.context("removed during the job")?;
+                if replayed.is_some() {
+                    let name = m.id.clone();
+                    return Ok((
+                        bytes,
+                        Document {
+                            name,
+                            segments: Vec::new(),
+                        },
+                    ));
+                }
                 let text = store.text(&m.id).context("its text cannot be read")?;
                 let segments = model.segments(&text)?;
                 Ok((
@@ -277,8 +301,36 @@ fn work(
                 Err(e) => p.skipped.push(format!("{}: {e:#}", m.id)),
             }
         }
-        let states = compress(model, docs, spec.batch)?;
-        for ((m, bytes), (state, _)) in expected.into_iter().zip(states) {
+        let states: Vec<crate::state::GistState> = match replayed {
+            None => compress(model, docs, spec.batch)?
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect(),
+            Some(r) => {
+                // Each document's replayed state, if the topic still holds its version.
+                let mut kept = Vec::new();
+                let mut states = Vec::new();
+                for (m, bytes) in expected {
+                    let got = r.meta(&m.id).ok().flatten();
+                    match got {
+                        Some(rm) if rm.complete && rm.version == m.version => {
+                            states.push(r.load(&m.id, model)?.1);
+                            kept.push((m, bytes));
+                        }
+                        Some(rm) => p.skipped.push(format!(
+                            "{}: the topic holds version {} part {} of it, the store version {}",
+                            m.id, rm.version, rm.parts, m.version
+                        )),
+                        None => p
+                            .skipped
+                            .push(format!("{}: not in the topic (past its retention?)", m.id)),
+                    }
+                }
+                expected = kept;
+                states
+            }
+        };
+        for ((m, bytes), state) in expected.into_iter().zip(states) {
             let precision = spec.precision.unwrap_or(m.precision);
             match store.switch(&m.id, &bytes, model, &state, precision)? {
                 Some(_) => {
@@ -338,4 +390,164 @@ mod tests {
         assert!(Filter::parse("id>3").is_err());
         assert!(Filter::parse("version").is_err());
     }
+}
+
+/// Replays a document topic from its earliest offsets to its current end into `scratch`
+/// with `model` (no consumer group, nothing committed): the states the pipeline would have
+/// made with this model. Parts already in `scratch` are skipped, so a killed replay resumes.
+/// Returns the messages read.
+pub fn replay(
+    consumer_config: rdkafka::ClientConfig,
+    topic: &str,
+    scratch: &Store,
+    model: &GistModel,
+    batch: usize,
+    max_message_bytes: usize,
+) -> anyhow::Result<u64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use std::time::Duration;
+    let mut cc = consumer_config;
+    cc.set("group.id", "giststream-reindex-replay")
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cc.create().context("creating the replay consumer")?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let mut end = std::collections::HashMap::new();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for part in t.partitions() {
+            let (low, high) =
+                consumer.fetch_watermarks(topic, part.id(), Duration::from_secs(10))?;
+            if high > low {
+                end.insert(part.id(), high);
+                tpl.add_partition_offset(topic, part.id(), rdkafka::Offset::Beginning)?;
+            }
+        }
+    }
+    let mut read = 0u64;
+    let mut parts = Vec::new();
+    let flush = |parts: &mut Vec<crate::update::Part>| -> anyhow::Result<()> {
+        crate::update::apply_parts(model, scratch, parts, Precision::F32, batch)?;
+        parts.clear();
+        Ok(())
+    };
+    if !end.is_empty() {
+        consumer.assign(&tpl)?;
+        while !end.is_empty() {
+            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let m = m.context("reading the document topic")?;
+            read += 1;
+            // Refused messages went to the dead-letter topic the first time; skip them.
+            if let Ok(d) = crate::ingest::message::parse(m.key(), m.payload(), max_message_bytes) {
+                parts.push(d.into_part(None));
+            }
+            if end
+                .get(&m.partition())
+                .is_some_and(|&e| m.offset() + 1 >= e)
+            {
+                end.remove(&m.partition());
+            }
+            if parts.len() >= 64 {
+                flush(&mut parts)?;
+            }
+        }
+    }
+    flush(&mut parts)?;
+    Ok(read)
+}
+
+/// What a re-index costs against the bare incremental forward.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReindexMeasurement {
+    pub documents: usize,
+    pub tokens: u64,
+    pub bare_tokens_per_second: f64,
+    pub reindex_tokens_per_second: f64,
+    /// reindex tok/s / bare tok/s.
+    pub ratio: f64,
+}
+
+/// Stores `docs` documents of about `tokens` tokens with one random model of the benchmark
+/// shape, then times, on the same documents and batch size, the bare incremental forward
+/// of a second model ([`compress`], text already segmented) and a re-index job to it (read
+/// text, segment, compress, switch, flush).
+pub fn bench(docs: usize, tokens: usize, batch: usize) -> anyhow::Result<ReindexMeasurement> {
+    use candle_core::{DType, Device};
+    let tmp = tempfile::tempdir()?;
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let spec = crate::bench::paper_shape();
+    crate::tiny::write_random_model(&a, &spec)?;
+    crate::tiny::write_random_model(
+        &b,
+        &crate::tiny::TinySpec {
+            seed: spec.seed + 1,
+            ..spec
+        },
+    )?;
+    let load = |d: &std::path::Path| {
+        GistModel::load(
+            d,
+            &Device::Cpu,
+            DType::F32,
+            &crate::model::LoadOptions::default(),
+        )
+    };
+    let (ma, mb) = (load(&a)?, load(&b)?);
+    let store = Store::open(&tmp.path().join("store"))?;
+    let texts: Vec<String> = (0..docs)
+        .map(|i| {
+            let mut t = crate::tiny::synthetic_text(tokens / 27 + 1, 5, 9000 + i as u64);
+            t.truncate(tokens.min(t.len()));
+            t
+        })
+        .collect();
+    let segmented = |m: &GistModel| -> anyhow::Result<Vec<Document>> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Ok(Document {
+                    name: format!("d{i}"),
+                    segments: m.segments(t)?,
+                })
+            })
+            .collect()
+    };
+    for ((s, _), (i, t)) in compress(&ma, segmented(&ma)?, batch)?
+        .iter()
+        .zip(texts.iter().enumerate())
+    {
+        store.put(&format!("d{i}"), 1, &ma, s, t, Precision::F32)?;
+    }
+    let input = segmented(&mb)?;
+    let started = Instant::now();
+    let states = compress(&mb, input, batch)?;
+    let bare = started.elapsed().as_secs_f64();
+    let total: u64 = states.iter().map(|(s, _)| s.regular_tokens).sum();
+    let job = JobSpec {
+        precision: None,
+        filter: Filter::default(),
+        keep_old: false,
+        dry_run: false,
+        batch,
+    };
+    let started = Instant::now();
+    let p = run(&store, &mb, &job, |_| {})?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        p.done_documents == docs,
+        "the job re-indexed {} of {docs}",
+        p.done_documents
+    );
+    Ok(ReindexMeasurement {
+        documents: docs,
+        tokens: total,
+        bare_tokens_per_second: total as f64 / bare,
+        reindex_tokens_per_second: total as f64 / secs,
+        ratio: bare / secs,
+    })
 }

@@ -723,3 +723,54 @@ fn two_processes_in_one_group_split_the_work_and_store_each_document_once() {
         }
     }
 }
+
+#[test]
+fn reindex_from_kafka_replays_the_topic_into_the_new_models_states() {
+    let b = broker();
+    let s = Setup::new("reindex");
+    const PART: usize = 300;
+    let docs = documents(20, 5);
+    produce_docs(&b, &s.topic, &docs, PART);
+    let pipeline = s.pipeline(&b, "store", "");
+    let store_dir = s.store("store");
+    let server = serve(&pipeline);
+    wait_for(&store_dir, "the documents", 300, |d| {
+        d.len() == docs.len() && d.iter().all(|m| m.complete)
+    });
+    assert!(stop(server).success());
+    let new_dir = s.dir.path().join("new-model");
+    write_random_model(
+        &new_dir,
+        &TinySpec {
+            num_gists: 2,
+            seed: 99,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["reindex", "--from-kafka", "--batch", "4", "--pipeline"])
+        .arg(&pipeline)
+        .arg("--model")
+        .arg(&new_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["done_documents"], docs.len());
+    let mut scratch = store_dir.clone().into_os_string();
+    scratch.push(".replay");
+    assert!(
+        !PathBuf::from(scratch).exists(),
+        "the scratch store is removed"
+    );
+    let new = common::load_model(&new_dir);
+    let store = Store::open(&store_dir).unwrap();
+    check_stored(&new, &store, &docs, PART);
+    assert_eq!(store.meta(&docs[0].0).unwrap().unwrap().num_gists, 2);
+}
