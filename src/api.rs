@@ -222,15 +222,19 @@ async fn reindex(
     State(svc): State<Arc<Service>>,
     Json(req): Json<ReindexRequest>,
 ) -> Result<Response, ApiError> {
+    let serving = svc.clone();
     let model = blocking(move || {
+        let svc_device = serving.model.llama.device();
+        let svc_dtype = serving.model.llama.dtype();
         let dir = match &req.model {
             Some(d) => std::path::PathBuf::from(d),
             None => crate::model::embedded::dir()?,
         };
+        // On the serving model's device and precision.
         let m = GistModel::load(
             &dir,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
+            svc_device,
+            svc_dtype,
             &crate::model::LoadOptions::default(),
         )
         .map_err(|e| e.context(format!("loading model {}", dir.display())))?;

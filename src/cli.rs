@@ -414,6 +414,12 @@ pub struct ReindexArgs {
     /// The new model (default: the embedded model).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Device for the new model: `cpu`, or `cuda`/`cuda:N` in a `cuda` build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision of the new model: f32, bf16 (GPU) or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Which documents: conditions on id, version, fingerprint, precision, num_gists,
     /// tokens, e.g. "version>=2,id=news-*" (default: all; documents already made by the
     /// new model at the target precision are skipped either way).
@@ -747,8 +753,8 @@ fn run_reindex(args: ReindexArgs) -> anyhow::Result<()> {
     }
     let model = ModelArgs {
         model: args.model.clone(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
+        device: args.device.clone(),
+        dtype: args.dtype.clone(),
         num_gists: 4,
     }
     .load()?;
