@@ -85,6 +85,11 @@ pub struct EvalArgs {
     /// Regular tokens kept from the start of each document (whole sentences; 0: all).
     #[arg(long, default_value_t = 8192)]
     pub max_tokens: usize,
+    /// Instead of one prefix per document: cut each into consecutive windows of
+    /// --max-tokens (each starting with BOS, like training sequences) and score the first
+    /// this many of each (0: prefixes).
+    #[arg(long, default_value_t = 0)]
+    pub windows: usize,
     /// Documents advancing together on the incremental path.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -907,7 +912,11 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     for (dir, scoring) in runs {
         let model = GistModel::load(dir, &device, DType::F32, &LoadOptions::default())
             .with_context(|| format!("loading {}", dir.display()))?;
-        let docs = documents(&model, &texts, args.max_tokens)?;
+        let docs = if args.windows > 0 {
+            crate::eval::windows(&model, &texts, args.max_tokens, args.windows)?
+        } else {
+            documents(&model, &texts, args.max_tokens)?
+        };
         let r = evaluate(
             &model,
             &dir.display().to_string(),

@@ -230,3 +230,30 @@ pub fn documents(
         })
         .collect()
 }
+
+/// Each document cut into consecutive windows of at most `tokens` regular tokens (whole
+/// sentences, each window starting with BOS, as training sequences are cut), the first
+/// `per_doc` of each: evaluation at the training length over many windows instead of one
+/// prefix per document.
+pub fn windows(
+    model: &GistModel,
+    texts: &[String],
+    tokens: usize,
+    per_doc: usize,
+) -> anyhow::Result<Vec<Vec<Segment>>> {
+    let bos = model
+        .bos_token_id()
+        .ok_or_else(|| anyhow::anyhow!("windows start with BOS, and this model has none"))?;
+    let mut out = Vec::new();
+    for t in texts {
+        let seqs = crate::train::sequences(
+            std::slice::from_ref(t),
+            &model.tokenizer,
+            &model.gist,
+            bos,
+            tokens,
+        )?;
+        out.extend(seqs.into_iter().take(per_doc));
+    }
+    Ok(out)
+}
