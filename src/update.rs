@@ -55,6 +55,22 @@ pub fn apply_parts(
     precision: Precision,
     batch: usize,
 ) -> anyhow::Result<Vec<Outcome>> {
+    let outcomes = apply_parts_unflushed(model, store, parts, precision, batch)?;
+    // One flush makes the whole call durable before anything is acknowledged.
+    store.flush()?;
+    Ok(outcomes)
+}
+
+/// [`apply_parts`] without the final flush: each part is atomic, and all are durable only
+/// after the caller's next [`Store::flush`], which must come before they are acknowledged.
+/// `serve` flushes a batch while the next one computes.
+pub fn apply_parts_unflushed(
+    model: &GistModel,
+    store: &Store,
+    parts: &[Part],
+    precision: Precision,
+    batch: usize,
+) -> anyhow::Result<Vec<Outcome>> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; parts.len()];
     let mut remaining: Vec<usize> = (0..parts.len()).collect();
     let mut before = vec![0u64; parts.len()];
@@ -106,8 +122,6 @@ pub fn apply_parts(
             });
         }
     }
-    // One flush makes the whole call durable before anything is acknowledged.
-    store.flush()?;
     Ok(outcomes
         .into_iter()
         .map(|o| o.expect("every part has an outcome"))

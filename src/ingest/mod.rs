@@ -3,10 +3,11 @@
 //! Two tasks share a bounded queue. The reader receives messages from the consumer group
 //! and pauses its partitions while the queue is full (the model fell behind). The worker
 //! takes a batch of messages, runs every valid one through the incremental path together
-//! ([`crate::update::apply_parts`]: sentences of several documents share forwards), makes
-//! the states durable in sled, sends refused messages to the dead-letter topic (and state
-//! updates to the changelog topic) and waits for those deliveries, and only then commits
-//! the batch's offsets. A crash anywhere before the commit redelivers the batch, and
+//! ([`crate::update::apply_parts_unflushed`]: sentences of several documents share
+//! forwards) into the store, sends refused messages to the dead-letter topic (and state
+//! updates to the changelog topic) and waits for those deliveries. A third task, the
+//! committer, then flushes the store and only then commits the batch's offsets, while the
+//! worker goes on with the next batch. A crash anywhere before the commit redelivers the batch, and
 //! redelivery is idempotent (the store skips parts it has), so no acknowledged message is
 //! lost and none is applied twice.
 
@@ -16,7 +17,7 @@ pub mod message;
 use crate::api::Service;
 use crate::pipeline::Pipeline;
 use crate::store::{PartAction, SourceOffset};
-use crate::update::{apply_parts, Outcome, Part};
+use crate::update::{apply_parts_unflushed, Outcome, Part};
 use anyhow::Context;
 use message::{parse, Reject};
 use rdkafka::config::ClientConfig;
@@ -186,17 +187,46 @@ pub async fn run(
         })
     };
 
+    // The committer makes each batch durable (one store flush) and then commits its
+    // offsets, in order, while the worker already computes the next batch: the flush's
+    // I/O overlaps the model instead of following it. At most one batch waits.
+    let (commit_tx, mut commit_rx) = mpsc::channel::<TopicPartitionList>(1);
+    let committer = {
+        let (svc, consumer) = (svc.clone(), consumer.clone());
+        tokio::spawn(async move {
+            while let Some(tpl) = commit_rx.recv().await {
+                let store_svc = svc.clone();
+                tokio::task::spawn_blocking(move || store_svc.store.flush())
+                    .await
+                    .context("the flush task panicked")??;
+                let c = consumer.clone();
+                tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+                    .await?
+                    .context("committing offsets")?;
+                svc.metrics.add(
+                    "giststream_commits_total",
+                    "Offset commits (one per batch).",
+                    1.0,
+                );
+            }
+            Ok::<(), anyhow::Error>(())
+        })
+    };
     let worker = Worker {
         p: p.clone(),
         svc,
         consumer: consumer.clone(),
         producer,
+        commits: commit_tx,
         last_lag: None,
     };
     let result = worker.run(&mut rx, &mut stop).await;
     reader.abort();
     let _ = reader.await;
-    result
+    // The worker is gone (its sender with it): the committer finishes what it holds.
+    let committed = committer.await.context("the committer task panicked")?;
+    // The committer's own error explains a worker that found it gone.
+    committed.and(result)
 }
 
 struct Worker {
@@ -204,6 +234,8 @@ struct Worker {
     svc: Arc<Service>,
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
+    /// Offsets of processed batches, to the committer.
+    commits: mpsc::Sender<TopicPartitionList>,
     last_lag: Option<Instant>,
 }
 
@@ -259,7 +291,7 @@ impl Worker {
         let precision = self.p.store.precision;
         let batch_size = self.p.batch.max_documents;
         let outcomes = tokio::task::spawn_blocking(move || {
-            apply_parts(&svc.model, &svc.store, &list, precision, batch_size)
+            apply_parts_unflushed(&svc.model, &svc.store, &list, precision, batch_size)
         })
         .await
         .context("the model task panicked")?
@@ -396,7 +428,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Commits, per partition, the offset after the batch's last message.
+    /// Hands the batch's offsets (per partition, the one after its last message) to the
+    /// committer, which commits them once the store is flushed.
     async fn commit(&self, batch: &[OwnedMessage]) -> anyhow::Result<()> {
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for m in batch {
@@ -409,16 +442,10 @@ impl Worker {
         for ((t, p), o) in &next {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
         }
-        let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-            .await?
-            .context("committing offsets")?;
-        self.svc.metrics.add(
-            "giststream_commits_total",
-            "Offset commits (one per batch).",
-            1.0,
-        );
-        Ok(())
+        self.commits
+            .send(tpl)
+            .await
+            .map_err(|_| anyhow::anyhow!("the committer stopped (see its error)"))
     }
 
     /// Consumer lag (high watermark minus position, summed over the assignment), at most
