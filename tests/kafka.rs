@@ -110,6 +110,17 @@ max_wait_ms = 20
     }
 }
 
+/// Runs a command to its end; fails the test with its stderr unless it succeeded.
+fn succeed(c: &mut Command) -> std::process::Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 struct Serve(Child);
 
 impl Drop for Serve {
@@ -366,16 +377,11 @@ fn documents_stream_in_and_equal_offline_compression_and_restore_rebuilds_the_st
         std::fs::write(files.join(format!("{id}.txt")), text).unwrap();
     }
     let pipeline = s.pipeline(&b, "store", "");
-    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
-        .args(["produce", "--part-bytes", &PART.to_string(), "--pipeline"])
-        .arg(&pipeline)
-        .arg(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .args(["produce", "--part-bytes", &PART.to_string(), "--pipeline"])
+            .arg(&pipeline)
+            .arg(&files),
     );
 
     let server = serve(&pipeline);
@@ -396,17 +402,12 @@ fn documents_stream_in_and_equal_offline_compression_and_restore_rebuilds_the_st
     // Restore a second store from the state topic: every record identical, so queries
     // answer identically.
     let restored_dir = s.store("restored");
-    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
-        .args(["restore", "--pipeline"])
-        .arg(&pipeline)
-        .arg("--store")
-        .arg(&restored_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .args(["restore", "--pipeline"])
+            .arg(&pipeline)
+            .arg("--store")
+            .arg(&restored_dir),
     );
     let restored = Store::open(&restored_dir).unwrap();
     assert_eq!(restored.len(), docs.len());
@@ -748,18 +749,13 @@ fn reindex_from_kafka_replays_the_topic_into_the_new_models_states() {
         },
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["reindex", "--from-kafka", "--batch", "4", "--pipeline"])
-        .arg(&pipeline)
-        .arg("--model")
-        .arg(&new_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .env("RAYON_NUM_THREADS", "1")
+            .args(["reindex", "--from-kafka", "--batch", "4", "--pipeline"])
+            .arg(&pipeline)
+            .arg("--model")
+            .arg(&new_dir),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["done_documents"], docs.len());
