@@ -644,8 +644,8 @@ fn print_answer_end(
 
 fn run_bench_ingest(args: BenchIngestArgs) -> anyhow::Result<()> {
     println!(
-        "{:>5} {:>5} {:>8} {:>12} {:>15} {:>9}",
-        "batch", "docs", "tokens", "bare tok/s", "pipeline tok/s", "overhead"
+        "{:>5} {:>5} {:>8} {:>12} {:>12} {:>15} {:>9}",
+        "batch", "docs", "tokens", "bare tok/s", "segment s", "pipeline tok/s", "overhead"
     );
     let all = crate::ingest::bench::run(
         args.model.as_deref(),
@@ -655,11 +655,12 @@ fn run_bench_ingest(args: BenchIngestArgs) -> anyhow::Result<()> {
         args.brokers.as_deref(),
         |m| {
             println!(
-                "{:>5} {:>5} {:>8} {:>12.0} {:>15.0} {:>8.1}%",
+                "{:>5} {:>5} {:>8} {:>12.0} {:>12.3} {:>15.0} {:>8.1}%",
                 m.batch,
                 m.documents,
                 m.tokens,
                 m.bare_tokens_per_second,
+                m.segment_seconds,
                 m.pipeline_tokens_per_second,
                 100.0 * m.overhead
             )

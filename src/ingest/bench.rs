@@ -22,6 +22,8 @@ pub struct IngestMeasurement {
     pub tokens: u64,
     pub bare_seconds: f64,
     pub bare_tokens_per_second: f64,
+    /// Segmenting and tokenizing the documents (the pipeline does it, the bare run not).
+    pub segment_seconds: f64,
     pub pipeline_seconds: f64,
     pub pipeline_tokens_per_second: f64,
     /// 1 - pipeline tok/s / bare tok/s.
@@ -65,6 +67,7 @@ pub fn run(
     for &batch in batches {
         let model = GistModel::load(&dir, &Device::Cpu, DType::F32, &LoadOptions::default())?;
         // Bare: the incremental forward alone, documents already segmented.
+        let seg_started = Instant::now();
         let input: Vec<Document> = texts
             .iter()
             .enumerate()
@@ -75,6 +78,7 @@ pub fn run(
                 })
             })
             .collect::<anyhow::Result<_>>()?;
+        let segment_seconds = seg_started.elapsed().as_secs_f64();
         let started = Instant::now();
         let states = compress(&model, input, batch)?;
         let bare_seconds = started.elapsed().as_secs_f64();
@@ -147,6 +151,7 @@ pub fn run(
             tokens: total,
             bare_seconds,
             bare_tokens_per_second: total as f64 / bare_seconds,
+            segment_seconds,
             pipeline_seconds,
             pipeline_tokens_per_second: total as f64 / pipeline_seconds,
             overhead: 1.0 - bare_seconds / pipeline_seconds,
