@@ -52,6 +52,18 @@ pub struct Service {
     pub started: Instant,
 }
 
+impl Service {
+    /// A service over `store` and `model`, with fresh metrics, started now.
+    pub fn new(store: Store, model: GistModel) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            model,
+            metrics: Arc::new(Metrics::new()),
+            started: Instant::now(),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
     pub status: String,

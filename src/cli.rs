@@ -803,12 +803,7 @@ fn run_reindex(args: ReindexArgs) -> anyhow::Result<()> {
 fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let store = crate::store::Store::open(&args.store)?;
-    let svc = std::sync::Arc::new(crate::api::Service {
-        store,
-        model,
-        metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
-        started: std::time::Instant::now(),
-    });
+    let svc = crate::api::Service::new(store, model);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(crate::api::serve(
         svc,

@@ -13,7 +13,6 @@ use crate::pipeline::Pipeline;
 use crate::query::{continuation, score, Sampling};
 use crate::state::{advance, Chunk, GistState};
 use anyhow::Context;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TEXTS: &[(&str, &str)] = &[
@@ -63,12 +62,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("store: {}", p.store.path.display());
     let store = crate::store::Store::open(&p.store.path)?;
-    let svc = Arc::new(Service {
-        store,
-        model,
-        metrics: Arc::new(crate::metrics::Metrics::new()),
-        started: Instant::now(),
-    });
+    let svc = Service::new(store, model);
 
     // Produce: the first text whole, the second in 32 KiB parts.
     let mut msgs = Vec::new();

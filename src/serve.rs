@@ -7,7 +7,6 @@ use crate::ingest::{client_config, Broker};
 use crate::model::{GistModel, LoadOptions};
 use crate::pipeline::Pipeline;
 use anyhow::Context;
-use std::sync::Arc;
 
 /// The pipeline's model: its directory, or the embedded one.
 pub fn load_model(p: &Pipeline) -> anyhow::Result<GistModel> {
@@ -36,12 +35,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let model = load_model(&p)?;
     let store = crate::store::Store::open(&p.store.path)?;
-    let svc = Arc::new(Service {
-        store,
-        model,
-        metrics: Arc::new(crate::metrics::Metrics::new()),
-        started: std::time::Instant::now(),
-    });
+    let svc = Service::new(store, model);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -10,7 +10,6 @@ use crate::pipeline::Pipeline;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use serde::Serialize;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,12 +104,7 @@ pub fn run(
         p.store.path = tmp.path().join(&tag);
         let broker = Broker::start(&p)?;
         let store = crate::store::Store::open(&p.store.path)?;
-        let svc = Arc::new(Service {
-            store,
-            model,
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            started: Instant::now(),
-        });
+        let svc = Service::new(store, model);
         let rt = tokio::runtime::Runtime::new()?;
         let pipeline_seconds = rt.block_on(async {
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
