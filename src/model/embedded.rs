@@ -7,24 +7,24 @@ use anyhow::Context;
 use std::path::PathBuf;
 
 /// Where the embedded model comes from in the repository.
-pub const SOURCE: &str = "models/gist-small-ng4";
+pub const SOURCE: &str = "models/gist-small";
 
 const FILES: &[(&str, &[u8])] = &[
     (
         "config.json",
-        include_bytes!("../../models/gist-small-ng4/config.json"),
+        include_bytes!("../../models/gist-small/config.json"),
     ),
     (
         "gist.json",
-        include_bytes!("../../models/gist-small-ng4/gist.json"),
+        include_bytes!("../../models/gist-small/gist.json"),
     ),
     (
         "tokenizer.json",
-        include_bytes!("../../models/gist-small-ng4/tokenizer.json"),
+        include_bytes!("../../models/gist-small/tokenizer.json"),
     ),
     (
         "model.safetensors",
-        include_bytes!("../../models/gist-small-ng4/model.safetensors"),
+        include_bytes!("../../models/gist-small/model.safetensors"),
     ),
 ];
 
