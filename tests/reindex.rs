@@ -103,6 +103,15 @@ fn fresh(model: &GistModel, text: &str, precision: Precision) -> Vec<u8> {
     encode(&state, precision).unwrap()
 }
 
+/// The stored state of `id` is byte-identical to compressing `text` fresh with `model`.
+fn assert_fresh(store: &Store, id: &str, model: &GistModel, text: &str, precision: Precision) {
+    assert_eq!(
+        store.raw("states", id, 0).unwrap().unwrap(),
+        fresh(model, text, precision),
+        "{id}"
+    );
+}
+
 #[test]
 fn new_states_equal_fresh_compression_with_the_new_model_and_precision() {
     let s = setup(10);
@@ -118,10 +127,7 @@ fn new_states_equal_fresh_compression_with_the_new_model_and_precision() {
         for (id, t) in &s.texts {
             let m = store.meta(id).unwrap().unwrap();
             assert_eq!(m.fingerprint, format!("{:016x}", old.fingerprint));
-            assert_eq!(
-                store.raw("states", id, 0).unwrap().unwrap(),
-                fresh(&old, t, Precision::F32)
-            );
+            assert_fresh(&store, id, &old, t, Precision::F32);
         }
     }
     // A filter: only version 1 documents with ids doc0*.
@@ -138,11 +144,7 @@ fn new_states_equal_fresh_compression_with_the_new_model_and_precision() {
             };
             let m = store.meta(id).unwrap().unwrap();
             assert_eq!(m.num_gists, n_g, "{id}");
-            assert_eq!(
-                store.raw("states", id, 0).unwrap().unwrap(),
-                fresh(model, t, Precision::F32),
-                "{id}"
-            );
+            assert_fresh(&store, id, model, t, Precision::F32);
             assert_eq!(store.text(id).unwrap(), *t);
         }
         assert_eq!(
@@ -159,11 +161,7 @@ fn new_states_equal_fresh_compression_with_the_new_model_and_precision() {
     for (id, t) in &s.texts {
         let m = store.meta(id).unwrap().unwrap();
         assert_eq!((m.num_gists, m.precision), (2, Precision::Int8), "{id}");
-        assert_eq!(
-            store.raw("states", id, 0).unwrap().unwrap(),
-            fresh(&new, t, Precision::Int8),
-            "{id}"
-        );
+        assert_fresh(&store, id, &new, t, Precision::Int8);
     }
     assert_eq!(store.old_generation_len(), 10);
 }
@@ -209,11 +207,7 @@ fn a_job_killed_at_any_moment_resumes_to_the_same_result() {
     ok(reindex(&s, &s.new, &[]).output().unwrap());
     let store = Store::open(&s.store).unwrap();
     for (id, t) in &s.texts {
-        assert_eq!(
-            store.raw("states", id, 0).unwrap().unwrap(),
-            fresh(&new, t, Precision::F32),
-            "{id}"
-        );
+        assert_fresh(&store, id, &new, t, Precision::F32);
     }
     assert_eq!(store.old_generation_len(), 0);
 }
@@ -235,11 +229,7 @@ fn a_document_that_fails_is_reported_and_the_rest_complete() {
     let store = Store::open(&s.store).unwrap();
     for (id, t) in &s.texts {
         let model = if id == "doc03" { &old } else { &new };
-        assert_eq!(
-            store.raw("states", id, 0).unwrap().unwrap(),
-            fresh(model, t, Precision::F32),
-            "{id}"
-        );
+        assert_fresh(&store, id, model, t, Precision::F32);
     }
 }
 
@@ -316,10 +306,6 @@ fn queries_keep_working_while_a_job_runs_in_the_serving_process() {
     assert!(server.wait().unwrap().success());
     let store = Store::open(&s.store).unwrap();
     for (id, t) in &s.texts {
-        assert_eq!(
-            store.raw("states", id, 0).unwrap().unwrap(),
-            fresh(&new, t, Precision::F32),
-            "{id}"
-        );
+        assert_fresh(&store, id, &new, t, Precision::F32);
     }
 }
