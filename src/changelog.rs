@@ -19,12 +19,10 @@
 //! beyond what the metadata names (left by an older version) are ignored.
 
 use crate::store::{DocMeta, Store};
-use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use anyhow::Context;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Largest piece of a record in one message: under the 1 MB default message size limit
@@ -125,64 +123,18 @@ pub fn restore(
     topic: &str,
     store: &Store,
 ) -> anyhow::Result<RestoreReport> {
-    let mut cc = consumer_config;
-    cc.set("group.id", "giststream-restore")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = cc.create().context("creating the restore consumer")?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("reading the metadata of {topic}"))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        bail!("the state topic {topic} has no partitions (does it exist?)");
-    }
-    // Where each partition ends now: restore stops there.
-    let mut end: HashMap<i32, i64> = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .with_context(|| format!("reading the watermarks of {topic}[{p}]"))?;
-        if high > low {
-            end.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-    }
     let mut report = RestoreReport::default();
     let mut latest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    if !end.is_empty() {
-        consumer.assign(&tpl)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(600);
-        while !end.is_empty() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "restore: the state topic did not reach its end in 10 minutes"
-            );
-            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let m = m.context("reading the state topic")?;
-            report.messages += 1;
+    report.messages =
+        crate::ingest::read_to_end(consumer_config, "giststream-restore", topic, |m| {
             if let (Some(k), v) = (m.key(), m.payload()) {
                 match v {
                     Some(v) => latest.insert(k.to_vec(), v.to_vec()),
                     None => latest.remove(k), // a tombstone
                 };
             }
-            if end
-                .get(&m.partition())
-                .is_some_and(|&e| m.offset() + 1 >= e)
-            {
-                end.remove(&m.partition());
-            }
-        }
-    }
+            Ok(())
+        })?;
     // Reassemble pieces into records.
     let mut records: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut broken: Vec<Vec<u8>> = Vec::new();

@@ -91,25 +91,28 @@ pub async fn send_all(
         pending.push(fut);
         // Bounded: await a window of deliveries at a time.
         if pending.len() >= 256 {
-            for f in pending.drain(..) {
-                f.await
-                    .context("the producer went away")?
-                    .map_err(|(e, _)| e)
-                    .context("delivering a message")?;
-                sent += 1;
-                on_sent(sent);
-            }
+            await_deliveries(&mut pending, &mut sent, &mut on_sent).await?;
         }
     }
-    for f in pending {
+    await_deliveries(&mut pending, &mut sent, &mut on_sent).await?;
+    Ok(sent)
+}
+
+/// Awaits every pending delivery, counting them.
+async fn await_deliveries(
+    pending: &mut Vec<rdkafka::producer::DeliveryFuture>,
+    sent: &mut usize,
+    on_sent: &mut impl FnMut(usize),
+) -> anyhow::Result<()> {
+    for f in pending.drain(..) {
         f.await
             .context("the producer went away")?
             .map_err(|(e, _)| e)
             .context("delivering a message")?;
-        sent += 1;
-        on_sent(sent);
+        *sent += 1;
+        on_sent(*sent);
     }
-    Ok(sent)
+    Ok(())
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {

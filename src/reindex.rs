@@ -404,58 +404,24 @@ pub fn replay(
     batch: usize,
     max_message_bytes: usize,
 ) -> anyhow::Result<u64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
-    use std::time::Duration;
-    let mut cc = consumer_config;
-    cc.set("group.id", "giststream-reindex-replay")
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cc.create().context("creating the replay consumer")?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("reading the metadata of {topic}"))?;
-    let mut end = std::collections::HashMap::new();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for t in md.topics().iter().filter(|t| t.name() == topic) {
-        for part in t.partitions() {
-            let (low, high) =
-                consumer.fetch_watermarks(topic, part.id(), Duration::from_secs(10))?;
-            if high > low {
-                end.insert(part.id(), high);
-                tpl.add_partition_offset(topic, part.id(), rdkafka::Offset::Beginning)?;
-            }
-        }
-    }
-    let mut read = 0u64;
     let mut parts = Vec::new();
     let flush = |parts: &mut Vec<crate::update::Part>| -> anyhow::Result<()> {
         crate::update::apply_parts(model, scratch, parts, Precision::F32, batch)?;
         parts.clear();
         Ok(())
     };
-    if !end.is_empty() {
-        consumer.assign(&tpl)?;
-        while !end.is_empty() {
-            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let m = m.context("reading the document topic")?;
-            read += 1;
+    let read =
+        crate::ingest::read_to_end(consumer_config, "giststream-reindex-replay", topic, |m| {
             // Refused messages went to the dead-letter topic the first time; skip them.
             if let Ok(d) = crate::ingest::message::parse(m.key(), m.payload(), max_message_bytes) {
                 parts.push(d.into_part(None));
             }
-            if end
-                .get(&m.partition())
-                .is_some_and(|&e| m.offset() + 1 >= e)
-            {
-                end.remove(&m.partition());
-            }
             if parts.len() >= 64 {
                 flush(&mut parts)?;
             }
-        }
-    }
+            Ok(())
+        })?;
     flush(&mut parts)?;
     Ok(read)
 }

@@ -101,6 +101,74 @@ pub fn producer(p: &Pipeline, bootstrap: &str) -> anyhow::Result<FutureProducer>
     c.create().context("creating a Kafka producer")
 }
 
+/// Reads `topic` from its earliest offsets to where each partition ends now, without a
+/// consumer group's commits, handing every message to `each` (restore and replays use it).
+/// Returns the messages read. Fails if the topic has no partitions or the end is not
+/// reached in 10 minutes.
+pub fn read_to_end(
+    consumer_config: ClientConfig,
+    group: &str,
+    topic: &str,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    use rdkafka::consumer::BaseConsumer;
+    let mut cc = consumer_config;
+    cc.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = cc.create().context("creating a Kafka consumer")?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    anyhow::ensure!(
+        !partitions.is_empty(),
+        "the topic {topic} has no partitions (does it exist?)"
+    );
+    // Where each partition ends now: reading stops there.
+    let mut end = std::collections::HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .with_context(|| format!("reading the watermarks of {topic}[{p}]"))?;
+        if high > low {
+            end.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+    }
+    let mut read = 0;
+    if end.is_empty() {
+        return Ok(read);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !end.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{topic} did not reach its end in 10 minutes"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m.with_context(|| format!("reading {topic}"))?;
+        read += 1;
+        each(&m)?;
+        if end
+            .get(&m.partition())
+            .is_some_and(|&e| m.offset() + 1 >= e)
+        {
+            end.remove(&m.partition());
+        }
+    }
+    Ok(read)
+}
+
 /// Runs the pipeline until `stop` turns true, then finishes the batch in hand (stored and
 /// committed) and returns. An error (store, model, broker) returns at once, leaving the
 /// uncommitted batch to be redelivered.
