@@ -1,8 +1,10 @@
 //! `giststream bench`: throughput and peak memory of the forward paths on a random model of
-//! the paper-comparison shape, at several document lengths.
+//! a chosen shape (the paper-comparison shape, or Llama-3.2-1B's for the GPU), at several
+//! document lengths.
 //!
-//! Each measurement runs in a child process (this binary, `bench --one ...`), so its peak
-//! resident memory (VmHWM) is its own. Documents are token ids, not text: sentences of
+//! The parent writes the random model once; each measurement runs in a child process
+//! (this binary, `bench --one ...`) that loads it, so its peak resident memory (VmHWM) is
+//! its own. Documents are token ids, not text: sentences of
 //! 20, 23, 27, 31, 34 regular tokens in turn (mean 27), each followed by N_g gists, the
 //! same workload `scripts/bench_reference.py` gives the reference code. Throughput counts
 //! document tokens (regular tokens, not gists) per second of wall time.
@@ -15,7 +17,7 @@ use crate::model::llama::{Logits, Ops};
 use crate::model::{GistModel, LoadOptions};
 use crate::parallel::{forward_rows, Layout, Mode};
 use crate::segment::SegmentConfig;
-use crate::tiny::{write_random_model, SplitMix, TinySpec};
+use crate::tiny::{write_random_model, Init, SplitMix, TinySpec};
 use crate::tokenize::Segment;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
@@ -49,10 +51,58 @@ pub enum Path {
     TtftFull,
 }
 
+/// The random model a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// Hidden 256, 4 layers, 4/2 heads, vocab 4096, N_g 4: the CPU comparison with the
+    /// reference code (f32 weights).
+    Paper,
+    /// Llama-3.2-1B: hidden 2048, 16 layers, 32/8 heads, intermediate 8192, vocab 128256,
+    /// tied embeddings, llama3 RoPE scaling, N_g 4, bf16 weights (2.5 GB): for GPUs.
+    #[value(name = "llama-3.2-1b")]
+    #[serde(rename = "llama-3.2-1b")]
+    Llama32_1b,
+}
+
+impl Shape {
+    pub fn spec(self) -> TinySpec {
+        match self {
+            Shape::Paper => paper_shape(),
+            Shape::Llama32_1b => TinySpec {
+                hidden: 2048,
+                layers: 16,
+                heads: 32,
+                kv_heads: 8,
+                intermediate: 8192,
+                vocab: 128_256,
+                num_gists: 4,
+                gist_checkpoint: true,
+                llama3_rope_scaling: true,
+                rope_factor: 32.0,
+                rope_original_max: 8192,
+                rope_theta: 500_000.0,
+                tie_embeddings: true,
+                segmentation: SegmentConfig::default(),
+                bos_always_visible: false,
+                scale: 0.02,
+                embed_scale: 0.02,
+                norm_noise: 0.0,
+                seed: 1,
+                init: Init::Uniform,
+                weights_dtype: DType::BF16,
+            },
+        }
+    }
+}
+
 /// One measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurement {
     pub path: Path,
+    pub shape: Shape,
+    pub device: String,
+    pub dtype: String,
     /// Regular tokens per document.
     pub tokens: usize,
     pub documents: usize,
@@ -67,6 +117,10 @@ pub struct Measurement {
     /// Bytes allocated for them (spare rows of the growing buffers included).
     pub state_allocated: u64,
     pub threads: usize,
+    /// Matrix-multiply FLOPs of the measured work (projections, MLP and attention scores
+    /// over the keys each row may see; a training step counts 3x), to set against the
+    /// chip's peak.
+    pub flops: f64,
 }
 
 /// The model shape compared with the reference code (GIST.md, issue 2).
@@ -88,6 +142,7 @@ pub fn paper_shape() -> TinySpec {
         embed_scale: 0.02,
         norm_noise: 0.0,
         seed: 1,
+        ..TinySpec::default()
     }
 }
 
@@ -126,17 +181,39 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What one measurement runs on.
+pub struct Setup<'a> {
+    pub shape: Shape,
+    /// The shape's random model, written earlier ([`write_model`]); written to a
+    /// temporary folder when `None`.
+    pub model_dir: Option<&'a std::path::Path>,
+    pub device: &'a Device,
+    pub dtype: DType,
+}
+
+/// Writes `shape`'s random model into `dir`.
+pub fn write_model(shape: Shape, dir: &std::path::Path) -> anyhow::Result<()> {
+    write_random_model(dir, &shape.spec())
+        .with_context(|| format!("writing the random {shape:?} model to {}", dir.display()))
+}
+
 /// Runs one measurement in this process.
 pub fn measure(
     path: Path,
     tokens: usize,
     batch: usize,
-    device: &Device,
-    dtype: DType,
+    setup: &Setup<'_>,
 ) -> anyhow::Result<Measurement> {
-    let dir = tempfile::tempdir()?;
-    write_random_model(dir.path(), &paper_shape())?;
-    let model = GistModel::load(dir.path(), device, dtype, &LoadOptions::default())?;
+    let (device, dtype) = (setup.device, setup.dtype);
+    let scratch = tempfile::tempdir()?;
+    let dir = match setup.model_dir {
+        Some(d) => d,
+        None => {
+            write_model(setup.shape, scratch.path())?;
+            scratch.path()
+        }
+    };
+    let model = GistModel::load(dir, device, dtype, &LoadOptions::default())?;
     let bos = model.bos_token_id().context("the bench model has BOS")?;
     let documents = if path == Path::IncrementalBatched {
         batch
@@ -146,6 +223,7 @@ pub fn measure(
     let docs: Vec<Vec<Segment>> = (0..documents)
         .map(|d| document(tokens, bos, d as u64 + 1))
         .collect();
+    let flops = work_flops(&setup.shape.spec(), path, &docs);
     // Warm up allocators and kernels on a short document.
     let warm = vec![Document {
         name: "warmup".into(),
@@ -171,7 +249,7 @@ pub fn measure(
         }
         Path::TrainBlockwise | Path::TrainDense => {
             use crate::train::{self, AdamW, Attention, TrainConfig, Trainable};
-            let trainee = train::trainee_from_dir(dir.path(), 4, device)?;
+            let trainee = train::trainee_from_dir(dir, 4, device)?;
             let mut cfg = TrainConfig::scratch(1, 1e-4, 1);
             cfg.attention = match path {
                 Path::TrainDense => Attention::GistDense,
@@ -241,9 +319,18 @@ pub fn measure(
             forward_rows(&model, &layout, mode, Ops::Fused, &Logits::Rows(last))?;
         }
     }
+    // Kernels on a GPU run asynchronously: wait for them before reading the clock.
+    device.synchronize()?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(Measurement {
         path,
+        shape: setup.shape,
+        device: match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cpu".into(),
+        },
+        dtype: dtype.as_str().into(),
+        flops,
         tokens,
         documents,
         seconds,
@@ -256,41 +343,101 @@ pub fn measure(
     })
 }
 
-/// Runs every (path, length) in a child process and returns the measurements.
+/// Matrix-multiply FLOPs of running `docs` (all sentences closed) through `path`.
+///
+/// Per row and layer: 2 x the projection and MLP weights, plus 4 x heads x head_dim per
+/// key the row attends to. The keys a row sees: on the gist paths, the gists (and BOS) kept
+/// from earlier sentences and its own sentence up to itself; with full attention, every
+/// earlier token. Logits are left out (the measured paths compute one row or none).
+pub fn work_flops(spec: &TinySpec, path: Path, docs: &[Vec<Segment>]) -> f64 {
+    let (h, d) = (spec.hidden as f64, (spec.hidden / spec.heads) as f64);
+    let (q, kv) = (spec.heads as f64 * d, spec.kv_heads as f64 * d);
+    let per_row = 2.0 * (h * (q + 2.0 * kv) + q * h + 3.0 * h * spec.intermediate as f64);
+    let per_key = 4.0 * spec.heads as f64 * d;
+    let ng = spec.num_gists as f64;
+    let mut total = 0.0;
+    for doc in docs {
+        let mut kept = 1.0; // BOS, kept at position 0
+        let mut position = 0.0;
+        for seg in doc {
+            let n = seg.tokens.len() as f64;
+            let keys = match path {
+                Path::FullAttention | Path::TtftFull => {
+                    // Rows p+1 .. p+n see p+1 .. p+n keys.
+                    let k = n * position + n * (n + 1.0) / 2.0;
+                    position += n;
+                    total += n * per_row;
+                    k
+                }
+                _ => {
+                    let rows = n + ng;
+                    let k = rows * kept + rows * (rows + 1.0) / 2.0;
+                    kept += ng;
+                    total += rows * per_row;
+                    k
+                }
+            };
+            total += keys * per_key;
+        }
+    }
+    let total = total * spec.layers as f64;
+    match path {
+        Path::TrainBlockwise | Path::TrainDense => 3.0 * total,
+        _ => total,
+    }
+}
+
+/// Runs every (path, length, batch) in a child process on one random model of `shape`,
+/// written once, and returns the measurements. The `incremental-batched` path runs once
+/// per batch size; the others once.
+#[allow(clippy::too_many_arguments)]
 pub fn run_all(
     paths: &[Path],
     lengths: &[usize],
-    batch: usize,
+    batches: &[usize],
+    shape: Shape,
     device: &str,
     dtype: &str,
     mut progress: impl FnMut(&Measurement),
 ) -> anyhow::Result<Vec<Measurement>> {
     let exe = std::env::current_exe()?;
+    let model = tempfile::tempdir()?;
+    write_model(shape, model.path())?;
+    let shape_name = serde_json::to_value(shape)?;
     let mut out = Vec::new();
     for &tokens in lengths {
         for &path in paths {
             let name = serde_json::to_value(path)?;
-            let child = std::process::Command::new(&exe)
-                .args(["bench", "--one", name.as_str().unwrap_or_default()])
-                .args([
-                    "--lengths",
-                    &tokens.to_string(),
-                    "--batch",
-                    &batch.to_string(),
-                ])
-                .args(["--device", device, "--dtype", dtype])
-                .output()
-                .context("starting a benchmark child")?;
-            if !child.status.success() {
-                bail!(
-                    "benchmark {name} at {tokens} tokens failed: {}",
-                    String::from_utf8_lossy(&child.stderr)
-                );
+            let batches = match path {
+                Path::IncrementalBatched => batches,
+                _ => &batches[..1.min(batches.len())],
+            };
+            for &batch in batches {
+                let child = std::process::Command::new(&exe)
+                    .args(["bench", "--one", name.as_str().unwrap_or_default()])
+                    .args([
+                        "--lengths",
+                        &tokens.to_string(),
+                        "--batch",
+                        &batch.to_string(),
+                    ])
+                    .args(["--shape", shape_name.as_str().unwrap_or_default()])
+                    .arg("--model-dir")
+                    .arg(model.path())
+                    .args(["--device", device, "--dtype", dtype])
+                    .output()
+                    .context("starting a benchmark child")?;
+                if !child.status.success() {
+                    bail!(
+                        "benchmark {name} at {tokens} tokens, batch {batch}, failed: {}",
+                        String::from_utf8_lossy(&child.stderr)
+                    );
+                }
+                let m: Measurement = serde_json::from_slice(&child.stdout)
+                    .with_context(|| format!("reading the result of {name} at {tokens} tokens"))?;
+                progress(&m);
+                out.push(m);
             }
-            let m: Measurement = serde_json::from_slice(&child.stdout)
-                .with_context(|| format!("reading the result of {name} at {tokens} tokens"))?;
-            progress(&m);
-            out.push(m);
         }
     }
     Ok(out)
@@ -299,6 +446,15 @@ pub fn run_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cpu_paper() -> Setup<'static> {
+        Setup {
+            shape: Shape::Paper,
+            model_dir: None,
+            device: &Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
 
     #[test]
     fn benchmark_documents_have_the_asked_length_and_mean_sentence() {
@@ -310,16 +466,54 @@ mod tests {
     }
 
     #[test]
+    fn flops_count_the_keys_each_row_sees() {
+        // Brute force: walk the rows, counting the keys each one may attend to.
+        let spec = paper_shape();
+        let (h, i, l) = (256.0, 688.0, 4.0);
+        let per_row = 2.0 * (h * (256.0 + 2.0 * 128.0) + 256.0 * h + 3.0 * h * i);
+        let per_key = 4.0 * 256.0;
+        let doc = document(100, 256, 3); // sentences of 20, 23, 27, 30
+        let (mut gist, mut full) = (0.0, 0.0);
+        let (mut kept, mut seen) = (1usize, 0usize);
+        for seg in &doc {
+            let rows = seg.tokens.len() + 4;
+            for r in 0..rows {
+                gist += per_row + per_key * (kept + r + 1) as f64;
+            }
+            kept += 4;
+            for _ in 0..seg.tokens.len() {
+                seen += 1;
+                full += per_row + per_key * seen as f64;
+            }
+        }
+        let docs = [doc];
+        let rel = |a: f64, b: f64| (a - b).abs() / b;
+        assert!(rel(work_flops(&spec, Path::Incremental, &docs), l * gist) < 1e-12);
+        assert!(rel(work_flops(&spec, Path::FullAttention, &docs), l * full) < 1e-12);
+        assert!(rel(work_flops(&spec, Path::TrainDense, &docs), 3.0 * l * gist) < 1e-12);
+        // The 1B shape: its projections and MLP are Llama-3.2-1B's 973M weights outside
+        // the embeddings.
+        let big = Shape::Llama32_1b.spec();
+        let one = [vec![Segment {
+            tokens: vec![1],
+            bytes: 0..0,
+            close: false,
+        }]];
+        let f = work_flops(&big, Path::FullAttention, &one);
+        assert_eq!(f, 16.0 * (2.0 * 60_817_408.0 + 4.0 * 2048.0));
+    }
+
+    #[test]
     fn training_steps_are_measured_with_both_masks() {
         for path in [Path::TrainBlockwise, Path::TrainDense] {
-            let m = measure(path, 128, 1, &Device::Cpu, DType::F32).unwrap();
+            let m = measure(path, 128, 1, &cpu_paper()).unwrap();
             assert!(m.tokens_per_second > 0.0 && m.seconds > 0.0, "{path:?}");
         }
     }
 
     #[test]
     fn a_small_measurement_runs() {
-        let m = measure(Path::IncrementalBatched, 300, 2, &Device::Cpu, DType::F32).unwrap();
+        let m = measure(Path::IncrementalBatched, 300, 2, &cpu_paper()).unwrap();
         assert_eq!(m.documents, 2);
         assert!(m.tokens_per_second > 0.0 && m.peak_rss >= m.base_rss);
         // 300 tokens in sentences of 20, 23, 27, 31, 34... : 12 sentences, 4 gists each.

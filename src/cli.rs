@@ -69,6 +69,11 @@ pub enum Command {
     /// broker, ingested by the project's model into a temporary store, then a stored state
     /// resumed (a continuation, and the perplexity of a held-back passage).
     Demo(DemoArgs),
+    /// Check a device and precision against the CPU in f32: the bundled texts through the
+    /// incremental path (batched), the parallel path and the training ops, logit by logit,
+    /// and the gist states, against the precision's stated tolerance. Prints a JSON report;
+    /// exits non-zero beyond tolerance.
+    Crosscheck(CrosscheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -199,9 +204,14 @@ pub struct BenchArgs {
     /// training step and are chosen explicitly, e.g. with --lengths 1024,4096).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub paths: Vec<crate::bench::Path>,
-    /// Documents in the batched incremental measurement.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
+    /// Documents in the batched incremental measurement; several sizes (8,32) measure it
+    /// once each.
+    #[arg(long, value_delimiter = ',', default_values_t = [8])]
+    pub batch: Vec<usize>,
+    /// Shape of the random model: `paper` (small, f32 weights) or `llama-3.2-1b` (1.24B
+    /// weights in bf16; meant for a GPU with `--dtype bf16`).
+    #[arg(long, value_enum, default_value = "paper")]
+    pub shape: crate::bench::Shape,
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -214,6 +224,9 @@ pub struct BenchArgs {
     /// Run one measurement in this process and print it as JSON (used by the parent run).
     #[arg(long, hide = true, value_enum)]
     pub one: Option<crate::bench::Path>,
+    /// The random model the parent wrote (with `--one`).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub model_dir: Option<PathBuf>,
 }
 
 /// Which model to load, where, and at what precision.
@@ -503,6 +516,19 @@ pub struct DocsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CrosscheckArgs {
+    /// The model, and the device and precision to check (e.g. `--device cuda --dtype bf16`).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Bytes of each bundled text to run (two documents, batched).
+    #[arg(long, default_value_t = 4000)]
+    pub bytes: usize,
+    /// Also write the report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct InspectArgs {
     /// The sled store.
     #[arg(long, value_name = "DIR")]
@@ -533,7 +559,63 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(args),
+        Command::Crosscheck(args) => run_crosscheck(args),
     }
+}
+
+fn run_crosscheck(args: CrosscheckArgs) -> anyhow::Result<()> {
+    let checked = args.model.load()?;
+    let reference = ModelArgs {
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        ..args.model.clone()
+    }
+    .load()?;
+    let mut docs = Vec::new();
+    for (name, text) in crate::demo::TEXTS {
+        let mut end = args.bytes.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let segments = reference
+            .segments(&text[..end])
+            .with_context(|| format!("segmenting {name}"))?;
+        docs.push(segments);
+    }
+    let report = crate::crosscheck::run(&reference, &checked, &docs)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(f) = &args.json {
+        std::fs::write(f, &json).with_context(|| format!("writing {}", f.display()))?;
+    }
+    for p in &report.paths {
+        eprintln!(
+            "{:<24} max |dlogit| {:.3e} ({:.3e} of the spread), top-1 {:.4}{}",
+            p.path,
+            p.logits.max_abs_diff,
+            p.logits.max_relative_diff,
+            p.logits.top1_agreement.unwrap_or(f64::NAN),
+            p.mean_abs_nll_diff
+                .map(|d| format!(", mean |dNLL| {d:.3e}"))
+                .unwrap_or_default()
+        );
+    }
+    if !report.pass {
+        let bad: Vec<String> = report
+            .paths
+            .iter()
+            .filter(|p| !p.exceeded.is_empty())
+            .map(|p| format!("{}: {}", p.path, p.exceeded.join("; ")))
+            .collect();
+        bail!(
+            "{} {} is beyond the {} tolerance: {}",
+            report.device,
+            report.dtype,
+            report.dtype,
+            bad.join(" | ")
+        );
+    }
+    Ok(())
 }
 
 fn run_query(args: QueryArgs) -> anyhow::Result<()> {
@@ -1080,16 +1162,19 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    use crate::bench::{measure, run_all, Path};
+    use crate::bench::{measure, run_all, Path, Setup};
+    if args.batch.is_empty() || args.batch.contains(&0) {
+        bail!("--batch needs sizes of at least 1");
+    }
     if let Some(path) = args.one {
         let tokens = *args.lengths.first().context("--lengths is empty")?;
-        let m = measure(
-            path,
-            tokens,
-            args.batch,
-            &parse_device(&args.device)?,
-            parse_dtype(&args.dtype)?,
-        )?;
+        let setup = Setup {
+            shape: args.shape,
+            model_dir: args.model_dir.as_deref(),
+            device: &parse_device(&args.device)?,
+            dtype: parse_dtype(&args.dtype)?,
+        };
+        let m = measure(path, tokens, args.batch[0], &setup)?;
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
     }
@@ -1110,7 +1195,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let all = run_all(
         &paths,
         &args.lengths,
-        args.batch,
+        &args.batch,
+        args.shape,
         &args.device,
         &args.dtype,
         |m| {

@@ -15,7 +15,7 @@ use crate::state::{advance, Chunk, GistState};
 use anyhow::Context;
 use std::time::{Duration, Instant};
 
-const TEXTS: &[(&str, &str)] = &[
+pub(crate) const TEXTS: &[(&str, &str)] = &[
     (
         "baum-american-fairy-tales",
         include_str!("../data/texts/baum-american-fairy-tales.txt"),

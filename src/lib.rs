@@ -22,7 +22,8 @@
 //! - [`compress`] drives whole documents through the incremental path;
 //! - [`api`] serves a store over local HTTP (with [`metrics`]) and is the CLI's client of
 //!   a running process;
-//! - [`bench`] measures the paths; [`cli`] is the command line.
+//! - [`bench`] measures the paths; [`crosscheck`] compares a device and precision with
+//!   the CPU in f32; [`cli`] is the command line.
 //!
 //! [`tiny`] writes small random models for tests and benchmarks.
 
@@ -32,6 +33,7 @@ pub mod changelog;
 pub mod chat;
 pub mod cli;
 pub mod compress;
+pub mod crosscheck;
 pub mod demo;
 pub mod eval;
 pub mod ingest;

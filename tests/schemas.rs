@@ -52,14 +52,13 @@ fn compress_reports_and_bench_measurements_match_their_schemas() {
         &schema("compress-report.schema.json"),
         &serde_json::to_value(&report).unwrap(),
     );
-    let m = giststream::bench::measure(
-        giststream::bench::Path::Parallel,
-        64,
-        1,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    let setup = giststream::bench::Setup {
+        shape: giststream::bench::Shape::Paper,
+        model_dir: None,
+        device: &candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+    };
+    let m = giststream::bench::measure(giststream::bench::Path::Parallel, 64, 1, &setup).unwrap();
     assert_valid(
         &schema("bench-measurement.schema.json"),
         &serde_json::to_value(&m).unwrap(),
