@@ -285,18 +285,23 @@ pub fn run(
     })
 }
 
+/// `a <= b`, false when either is NaN (a NaN never passes).
+fn at_most(a: f64, b: f64) -> bool {
+    a.partial_cmp(&b).is_some_and(|o| o.is_le())
+}
+
 /// The limits `p` exceeds, each named with its value.
 pub fn exceeded(p: &PathReport, tol: &Tolerance) -> Vec<String> {
     let mut out = Vec::new();
     let l = &p.logits;
-    if !(l.max_relative_diff <= tol.max_relative_logit_diff) {
+    if !at_most(l.max_relative_diff, tol.max_relative_logit_diff) {
         out.push(format!(
             "relative logit difference {:.3e} > {:.3e}",
             l.max_relative_diff, tol.max_relative_logit_diff
         ));
     }
     if let Some(t) = l.top1_agreement {
-        if !(t >= tol.min_top1_agreement) {
+        if !at_most(tol.min_top1_agreement, t) {
             out.push(format!(
                 "top-1 agreement {t:.4} < {}",
                 tol.min_top1_agreement
@@ -304,7 +309,7 @@ pub fn exceeded(p: &PathReport, tol: &Tolerance) -> Vec<String> {
         }
     }
     if let Some(d) = p.mean_abs_nll_diff {
-        if !(d <= tol.max_mean_abs_nll_diff) {
+        if !at_most(d, tol.max_mean_abs_nll_diff) {
             out.push(format!(
                 "mean |NLL difference| {d:.3e} > {:.3e}",
                 tol.max_mean_abs_nll_diff
@@ -312,7 +317,7 @@ pub fn exceeded(p: &PathReport, tol: &Tolerance) -> Vec<String> {
         }
     }
     if let Some(s) = &p.states {
-        if !(s.max_relative_diff <= tol.max_relative_state_diff) {
+        if !at_most(s.max_relative_diff, tol.max_relative_state_diff) {
             out.push(format!(
                 "relative state difference {:.3e} > {:.3e}",
                 s.max_relative_diff, tol.max_relative_state_diff
