@@ -197,6 +197,29 @@ pub fn write_model(shape: Shape, dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("writing the random {shape:?} model to {}", dir.display()))
 }
 
+/// Writes `shape`'s random model into `dir` unless a model of that shape is already there.
+pub fn ensure_model(shape: Shape, dir: &std::path::Path) -> anyhow::Result<()> {
+    let config = dir.join("config.json");
+    if config.exists() {
+        let spec = shape.spec();
+        let text = std::fs::read_to_string(&config)?;
+        let c: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("reading {}", config.display()))?;
+        let same = c["hidden_size"] == spec.hidden
+            && c["num_hidden_layers"] == spec.layers
+            && c["intermediate_size"] == spec.intermediate
+            && c["num_attention_heads"] == spec.heads;
+        if !same || !dir.join("model.safetensors").exists() {
+            bail!(
+                "{} holds a model that is not the {shape:?} benchmark shape: give another --model-dir",
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
+    write_model(shape, dir)
+}
+
 /// Runs one measurement in this process.
 pub fn measure(
     path: Path,
@@ -396,13 +419,15 @@ pub fn run_all(
     lengths: &[usize],
     batches: &[usize],
     shape: Shape,
+    model_dir: Option<&std::path::Path>,
     device: &str,
     dtype: &str,
     mut progress: impl FnMut(&Measurement),
 ) -> anyhow::Result<Vec<Measurement>> {
     let exe = std::env::current_exe()?;
-    let model = tempfile::tempdir()?;
-    write_model(shape, model.path())?;
+    let scratch = tempfile::tempdir()?;
+    let model = model_dir.unwrap_or(scratch.path());
+    ensure_model(shape, model)?;
     let shape_name = serde_json::to_value(shape)?;
     let mut out = Vec::new();
     for &tokens in lengths {
@@ -423,7 +448,7 @@ pub fn run_all(
                     ])
                     .args(["--shape", shape_name.as_str().unwrap_or_default()])
                     .arg("--model-dir")
-                    .arg(model.path())
+                    .arg(model)
                     .args(["--device", device, "--dtype", dtype])
                     .output()
                     .context("starting a benchmark child")?;

@@ -224,8 +224,9 @@ pub struct BenchArgs {
     /// Run one measurement in this process and print it as JSON (used by the parent run).
     #[arg(long, hide = true, value_enum)]
     pub one: Option<crate::bench::Path>,
-    /// The random model the parent wrote (with `--one`).
-    #[arg(long, hide = true, value_name = "DIR")]
+    /// Keep the random model in DIR: written there on first use, reused after (the 1B
+    /// shape takes a while to write). Default: a temporary folder per run.
+    #[arg(long, value_name = "DIR")]
     pub model_dir: Option<PathBuf>,
 }
 
@@ -1168,6 +1169,9 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = args.one {
         let tokens = *args.lengths.first().context("--lengths is empty")?;
+        if let Some(dir) = &args.model_dir {
+            crate::bench::ensure_model(args.shape, dir)?;
+        }
         let setup = Setup {
             shape: args.shape,
             model_dir: args.model_dir.as_deref(),
@@ -1197,6 +1201,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         &args.lengths,
         &args.batch,
         args.shape,
+        args.model_dir.as_deref(),
         &args.device,
         &args.dtype,
         |m| {
