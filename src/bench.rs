@@ -101,6 +101,8 @@ impl Shape {
 pub struct Measurement {
     pub path: Path,
     pub shape: Shape,
+    /// The incremental engine the model ran (it matters to the incremental paths only).
+    pub incremental: crate::model::Incremental,
     pub device: String,
     pub dtype: String,
     /// Regular tokens per document.
@@ -189,6 +191,8 @@ pub struct Setup<'a> {
     pub model_dir: Option<&'a std::path::Path>,
     pub device: &'a Device,
     pub dtype: DType,
+    /// The incremental engine; the device's default when `None`.
+    pub incremental: Option<crate::model::Incremental>,
 }
 
 /// Writes `shape`'s random model into `dir`.
@@ -203,8 +207,8 @@ pub fn ensure_model(shape: Shape, dir: &std::path::Path) -> anyhow::Result<()> {
     if config.exists() {
         let spec = shape.spec();
         let text = std::fs::read_to_string(&config)?;
-        let c: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("reading {}", config.display()))?;
+        let c: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("reading {}", config.display()))?;
         let same = c["hidden_size"] == spec.hidden
             && c["num_hidden_layers"] == spec.layers
             && c["intermediate_size"] == spec.intermediate
@@ -236,7 +240,10 @@ pub fn measure(
             scratch.path()
         }
     };
-    let model = GistModel::load(dir, device, dtype, &LoadOptions::default())?;
+    let mut model = GistModel::load(dir, device, dtype, &LoadOptions::default())?;
+    if let Some(e) = setup.incremental {
+        model.incremental = e;
+    }
     let bos = model.bos_token_id().context("the bench model has BOS")?;
     let documents = if path == Path::IncrementalBatched {
         batch
@@ -348,6 +355,7 @@ pub fn measure(
     Ok(Measurement {
         path,
         shape: setup.shape,
+        incremental: model.incremental,
         device: match device.location() {
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             _ => "cpu".into(),
@@ -420,6 +428,7 @@ pub fn run_all(
     batches: &[usize],
     shape: Shape,
     model_dir: Option<&std::path::Path>,
+    incremental: Option<crate::model::Incremental>,
     device: &str,
     dtype: &str,
     mut progress: impl FnMut(&Measurement),
@@ -450,6 +459,10 @@ pub fn run_all(
                     .arg("--model-dir")
                     .arg(model)
                     .args(["--device", device, "--dtype", dtype])
+                    .args(incremental.map(|e| {
+                        let name = serde_json::to_value(e).unwrap_or_default();
+                        format!("--incremental={}", name.as_str().unwrap_or_default())
+                    }))
                     .output()
                     .context("starting a benchmark child")?;
                 if !child.status.success() {
@@ -478,6 +491,7 @@ mod tests {
             model_dir: None,
             device: &Device::Cpu,
             dtype: DType::F32,
+            incremental: None,
         }
     }
 

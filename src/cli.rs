@@ -224,6 +224,11 @@ pub struct BenchArgs {
     /// Run one measurement in this process and print it as JSON (used by the parent run).
     #[arg(long, hide = true, value_enum)]
     pub one: Option<crate::bench::Path>,
+    /// Incremental engine: `per-document` (attention per document) or `slots` (all
+    /// documents' caches in one tensor, attention batched). Default: per-document on the
+    /// CPU, slots on a GPU.
+    #[arg(long, value_enum)]
+    pub incremental: Option<crate::model::Incremental>,
     /// Keep the random model in DIR: written there on first use, reused after (the 1B
     /// shape takes a while to write). Default: a temporary folder per run.
     #[arg(long, value_name = "DIR")]
@@ -590,16 +595,22 @@ fn run_crosscheck(args: CrosscheckArgs) -> anyhow::Result<()> {
         std::fs::write(f, &json).with_context(|| format!("writing {}", f.display()))?;
     }
     for p in &report.paths {
-        eprintln!(
-            "{:<24} max |dlogit| {:.3e} ({:.3e} of the spread), top-1 {:.4}{}",
-            p.path,
-            p.logits.max_abs_diff,
-            p.logits.max_relative_diff,
-            p.logits.top1_agreement.unwrap_or(f64::NAN),
-            p.mean_abs_nll_diff
-                .map(|d| format!(", mean |dNLL| {d:.3e}"))
-                .unwrap_or_default()
-        );
+        let mut line = format!("{:<24}", p.path);
+        if let Some(l) = &p.logits {
+            line += &format!(
+                " max |dlogit| {:.3e} ({:.3e} of the spread), top-1 {:.4}",
+                l.max_abs_diff,
+                l.max_relative_diff,
+                l.top1_agreement.unwrap_or(f64::NAN)
+            );
+        }
+        if let Some(d) = p.mean_abs_nll_diff {
+            line += &format!(", mean |dNLL| {d:.3e}");
+        }
+        if let Some(s) = &p.states {
+            line += &format!(" states {:.3e} of the spread", s.max_relative_diff);
+        }
+        eprintln!("{line}");
     }
     if !report.pass {
         let bad: Vec<String> = report
@@ -1177,6 +1188,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             model_dir: args.model_dir.as_deref(),
             device: &parse_device(&args.device)?,
             dtype: parse_dtype(&args.dtype)?,
+            incremental: args.incremental,
         };
         let m = measure(path, tokens, args.batch[0], &setup)?;
         println!("{}", serde_json::to_string(&m)?);
@@ -1202,6 +1214,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         &args.batch,
         args.shape,
         args.model_dir.as_deref(),
+        args.incremental,
         &args.device,
         &args.dtype,
         |m| {

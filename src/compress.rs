@@ -1,7 +1,8 @@
 //! Compressing whole documents: segment, tokenize, and run the incremental path with up to
 //! `batch` documents in flight, one sentence of each per forward.
 
-use crate::model::GistModel;
+use crate::model::{GistModel, Incremental};
+use crate::slots::{advance_slots, SlotCache};
 use crate::state::{advance, Chunk, GistState};
 use crate::tokenize::Segment;
 use serde::Serialize;
@@ -48,19 +49,36 @@ pub fn compress(
 }
 
 /// Like [`compress`], each document going on from a state (a document arriving in parts:
-/// its stored state, and the segments of its next part).
+/// its stored state, and the segments of its next part). Runs on the model's
+/// [`Incremental`] engine.
 pub fn compress_from(
     model: &GistModel,
     docs: Vec<(Document, GistState)>,
     batch: usize,
 ) -> anyhow::Result<Vec<(GistState, Report)>> {
+    compress_with(model, docs, batch, model.incremental)
+}
+
+/// [`compress_from`] on a chosen engine.
+pub fn compress_with(
+    model: &GistModel,
+    docs: Vec<(Document, GistState)>,
+    batch: usize,
+    engine: Incremental,
+) -> anyhow::Result<Vec<(GistState, Report)>> {
     struct Active {
         index: usize,
-        state: GistState,
+        /// The state (per-document engine), or None while it sits in `slot`.
+        state: Option<GistState>,
+        slot: usize,
         next: usize,
         started: Instant,
     }
     let batch = batch.max(1);
+    let mut slots = match engine {
+        Incremental::Slots => Some(SlotCache::new(model, batch.min(docs.len().max(1)))?),
+        Incremental::PerDocument => None,
+    };
     let (docs, mut starts): (Vec<Document>, Vec<Option<GistState>>) =
         docs.into_iter().map(|(d, s)| (d, Some(s))).unzip();
     let mut pending: VecDeque<usize> = (0..docs.len()).collect();
@@ -70,9 +88,15 @@ pub fn compress_from(
     loop {
         while active.len() < batch {
             let Some(i) = pending.pop_front() else { break };
+            let state = starts[i].take().expect("each document starts once");
+            let (state, slot) = match &mut slots {
+                Some(cache) => (None, cache.enter(state)?),
+                None => (Some(state), 0),
+            };
             active.push(Active {
                 index: i,
-                state: starts[i].take().expect("each document starts once"),
+                state,
+                slot,
                 next: 0,
                 started: Instant::now(),
             });
@@ -81,8 +105,12 @@ pub fn compress_from(
         let mut k = 0;
         while k < active.len() {
             if active[k].next >= docs[active[k].index].segments.len() {
-                let a = active.swap_remove(k);
-                let s = &a.state;
+                let mut a = active.swap_remove(k);
+                let s = match (&mut slots, a.state.take()) {
+                    (_, Some(s)) => s,
+                    (Some(cache), None) => cache.leave(a.slot)?,
+                    (None, None) => unreachable!("a per-document state is held"),
+                };
                 let report = Report {
                     name: docs[a.index].name.clone(),
                     tokens: s.regular_tokens,
@@ -97,7 +125,7 @@ pub fn compress_from(
                     kv_bytes_gist: s.kv_len() as u64 * model.kv_bytes_per_token(bytes_per_value),
                     seconds: a.started.elapsed().as_secs_f64(),
                 };
-                done[a.index] = Some((a.state, report));
+                done[a.index] = Some((s, report));
             } else {
                 k += 1;
             }
@@ -108,21 +136,31 @@ pub fn compress_from(
             }
             continue;
         }
-        let mut items: Vec<(&mut GistState, Chunk<'_>)> = active
-            .iter_mut()
-            .map(|a| {
-                let seg = &docs[a.index].segments[a.next];
-                a.next += 1;
-                (
-                    &mut a.state,
-                    Chunk {
-                        tokens: &seg.tokens,
-                        close: seg.close,
-                    },
-                )
-            })
-            .collect();
-        advance(model, &mut items, false)?;
+        let chunk = |a: &mut Active| {
+            let seg = &docs[a.index].segments[a.next];
+            a.next += 1;
+            Chunk {
+                tokens: &seg.tokens,
+                close: seg.close,
+            }
+        };
+        match &mut slots {
+            Some(cache) => {
+                let items: Vec<(usize, Chunk<'_>)> =
+                    active.iter_mut().map(|a| (a.slot, chunk(a))).collect();
+                advance_slots(model, cache, &items)?;
+            }
+            None => {
+                let mut items: Vec<(&mut GistState, Chunk<'_>)> = active
+                    .iter_mut()
+                    .map(|a| {
+                        let c = chunk(a);
+                        (a.state.as_mut().expect("per-document states are held"), c)
+                    })
+                    .collect();
+                advance(model, &mut items, false)?;
+            }
+        }
     }
     Ok(done
         .into_iter()

@@ -3,8 +3,10 @@
 //! logit on every path a user or trainer runs.
 //!
 //! Paths compared, each over every row (regular tokens and gists):
-//! - `incremental`: sentence by sentence with the documents batched (compress, serve,
-//!   query, re-index); its gist states are compared too;
+//! - `incremental`: sentence by sentence with the documents batched, attention per
+//!   document (queries, evaluation; compress on the CPU); its gist states are compared too;
+//! - `incremental-slots`: the gist states of the slots engine (compress, serve and
+//!   re-index on a GPU), which computes no logits;
 //! - `parallel-fused`: whole documents with the sentence mask (evaluation);
 //! - `parallel-differentiable`: the same with the training ops.
 //!
@@ -12,7 +14,7 @@
 //! deviation), so one tolerance serves models whose logits have different scales.
 
 use crate::model::llama::Ops;
-use crate::model::GistModel;
+use crate::model::{GistModel, Incremental};
 use crate::parallel::{forward, Layout, Mode};
 use crate::state::{advance, Chunk, GistState};
 use crate::tokenize::Segment;
@@ -121,7 +123,8 @@ pub fn diff(reference: &Tensor, other: &Tensor, logits: bool) -> anyhow::Result<
 #[derive(Debug, Clone, Serialize)]
 pub struct PathReport {
     pub path: String,
-    pub logits: Diff,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Diff>,
     /// Mean |difference| of the regular tokens' negative log-likelihoods (incremental).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean_abs_nll_diff: Option<f64>,
@@ -229,13 +232,43 @@ pub fn run(
     }
     paths.push(PathReport {
         path: "incremental".into(),
-        logits: diff(&ref_logits, &logits, true)?,
+        logits: Some(diff(&ref_logits, &logits, true)?),
         mean_abs_nll_diff: Some(sum / n.max(1) as f64),
         perplexity_reference: Some(perplexity(&ref_nll)),
         perplexity_checked: Some(perplexity(&nll)),
         states: Some(diff(
             &state_values(&ref_states)?,
             &state_values(&states)?,
+            false,
+        )?),
+        exceeded: Vec::new(),
+    });
+
+    let input = docs
+        .iter()
+        .enumerate()
+        .map(|(i, segments)| {
+            let d = crate::compress::Document {
+                name: i.to_string(),
+                segments: segments.clone(),
+            };
+            Ok((d, GistState::new(checked)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let slotted: Vec<GistState> =
+        crate::compress::compress_with(checked, input, docs.len(), Incremental::Slots)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+    paths.push(PathReport {
+        path: "incremental-slots".into(),
+        logits: None,
+        mean_abs_nll_diff: None,
+        perplexity_reference: None,
+        perplexity_checked: None,
+        states: Some(diff(
+            &state_values(&ref_states)?,
+            &state_values(&slotted)?,
             false,
         )?),
         exceeded: Vec::new(),
@@ -259,7 +292,7 @@ pub fn run(
         )?;
         paths.push(PathReport {
             path: name.into(),
-            logits: diff(&a, &b, true)?,
+            logits: Some(diff(&a, &b, true)?),
             mean_abs_nll_diff: None,
             perplexity_reference: None,
             perplexity_checked: None,
@@ -293,19 +326,20 @@ fn at_most(a: f64, b: f64) -> bool {
 /// The limits `p` exceeds, each named with its value.
 pub fn exceeded(p: &PathReport, tol: &Tolerance) -> Vec<String> {
     let mut out = Vec::new();
-    let l = &p.logits;
-    if !at_most(l.max_relative_diff, tol.max_relative_logit_diff) {
-        out.push(format!(
-            "relative logit difference {:.3e} > {:.3e}",
-            l.max_relative_diff, tol.max_relative_logit_diff
-        ));
-    }
-    if let Some(t) = l.top1_agreement {
-        if !at_most(tol.min_top1_agreement, t) {
+    if let Some(l) = &p.logits {
+        if !at_most(l.max_relative_diff, tol.max_relative_logit_diff) {
             out.push(format!(
-                "top-1 agreement {t:.4} < {}",
-                tol.min_top1_agreement
+                "relative logit difference {:.3e} > {:.3e}",
+                l.max_relative_diff, tol.max_relative_logit_diff
             ));
+        }
+        if let Some(t) = l.top1_agreement {
+            if !at_most(tol.min_top1_agreement, t) {
+                out.push(format!(
+                    "top-1 agreement {t:.4} < {}",
+                    tol.min_top1_agreement
+                ));
+            }
         }
     }
     if let Some(d) = p.mean_abs_nll_diff {
@@ -353,13 +387,13 @@ mod tests {
         let tol = Tolerance::for_dtype(DType::BF16);
         let mut p = PathReport {
             path: "incremental".into(),
-            logits: Diff {
+            logits: Some(Diff {
                 rows: 10,
                 max_abs_diff: 1.0,
                 reference_std: 2.0,
                 max_relative_diff: 0.5,
                 top1_agreement: Some(0.9),
-            },
+            }),
             mean_abs_nll_diff: Some(0.01),
             perplexity_reference: None,
             perplexity_checked: None,
@@ -369,8 +403,9 @@ mod tests {
         let e = exceeded(&p, &tol);
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].contains("relative logit") && e[1].contains("top-1"));
-        p.logits.max_relative_diff = 0.1;
-        p.logits.top1_agreement = Some(0.99);
+        let l = p.logits.as_mut().unwrap();
+        l.max_relative_diff = 0.1;
+        l.top1_agreement = Some(0.99);
         assert!(exceeded(&p, &tol).is_empty());
         // NaN never passes.
         p.mean_abs_nll_diff = Some(f64::NAN);

@@ -10,6 +10,7 @@
 //!   ([`model::llama`]), with the sentence-attention mask;
 //! - [`state`] holds a document's compressed state ([`state::GistState`]: per-layer K/V of
 //!   the gist tokens) and advances it sentence by sentence, batched across documents;
+//!   [`slots`] does the same with the batch's caches in one tensor (the GPU default);
 //! - [`store`] turns states into versioned, checksummed records in sled;
 //! - [`update`] applies documents that arrive in parts, appending to their stored states;
 //! - [`ingest`] consumes document messages from Kafka into the store (`serve`, configured
@@ -46,6 +47,7 @@ pub mod query;
 pub mod reindex;
 pub mod segment;
 pub mod serve;
+pub mod slots;
 pub mod state;
 pub mod store;
 pub mod tiny;

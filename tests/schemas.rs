@@ -57,6 +57,7 @@ fn compress_reports_and_bench_measurements_match_their_schemas() {
         model_dir: None,
         device: &candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
+        incremental: None,
     };
     let m = giststream::bench::measure(giststream::bench::Path::Parallel, 64, 1, &setup).unwrap();
     assert_valid(

@@ -39,6 +39,8 @@ impl Default for LoadOptions {
 /// stored states to it.
 pub struct GistModel {
     pub llama: Llama,
+    /// How whole documents run through the incremental path (see [`Incremental`]).
+    pub incremental: Incremental,
     pub tokenizer: GistTokenizer,
     pub gist: GistConfig,
     /// Hash of config, gist settings, tokenizer and weights (see [`fingerprint`]).
@@ -119,6 +121,7 @@ impl GistModel {
             &files,
         )?;
         Ok(Self {
+            incremental: Incremental::default_for(device),
             llama,
             tokenizer,
             gist,
@@ -136,6 +139,7 @@ impl GistModel {
         fingerprint: u64,
     ) -> Self {
         Self {
+            incremental: Incremental::default_for(llama.device()),
             llama,
             tokenizer,
             gist,
@@ -198,6 +202,28 @@ pub struct Carry {
     pub offset: usize,
     /// Whether the first sentence (the one that gets BOS) was emitted.
     pub started: bool,
+}
+
+/// How [`crate::compress::compress`] batches documents on the incremental path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Incremental {
+    /// Each document's cache in its own buffer, attention per document
+    /// ([`crate::state::advance`]): fewest copies; the CPU default.
+    PerDocument,
+    /// All documents' caches in one tensor, attention batched ([`crate::slots`]): a fixed
+    /// number of kernels per layer at any batch; the GPU default.
+    Slots,
+}
+
+impl Incremental {
+    pub fn default_for(device: &Device) -> Self {
+        if device.is_cpu() {
+            Incremental::PerDocument
+        } else {
+            Incremental::Slots
+        }
+    }
 }
 
 /// Text in, model segments out, as sentences become certain.
