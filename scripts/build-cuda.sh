@@ -4,24 +4,32 @@
 # libcuda.so.1 (the driver library only a GPU machine has), sm_90 (H100/H200). Then strips
 # and compresses the binary, and checks with LD_BIND_NOW that every CUDA symbol resolves.
 #
-#   scripts/build-cuda.sh            -> target/giststream-cuda.zst
+#   scripts/build-cuda.sh            -> target/giststream-cuda.gz (the GPU machines have gzip,
+#                                       not zstd)
 #
 # With a CUDA toolkit of your own, `cargo build --release --features cuda` is all it takes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-VENV=${CUDA_VENV:-$ROOT/target/cuda-venv}
 STUB=$ROOT/target/cuda-stub
 BIN=$ROOT/target/giststream-cuda
 
-if [ ! -e "$VENV/.ready" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-crt==13.0.*" \
-    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvrtc==13.0.*" "nvidia-nvvm==13.0.*" \
-    "nvidia-cuda-cccl==13.0.*" "nvidia-curand==10.4.0.*" "nvidia-cublas==13.0.*"
-  touch "$VENV/.ready"
+# The toolchain: a virtual environment made earlier, or pip --target (no python3-venv
+# needed, as on CI).
+PKGS=("nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*"
+  "nvidia-cuda-nvrtc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-cccl==13.0.*"
+  "nvidia-curand==10.4.0.*" "nvidia-cublas==13.0.*")
+VENV=${CUDA_VENV:-$ROOT/target/cuda-venv}
+if [ -e "$VENV/.ready" ]; then
+  CU=$(echo "$VENV"/lib/python3*/site-packages/nvidia/cu13)
+else
+  PY=$ROOT/target/cuda-py
+  if [ ! -e "$PY/.ready" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --target "$PY" "${PKGS[@]}"
+    touch "$PY/.ready"
+  fi
+  CU=$PY/nvidia/cu13
 fi
-CU=$(echo "$VENV"/lib/python3*/site-packages/nvidia/cu13)
 [ -x "$CU/bin/nvcc" ] || { echo "no nvcc under $CU" >&2; exit 1; }
 
 # The driver stub: every cu* function cudarc declares, returning an error code.
@@ -44,7 +52,7 @@ export RUSTFLAGS="-L native=$STUB"
 cargo build --release --features cuda --target-dir "$ROOT/target/cuda"
 cp "$ROOT/target/cuda/release/giststream" "$BIN"
 strip "$BIN"
-zstd -q -19 -f "$BIN" -o "$BIN.zst"
+gzip -9 -c "$BIN" > "$BIN.gz"
 
 # Symbol check: every CUDA symbol must resolve now (LD_BIND_NOW), and opening the device
 # must fail in CUDA itself (the stub), not in the loader.
@@ -60,4 +68,4 @@ if [ $rc -eq 127 ] || echo "$msg" | grep -q "error while loading shared librarie
   exit 1
 fi
 ldd "$BIN" | grep -E "cuda|cublas|curand|nvrtc" || true
-echo "built $BIN.zst ($(du -h "$BIN.zst" | cut -f1)); symbols resolve"
+echo "built $BIN.gz ($(du -h "$BIN.gz" | cut -f1)); symbols resolve"

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PACK=.gpu/bench
 mkdir -p "$PACK/wheels"
 scripts/build-cuda.sh
-gzip -9 -c target/giststream-cuda > "$PACK/giststream-cuda.gz"
+cp target/giststream-cuda.gz "$PACK/giststream-cuda.gz"
 PIP=${PIP:-pip3}
 "$PIP" download -q --no-deps -d "$PACK/wheels" --only-binary=:all: \
   --platform manylinux2014_x86_64 --python-version 3.12 \
