@@ -97,6 +97,7 @@ if grep -q "not found" "$OUT/ldd.txt"; then
   exit 1
 fi
 "$BIN" --version | tee -a "$OUT/steps.log"
+log "binary built from $(cat "$PACK/commit" 2>/dev/null || echo "an unrecorded commit"); tree at $(git rev-parse HEAD 2>/dev/null)"
 
 # 2. Smoke.
 measure smoke 120 "$BIN" bench --one incremental --lengths 256 --device "$DEVICE" --dtype "$DTYPE"

@@ -21,4 +21,7 @@ PIP=${PIP:-pip3}
   --platform manylinux2014_x86_64 --python-version 3.12 \
   "transformers==4.53.0" "tokenizers==0.21.4" "huggingface_hub==0.36.2" "safetensors==0.6.2"
 tar czf "$PACK/reference-src.tar.gz" -C "$REFERENCE_DIR" src
+# Which source the binary is: a later session checks it before spending a lease on it.
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && echo dirty; } \
+  > "$PACK/commit" || true
 du -sh "$PACK"/* "$PACK"
