@@ -177,9 +177,11 @@ pub fn advance_slots(
     let mut write = vec![0u32; n];
     let mut gather_q = vec![0u32; slots * lmax];
     let mut unpad = vec![0u32; n];
-    let mut limit = vec![1u32; slots * lmax]; // padding rows see key 0 only (no NaN)
-                                              // Compaction of closing sentences: source rows (the tail and new rows kept) and where
-                                              // they go.
+    // Padding rows (and slots without a chunk this step) see key 0 only: no row is all
+    // masked, so softmax never divides by zero.
+    let mut limit = vec![1u32; slots * lmax];
+    // Compaction of closing sentences: source rows (the tail and new rows kept) and where
+    // they go.
     let (mut from, mut to) = (Vec::new(), Vec::new());
     for ((slot, chunk), (rows, kept)) in items.iter().zip(&groups) {
         let base = slot * cap;
