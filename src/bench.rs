@@ -221,7 +221,13 @@ pub fn ensure_model(shape: Shape, dir: &std::path::Path) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    write_model(shape, dir)
+    // Written aside and renamed, so a run killed mid-write leaves no half model behind.
+    let aside = dir.with_extension("partial");
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    }
+    write_model(shape, &aside)?;
+    std::fs::rename(&aside, dir).with_context(|| format!("moving the model to {}", dir.display()))
 }
 
 /// Runs one measurement in this process.
