@@ -549,6 +549,27 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_model_is_written_once_and_checked_before_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("paper");
+        ensure_model(Shape::Paper, &m).unwrap();
+        let written = std::fs::metadata(m.join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        ensure_model(Shape::Paper, &m).unwrap(); // reused, not rewritten
+        let again = std::fs::metadata(m.join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(written, again);
+        assert!(!dir.path().join("paper.partial").exists());
+        // A folder holding another shape is refused, naming the folder.
+        let err = ensure_model(Shape::Llama32_1b, &m).unwrap_err().to_string();
+        assert!(err.contains("not the Llama32_1b benchmark shape"), "{err}");
+    }
+
+    #[test]
     fn training_steps_are_measured_with_both_masks() {
         for path in [Path::TrainBlockwise, Path::TrainDense] {
             let m = measure(path, 128, 1, &cpu_paper()).unwrap();

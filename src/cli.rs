@@ -1205,8 +1205,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         args.paths.clone()
     };
     println!(
-        "{:<20} {:>8} {:>5} {:>10} {:>10} {:>12} {:>12}",
-        "path", "tokens", "docs", "seconds", "tok/s", "peak RSS", "state"
+        "{:<20} {:>13} {:>8} {:>5} {:>10} {:>10} {:>12} {:>12}",
+        "path", "engine", "tokens", "docs", "seconds", "tok/s", "peak RSS", "state"
     );
     let all = run_all(
         &paths,
@@ -1219,9 +1219,16 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         &args.dtype,
         |m| {
             let name = serde_json::to_value(m.path).unwrap_or_default();
+            let engine = match m.path {
+                Path::Incremental | Path::IncrementalBatched => {
+                    serde_json::to_value(m.incremental).unwrap_or_default()
+                }
+                _ => serde_json::Value::String("-".into()),
+            };
             println!(
-                "{:<20} {:>8} {:>5} {:>10.2} {:>10.0} {:>12} {:>12}",
+                "{:<20} {:>13} {:>8} {:>5} {:>10.2} {:>10.0} {:>12} {:>12}",
                 name.as_str().unwrap_or_default(),
+                engine.as_str().unwrap_or_default(),
                 m.tokens,
                 m.documents,
                 m.seconds,
