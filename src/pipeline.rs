@@ -65,6 +65,9 @@ pub struct ModelConfig {
     pub dir: String,
     pub device: String,
     pub dtype: String,
+    /// Incremental engine: `per-document` or `slots` (see `giststream bench --help`);
+    /// absent: per-document on the CPU, slots on a GPU.
+    pub incremental: Option<crate::model::Incremental>,
 }
 
 impl Default for ModelConfig {
@@ -73,6 +76,7 @@ impl Default for ModelConfig {
             dir: String::new(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            incremental: None,
         }
     }
 }
@@ -188,6 +192,17 @@ mod tests {
         );
         assert!(e.contains("unknown field `broker`"), "{e}");
         assert!(Pipeline::parse("[batch]\nmax_documents = 0\n").is_err());
+    }
+
+    #[test]
+    fn the_incremental_engine_is_chosen_by_name() {
+        let p = Pipeline::parse("[model]\nincremental = \"slots\"\n").unwrap();
+        assert_eq!(p.model.incremental, Some(crate::model::Incremental::Slots));
+        let e = format!(
+            "{:#}",
+            Pipeline::parse("[model]\nincremental = \"fast\"\n").unwrap_err()
+        );
+        assert!(e.contains("per-document") && e.contains("slots"), "{e}");
     }
 
     #[test]

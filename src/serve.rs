@@ -15,13 +15,17 @@ pub fn load_model(p: &Pipeline) -> anyhow::Result<GistModel> {
     } else {
         p.model.dir.clone().into()
     };
-    GistModel::load(
+    let mut model = GistModel::load(
         &dir,
         &parse_device(&p.model.device)?,
         parse_dtype(&p.model.dtype)?,
         &LoadOptions::default(),
     )
-    .with_context(|| format!("loading model {}", dir.display()))
+    .with_context(|| format!("loading model {}", dir.display()))?;
+    if let Some(e) = p.model.incremental {
+        model.incremental = e;
+    }
+    Ok(model)
 }
 
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
