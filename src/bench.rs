@@ -76,21 +76,14 @@ impl Shape {
                 kv_heads: 8,
                 intermediate: 8192,
                 vocab: 128_256,
-                num_gists: 4,
-                gist_checkpoint: true,
                 llama3_rope_scaling: true,
                 rope_factor: 32.0,
                 rope_original_max: 8192,
                 rope_theta: 500_000.0,
                 tie_embeddings: true,
-                segmentation: SegmentConfig::default(),
-                bos_always_visible: false,
-                scale: 0.02,
-                embed_scale: 0.02,
-                norm_noise: 0.0,
-                seed: 1,
                 init: Init::Uniform,
                 weights_dtype: DType::BF16,
+                ..paper_shape()
             },
         }
     }

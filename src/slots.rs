@@ -16,7 +16,7 @@
 
 use crate::model::llama::{Attention, Logits, Ops};
 use crate::model::GistModel;
-use crate::state::{Chunk, GistState, KvBuffer};
+use crate::state::{step_rows, Chunk, GistState, KvBuffer, StepRows};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Every document in flight, in one cache.
@@ -126,36 +126,19 @@ pub fn advance_slots(
     items: &[(usize, Chunk<'_>)],
 ) -> Result<()> {
     let gist_ids = &model.gist.gist_token_ids;
-    let bos = model.kept_bos();
     let (slots, dev) = (cache.slots, cache.device.clone());
-    let mut ids: Vec<u32> = Vec::new();
-    let mut positions: Vec<u32> = Vec::new();
-    // Per item: its rows in the flat batch, and which of them stay after a close.
-    let mut groups = Vec::with_capacity(items.len());
+    let mut held_states = Vec::with_capacity(items.len());
     for (slot, chunk) in items {
         let state = cache.states[*slot]
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg(format!("slot {slot} is empty")))?;
-        if state.fingerprint != model.fingerprint {
-            candle_core::bail!("state was made by another model");
-        }
-        let start = ids.len();
-        let mut kept = Vec::new();
-        for (i, &t) in chunk.tokens.iter().enumerate() {
-            let pos = state.next_position + i as u32;
-            kept.push(bos == Some(t) && pos == 0);
-            ids.push(t);
-            positions.push(pos);
-        }
-        if chunk.close {
-            for (i, &g) in gist_ids.iter().enumerate() {
-                ids.push(g);
-                positions.push(state.next_position + (chunk.tokens.len() + i) as u32);
-                kept.push(true);
-            }
-        }
-        groups.push((start..ids.len(), kept));
+        held_states.push((state, chunk));
     }
+    let StepRows {
+        ids,
+        positions,
+        groups,
+    } = step_rows(model, held_states.into_iter())?;
     if ids.is_empty() {
         return Ok(());
     }

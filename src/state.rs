@@ -182,6 +182,58 @@ pub struct Chunk<'a> {
     pub close: bool,
 }
 
+/// One step's flat batch: each chunk's tokens, then its gists when it closes.
+pub(crate) struct StepRows {
+    pub ids: Vec<u32>,
+    /// Each row's position in its document (gists count).
+    pub positions: Vec<u32>,
+    /// Per chunk: its rows, and which of them stay once its sentence closes (gists, and
+    /// BOS when the model keeps it visible).
+    pub groups: Vec<(std::ops::Range<usize>, Vec<bool>)>,
+}
+
+/// Lays out one step of `items` (each document's state and its next chunk), refusing a
+/// state made by another model.
+pub(crate) fn step_rows<'a, 'c: 'a>(
+    model: &GistModel,
+    items: impl Iterator<Item = (&'a GistState, &'a Chunk<'c>)>,
+) -> Result<StepRows> {
+    let gist_ids = &model.gist.gist_token_ids;
+    let bos = model.kept_bos();
+    let mut out = StepRows {
+        ids: Vec::new(),
+        positions: Vec::new(),
+        groups: Vec::new(),
+    };
+    for (state, chunk) in items {
+        if state.fingerprint != model.fingerprint {
+            candle_core::bail!(
+                "state was made by another model (fingerprint {:016x}, this model {:016x})",
+                state.fingerprint,
+                model.fingerprint
+            );
+        }
+        let start = out.ids.len();
+        let mut kept = Vec::new();
+        for (i, &t) in chunk.tokens.iter().enumerate() {
+            let pos = state.next_position + i as u32;
+            kept.push(bos == Some(t) && pos == 0);
+            out.ids.push(t);
+            out.positions.push(pos);
+        }
+        if chunk.close {
+            for (i, &g) in gist_ids.iter().enumerate() {
+                out.ids.push(g);
+                out.positions
+                    .push(state.next_position + (chunk.tokens.len() + i) as u32);
+                kept.push(true);
+            }
+        }
+        out.groups.push((start..out.ids.len(), kept));
+    }
+    Ok(out)
+}
+
 /// Feeds one chunk of each document through the model, updating the states. Returns, when
 /// `want_logits`, the logits (N, V) of every token of the step in flat order (each chunk's
 /// tokens, then its gists if it closes).
@@ -191,35 +243,11 @@ pub fn advance(
     want_logits: bool,
 ) -> Result<Option<Tensor>> {
     let gist_ids = &model.gist.gist_token_ids;
-    let bos = model.kept_bos();
-    let mut ids: Vec<u32> = Vec::new();
-    let mut positions: Vec<u32> = Vec::new();
-    let mut groups = Vec::with_capacity(items.len());
-    for (state, chunk) in items.iter() {
-        if state.fingerprint != model.fingerprint {
-            candle_core::bail!(
-                "state was made by another model (fingerprint {:016x}, this model {:016x})",
-                state.fingerprint,
-                model.fingerprint
-            );
-        }
-        let start = ids.len();
-        let mut kept = Vec::new();
-        for (i, &t) in chunk.tokens.iter().enumerate() {
-            let pos = state.next_position + i as u32;
-            kept.push(bos == Some(t) && pos == 0);
-            ids.push(t);
-            positions.push(pos);
-        }
-        if chunk.close {
-            for (i, &g) in gist_ids.iter().enumerate() {
-                ids.push(g);
-                positions.push(state.next_position + (chunk.tokens.len() + i) as u32);
-                kept.push(true);
-            }
-        }
-        groups.push((start..ids.len(), kept));
-    }
+    let StepRows {
+        ids,
+        positions,
+        groups,
+    } = step_rows(model, items.iter().map(|(s, c)| (&**s, c)))?;
     if ids.is_empty() {
         return Ok(None);
     }
