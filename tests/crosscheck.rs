@@ -2,21 +2,18 @@
 //! compares the CPU in f16 and f32 with the CPU in f32, and must also catch a model that
 //! is not the same.
 
+mod common;
+
 use giststream::crosscheck;
 use giststream::model::{GistModel, LoadOptions};
 use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
 use std::process::Command;
 
 fn crosscheck_cli(dtype: &str) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["crosscheck", "--bytes", "1500", "--dtype", dtype])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeed(
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .env("RAYON_NUM_THREADS", "1")
+            .args(["crosscheck", "--bytes", "1500", "--dtype", dtype]),
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }

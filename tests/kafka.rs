@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::succeed;
 use giststream::api::Client;
 use giststream::compress::{compress, Document};
 use giststream::model::GistModel;
@@ -111,16 +112,6 @@ max_wait_ms = 20
 }
 
 /// Runs a command to its end; fails the test with its stderr unless it succeeded.
-fn succeed(c: &mut Command) -> std::process::Output {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 struct Serve(Child);
 
 impl Drop for Serve {
