@@ -189,7 +189,17 @@ pub fn advance_slots(
             }
         }
     }
-    let write = Tensor::new(write, &dev)?;
+    // scatter_set wants an index per value: the row indices, spread over (Hkv, rows, D)
+    // once per step and shared by k, v and every layer.
+    let (hkv, d) = (cache.kv_heads, cache.head_dim);
+    let spread = |rows: Vec<u32>| -> Result<Tensor> {
+        let m = rows.len();
+        Tensor::new(rows, &dev)?
+            .reshape((1, m, 1))?
+            .broadcast_as((hkv, m, d))?
+            .contiguous()
+    };
+    let write = spread(write)?;
     let limit = Tensor::from_vec(limit, (slots, 1, lmax, 1), &dev)?;
     let keys = Tensor::arange(0u32, t as u32, &dev)?.reshape((1, 1, 1, t))?;
     // 0 where visible, -1e30 elsewhere (exp gives exactly 0, as -inf would, and 0 · 1e30
@@ -199,7 +209,7 @@ pub fn advance_slots(
     let compact = if from.is_empty() {
         None
     } else {
-        Some((Tensor::new(from, &dev)?, Tensor::new(to, &dev)?))
+        Some((Tensor::new(from, &dev)?, spread(to)?))
     };
     let mut plan = SlotPlan {
         cache,
@@ -239,7 +249,7 @@ pub fn advance_slots(
 
 struct SlotPlan<'a> {
     cache: &'a mut SlotCache,
-    /// Cache row of each new row (N,).
+    /// Cache row of each new row, spread over (Hkv, N, D) for scatter_set.
     write: Tensor,
     /// Flat row of each padded query (S · Lmax,).
     gather_q: Tensor,
@@ -247,7 +257,8 @@ struct SlotPlan<'a> {
     unpad: Tensor,
     /// (S, 1, Lmax, T) additive.
     mask: Tensor,
-    /// Rows kept by closing sentences: (from, to) cache rows.
+    /// Rows kept by closing sentences: the cache rows they come from (M,), and where they
+    /// go, spread over (Hkv, M, D).
     compact: Option<(Tensor, Tensor)>,
     lmax: usize,
     t: usize,
@@ -256,13 +267,8 @@ struct SlotPlan<'a> {
 impl SlotPlan<'_> {
     /// Writes this step's rows into the layer's cache.
     fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let idx = self
-            .write
-            .reshape((1, (), 1))?
-            .broadcast_as(k.shape())?
-            .contiguous()?;
-        self.cache.k[layer].scatter_set(&idx, &k.contiguous()?, 1)?;
-        self.cache.v[layer].scatter_set(&idx, &v.contiguous()?, 1)?;
+        self.cache.k[layer].scatter_set(&self.write, &k.contiguous()?, 1)?;
+        self.cache.v[layer].scatter_set(&self.write, &v.contiguous()?, 1)?;
         Ok(())
     }
 
@@ -273,11 +279,7 @@ impl SlotPlan<'_> {
         };
         for t in [&self.cache.k[layer], &self.cache.v[layer]] {
             let rows = t.index_select(from, 1)?; // a copy: safe to write back
-            let idx = to
-                .reshape((1, (), 1))?
-                .broadcast_as(rows.shape())?
-                .contiguous()?;
-            t.scatter_set(&idx, &rows, 1)?;
+            t.scatter_set(to, &rows, 1)?;
         }
         Ok(())
     }
