@@ -448,27 +448,20 @@ impl Worker {
         let reason = why.to_string();
         let partition = m.partition().to_string();
         let offset = m.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_ERROR,
-                value: Some(reason.as_str()),
+        let headers = [
+            (HEADER_ERROR, reason.as_str()),
+            (HEADER_KIND, why.kind()),
+            (HEADER_TOPIC, m.topic()),
+            (HEADER_PARTITION, partition.as_str()),
+            (HEADER_OFFSET, offset.as_str()),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, v)| {
+            h.insert(Header {
+                key,
+                value: Some(v),
             })
-            .insert(Header {
-                key: HEADER_KIND,
-                value: Some(why.kind()),
-            })
-            .insert(Header {
-                key: HEADER_TOPIC,
-                value: Some(m.topic()),
-            })
-            .insert(Header {
-                key: HEADER_PARTITION,
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: HEADER_OFFSET,
-                value: Some(offset.as_str()),
-            });
+        });
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.p.kafka.dead_letter_topic).headers(headers);
         if let Some(k) = m.key() {
