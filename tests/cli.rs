@@ -1,5 +1,7 @@
 //! The `giststream` binary as a user runs it.
 
+mod common;
+
 use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
 use std::process::Command;
 
@@ -18,18 +20,13 @@ fn compress_reports_every_document_as_json() {
     let b = dir.path().join("b.txt");
     std::fs::write(&a, synthetic_text(12, 10, 1)).unwrap();
     std::fs::write(&b, "One short document. It has three sentences. The end.").unwrap();
-    let out = giststream()
-        .args(["compress", "--model"])
-        .arg(&model)
-        .arg(&a)
-        .arg(&b)
-        .args(["--json", "--batch", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeed(
+        giststream()
+            .args(["compress", "--model"])
+            .arg(&model)
+            .arg(&a)
+            .arg(&b)
+            .args(["--json", "--batch", "2"]),
     );
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()

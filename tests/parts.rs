@@ -238,20 +238,15 @@ fn compress_with_part_bytes_stores_what_whole_compression_gives() {
         })
         .collect();
     let store_dir = dir.path().join("store");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_giststream"))
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["compress", "--json", "--batch", "1", "--part-bytes", "150"])
-        .arg("--model")
-        .arg(&model_dir)
-        .arg("--store")
-        .arg(&store_dir)
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .env("RAYON_NUM_THREADS", "1")
+            .args(["compress", "--json", "--batch", "1", "--part-bytes", "150"])
+            .arg("--model")
+            .arg(&model_dir)
+            .arg("--store")
+            .arg(&store_dir)
+            .args(&files),
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);
     let store = Store::open(&store_dir).unwrap();

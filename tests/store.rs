@@ -72,18 +72,24 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, model_dir, store_dir)
 }
 
+/// Starts `cmd`, and SIGKILLs it after a random wait under `span` ms. True when it was
+/// still running then (a kill mid-work, not after it finished).
+fn kill_at_random(cmd: &mut std::process::Command, rng: &mut SplitMix, span: u64) -> bool {
+    let mut child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(
+        rng.next_u64() % span.max(1),
+    ));
+    let running = child.try_wait().unwrap().is_none();
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+    running
+}
+
 #[test]
 fn stored_documents_equal_offline_compression() {
     let (dir, model_dir, store_dir) = setup();
     let files = write_docs(dir.path(), 3, 1);
-    let out = compress_cmd(&model_dir, &store_dir, &files, 1)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeed(&mut compress_cmd(&model_dir, &store_dir, &files, 1));
 
     let model = common::load_model(&model_dir);
     let expected = offline_records(&model, &files);
@@ -205,30 +211,15 @@ fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
     );
     // One run to the end, timed: the kills land at random moments within that span.
     let started = std::time::Instant::now();
-    let first = compress_cmd(&model_dir, &store_dir, &versions[0], 1)
-        .output()
-        .unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    common::succeed(&mut compress_cmd(&model_dir, &store_dir, &versions[0], 1));
     let span = started.elapsed().as_millis() as u64;
     let mut kills = 0;
     for round in 1..=10 {
         let v = (round % 2 + 1) as u64;
-        let mut child = compress_cmd(&model_dir, &store_dir, &versions[v as usize - 1], v)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(
-            rng.next_u64() % span.max(1),
-        ));
-        if child.try_wait().unwrap().is_none() {
+        let mut cmd = compress_cmd(&model_dir, &store_dir, &versions[v as usize - 1], v);
+        if kill_at_random(&mut cmd, &mut rng, span) {
             kills += 1;
         }
-        child.kill().ok(); // SIGKILL
-        child.wait().unwrap();
         // Every stored document is whole, at version 1 or 2.
         let store = Store::open(&store_dir).unwrap();
         for i in 0..versions[0].len() {
@@ -298,15 +289,9 @@ fn a_writer_killed_while_appending_parts_leaves_whole_parts_and_resumes() {
     let mut kills = 0;
     for round in 1..=10 {
         let v = (round % 2 + 1) as u64;
-        let mut child = run(v).stdout(std::process::Stdio::null()).spawn().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(
-            rng.next_u64() % span.max(1),
-        ));
-        if child.try_wait().unwrap().is_none() {
+        if kill_at_random(&mut run(v), &mut rng, span) {
             kills += 1;
         }
-        child.kill().ok(); // SIGKILL
-        child.wait().unwrap();
         // Every document holds whole parts of one version: its text is exactly those
         // parts, its state decodes to the rows its metadata names, and a complete one
         // equals offline compression.
