@@ -120,7 +120,7 @@ pub fn diff(reference: &Tensor, other: &Tensor, logits: bool) -> anyhow::Result<
 }
 
 /// One compared path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PathReport {
     pub path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -222,6 +222,7 @@ pub fn run(
     let mut paths = Vec::new();
 
     let (ref_logits, ref_states) = incremental(reference, docs).context("reference run")?;
+    let ref_state_values = state_values(&ref_states)?;
     let (logits, states) = incremental(checked, docs).context("checked run")?;
     let (ref_nll, _) = crate::eval::nll_gist(reference, docs, docs.len())?;
     let (nll, _) = crate::eval::nll_gist(checked, docs, docs.len())?;
@@ -236,11 +237,7 @@ pub fn run(
         mean_abs_nll_diff: Some(sum / n.max(1) as f64),
         perplexity_reference: Some(perplexity(&ref_nll)),
         perplexity_checked: Some(perplexity(&nll)),
-        states: Some(diff(
-            &state_values(&ref_states)?,
-            &state_values(&states)?,
-            false,
-        )?),
+        states: Some(diff(&ref_state_values, &state_values(&states)?, false)?),
         exceeded: Vec::new(),
     });
 
@@ -262,16 +259,8 @@ pub fn run(
             .collect();
     paths.push(PathReport {
         path: "incremental-slots".into(),
-        logits: None,
-        mean_abs_nll_diff: None,
-        perplexity_reference: None,
-        perplexity_checked: None,
-        states: Some(diff(
-            &state_values(&ref_states)?,
-            &state_values(&slotted)?,
-            false,
-        )?),
-        exceeded: Vec::new(),
+        states: Some(diff(&ref_state_values, &state_values(&slotted)?, false)?),
+        ..PathReport::default()
     });
 
     for (name, ops) in [
@@ -293,11 +282,7 @@ pub fn run(
         paths.push(PathReport {
             path: name.into(),
             logits: Some(diff(&a, &b, true)?),
-            mean_abs_nll_diff: None,
-            perplexity_reference: None,
-            perplexity_checked: None,
-            states: None,
-            exceeded: Vec::new(),
+            ..PathReport::default()
         });
     }
 
