@@ -267,21 +267,10 @@ pub fn run(
         ("parallel-fused", Ops::Fused),
         ("parallel-differentiable", Ops::Differentiable),
     ] {
-        let a = forward(
-            reference,
-            &Layout::new(reference, docs, true),
-            Mode::Sentence,
-            ops,
-        )?;
-        let b = forward(
-            checked,
-            &Layout::new(checked, docs, true),
-            Mode::Sentence,
-            ops,
-        )?;
+        let run = |m: &GistModel| forward(m, &Layout::new(m, docs, true), Mode::Sentence, ops);
         paths.push(PathReport {
             path: name.into(),
-            logits: Some(diff(&a, &b, true)?),
+            logits: Some(diff(&run(reference)?, &run(checked)?, true)?),
             ..PathReport::default()
         });
     }
