@@ -191,16 +191,13 @@ fn state_values(states: &[GistState]) -> anyhow::Result<Tensor> {
     for s in states {
         for layer in &s.layers {
             let (k, v) = layer.view()?;
-            parts.push(
-                k.flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-            );
-            parts.push(
-                v.flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-            );
+            for t in [k, v] {
+                parts.push(
+                    t.flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .to_device(&Device::Cpu)?,
+                );
+            }
         }
     }
     Ok(Tensor::cat(&parts, 0)?)
