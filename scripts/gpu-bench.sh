@@ -4,7 +4,7 @@
 #   1. the CUDA binary: unpacked, ldd (every CUDA library must resolve), nvidia-smi;
 #   2. smoke: one short incremental run on the GPU;
 #   3. equivalence: `giststream crosscheck` of the GPU in f32 and in bf16 against the CPU
-#      in f32 (the shipped model, every path; tolerances in src/crosscheck.rs);
+#      in f32 (the shipped model, every path; tolerances in src/bench/crosscheck.rs);
 #   4. ours, on a Llama-3.2-1B-shaped model with random bf16 weights: the incremental path
 #      for 1, 8 and 32 documents of 16k tokens on the slots engine (the GPU default);
 #   5. the paper's reference code on the same workload and GPU: its scrooge prefill and its

@@ -6,12 +6,130 @@
 //! ended a sentence: the sentence is closed (all N_g gists written, its tokens dropped from
 //! the cache) and generation goes on, so long answers stay compressed too.
 
+use crate::engine::state::{advance, Chunk, GistState};
 use crate::model::GistModel;
-use crate::state::{advance, Chunk, GistState};
+use crate::store::Store;
 use anyhow::{ensure, Context};
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::LogitsProcessor;
 use serde::{Deserialize, Serialize};
+
+/// A question about a stored document, or a continuation to score.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// The document id (`doc`, its old name, is accepted too).
+    #[serde(alias = "doc")]
+    pub id: String,
+    #[serde(default)]
+    pub question: Option<String>,
+    /// Score this continuation instead of generating.
+    #[serde(default)]
+    pub score: Option<String>,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Wrap the question in the model's chat template, when it has one.
+    #[serde(default = "default_chat_template")]
+    pub chat_template: bool,
+}
+
+fn default_chat_template() -> bool {
+    true
+}
+
+fn default_max_tokens() -> usize {
+    64
+}
+
+fn default_seed() -> u64 {
+    299_792_458
+}
+
+impl Request {
+    /// How this request picks tokens.
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            chat_template: self.chat_template,
+        }
+    }
+}
+
+/// A request checked and its document's state loaded, ready to run: the one entry point of
+/// the HTTP API and of the CLI's direct path. The two steps are apart so that the API can
+/// answer a refusal (no such document, another model's state) with its status before it
+/// starts streaming.
+pub struct Query {
+    state: GistState,
+    request: Request,
+}
+
+/// A request refused before any work (the HTTP API answers 400).
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    #[error("the question is empty: give a question, or score")]
+    EmptyQuestion,
+}
+
+/// What a query produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Answer(Answer),
+    Score(Score),
+}
+
+/// Checks `request` and loads its document's state from `store`.
+pub fn open(store: &Store, model: &GistModel, request: Request) -> anyhow::Result<Query> {
+    if request.score.is_none()
+        && request
+            .question
+            .as_deref()
+            .is_none_or(|q| q.trim().is_empty())
+    {
+        return Err(BadRequest::EmptyQuestion.into());
+    }
+    let (_, state) = store.load(&request.id, model)?;
+    Ok(Query { state, request })
+}
+
+impl Query {
+    /// Whether this query scores a continuation (else it generates an answer).
+    pub fn is_score(&self) -> bool {
+        self.request.score.is_some()
+    }
+
+    /// Runs it: `on_text` sees the answer's text as it settles (nothing for a score).
+    pub fn run(self, model: &GistModel, on_text: impl FnMut(&str)) -> anyhow::Result<Outcome> {
+        let r = &self.request;
+        match &r.score {
+            Some(text) => Ok(Outcome::Score(score(
+                model,
+                self.state,
+                r.question.as_deref(),
+                r.chat_template,
+                text,
+            )?)),
+            None => {
+                let question = r.question.as_deref().unwrap_or_default();
+                Ok(Outcome::Answer(answer(
+                    model,
+                    self.state,
+                    question,
+                    &r.sampling(),
+                    on_text,
+                )?))
+            }
+        }
+    }
+}
 
 /// How to pick tokens.
 #[derive(Debug, Clone)]

@@ -1,8 +1,8 @@
 //! The local HTTP API: while a process holds the store, `query`, `docs` and `inspect` go
 //! through it and print what they print with the store opened directly.
 
-use giststream::api::Client;
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
+use giststream::serve::client::Client;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -62,7 +62,7 @@ impl Drop for Server {
 fn the_cli_goes_through_a_running_process_and_prints_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    write_random_model(&model, &TinySpec::default()).unwrap();
+    write_random_model(&model, &RandomSpec::default()).unwrap();
     let files: Vec<PathBuf> = (0..3)
         .map(|i| {
             let p = dir.path().join(format!("doc{i}.txt"));
@@ -189,6 +189,24 @@ fn the_cli_goes_through_a_running_process_and_prints_the_same() {
             Some(br#"{"doc":"nope","question":"x"}"#.to_vec()),
         )
         .unwrap();
+    assert_eq!(status, 404);
+    assert_valid("error", &serde_json::from_slice(&body).unwrap());
+    // `id` is the field's name; `doc` (above) is its old name, still accepted. Both at once
+    // are refused by the schema.
+    let by_id = serde_json::json!({"id": "doc0", "question": "who?", "max_tokens": 2});
+    assert_valid("query_request", &by_id);
+    let (status, _) = client
+        .raw(
+            "POST",
+            "/v1/query",
+            Some(serde_json::to_vec(&by_id).unwrap()),
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(!schema("query_request")
+        .is_valid(&serde_json::json!({"id": "a", "doc": "a", "score": "x"})));
+    // A job nobody started is a 404, in the error schema.
+    let (status, body) = client.raw("GET", "/v1/jobs/reindex-none", None).unwrap();
     assert_eq!(status, 404);
     assert_valid("error", &serde_json::from_slice(&body).unwrap());
     let metrics = client.metrics().unwrap();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use std::process::Command;
 
 fn giststream() -> Command {
@@ -15,7 +15,7 @@ fn giststream() -> Command {
 fn compress_reports_every_document_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    write_random_model(&model, &TinySpec::default()).unwrap();
+    write_random_model(&model, &RandomSpec::default()).unwrap();
     let a = dir.path().join("a.txt");
     let b = dir.path().join("b.txt");
     std::fs::write(&a, synthetic_text(12, 10, 1)).unwrap();
@@ -58,7 +58,7 @@ fn compress_reports_every_document_as_json() {
 fn bad_input_fails_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    write_random_model(&model, &TinySpec::default()).unwrap();
+    write_random_model(&model, &RandomSpec::default()).unwrap();
 
     // A file that is not UTF-8 is named, with the offset of the bad byte.
     let bad = dir.path().join("bad.txt");
@@ -108,7 +108,7 @@ fn bad_input_fails_with_a_clear_error() {
 
     // bf16 compute on the CPU is refused with the reason, not a kernel error mid-run.
     let spec_dir = dir.path().join("model2");
-    write_random_model(&spec_dir, &TinySpec::default()).unwrap();
+    write_random_model(&spec_dir, &RandomSpec::default()).unwrap();
     let out = giststream()
         .args(["compress", "--dtype", "bf16", "--model"])
         .arg(&spec_dir)

@@ -4,9 +4,9 @@
 mod common;
 
 use candle_core::{DType, Device};
-use giststream::state::{advance, Chunk, GistState};
+use giststream::engine::state::{advance, Chunk, GistState};
+use giststream::model::random::{synthetic_text, RandomSpec};
 use giststream::store::codec::{check, decode, encode, DecodeError, Precision};
-use giststream::tiny::{synthetic_text, TinySpec};
 
 /// A state after a few sentences, with an open tail.
 fn state(model: &giststream::model::GistModel) -> GistState {
@@ -55,7 +55,7 @@ fn continue_with(model: &giststream::model::GistModel, s: &mut GistState) -> Vec
 
 #[test]
 fn an_f32_record_continues_bit_identically() {
-    let (_d, model) = common::tiny_model(&TinySpec::default());
+    let (_d, model) = common::tiny_model(&RandomSpec::default());
     let mut original = state(&model);
     let bytes = encode(&original, Precision::F32).unwrap();
     let mut reloaded = decode(&bytes, &Device::Cpu, DType::F32).unwrap();
@@ -77,7 +77,7 @@ fn an_f32_record_continues_bit_identically() {
 
 #[test]
 fn lower_precisions_round_within_their_resolution() {
-    let (_d, model) = common::tiny_model(&TinySpec::default());
+    let (_d, model) = common::tiny_model(&RandomSpec::default());
     let s = state(&model);
     let f32_bytes = encode(&s, Precision::F32).unwrap().len();
     for (p, tol, size) in [
@@ -105,7 +105,7 @@ fn lower_precisions_round_within_their_resolution() {
 
 #[test]
 fn damage_is_a_clear_error() {
-    let (_d, model) = common::tiny_model(&TinySpec::default());
+    let (_d, model) = common::tiny_model(&RandomSpec::default());
     let bytes = encode(&state(&model), Precision::F16).unwrap();
     let mut flipped = bytes.clone();
     flipped[bytes.len() / 2] ^= 0x10;

@@ -4,9 +4,9 @@
 
 mod common;
 
-use giststream::crosscheck;
+use giststream::bench::crosscheck;
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
 use std::process::Command;
 
 fn crosscheck_cli(dtype: &str) -> serde_json::Value {
@@ -63,11 +63,11 @@ fn f16_on_the_cpu_differs_but_within_its_tolerance() {
 fn a_different_model_fails_the_check_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    write_random_model(&a, &TinySpec::default()).unwrap();
+    write_random_model(&a, &RandomSpec::default()).unwrap();
     // The same shape with other weights: what a broken kernel would look like.
-    let other = TinySpec {
+    let other = RandomSpec {
         seed: 8,
-        ..TinySpec::default()
+        ..RandomSpec::default()
     };
     write_random_model(&b, &other).unwrap();
     let dev = candle_core::Device::Cpu;

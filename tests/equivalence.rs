@@ -5,13 +5,13 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use giststream::model::llama::Ops;
+use giststream::engine::state::{advance, Chunk, GistState};
+use giststream::engine::whole::{self, Layout, Mode};
+use giststream::model::ops::Ops;
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
-use giststream::parallel::{self, Layout, Mode};
-use giststream::segment::SegmentConfig;
-use giststream::state::{advance, Chunk, GistState};
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
-use giststream::tokenize::Segment;
+use giststream::text::segment::SegmentConfig;
+use giststream::text::tokenize::Segment;
 
 /// Documents of different lengths and sentence lengths.
 fn documents(model: &GistModel) -> Vec<Vec<Segment>> {
@@ -104,13 +104,13 @@ fn max_diff_regular(a: &Tensor, b: &Tensor, regular: &[bool]) -> f32 {
     common::max_abs_diff(&a, &b)
 }
 
-fn check(spec: TinySpec, batch: usize, split_tails: bool) {
+fn check(spec: RandomSpec, batch: usize, split_tails: bool) {
     let (_dir, model) = common::tiny_model(&spec);
     let docs = documents(&model);
     let layout = Layout::new(&model, &docs, true);
-    let par = parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
-    let par_diff = parallel::forward(&model, &layout, Mode::Sentence, Ops::Differentiable).unwrap();
-    let causal = parallel::forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
+    let par = whole::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+    let par_diff = whole::forward(&model, &layout, Mode::Sentence, Ops::Differentiable).unwrap();
+    let causal = whole::forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
     let inc = incremental_logits(&model, &docs, batch, split_tails);
     let mut worst_causal = 0f32;
     for (d, doc) in layout.docs.iter().enumerate() {
@@ -141,9 +141,9 @@ fn check(spec: TinySpec, batch: usize, split_tails: bool) {
 #[test]
 fn incremental_equals_parallel_ng1() {
     check(
-        TinySpec {
+        RandomSpec {
             num_gists: 1,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
         1,
         false,
@@ -153,9 +153,9 @@ fn incremental_equals_parallel_ng1() {
 #[test]
 fn incremental_equals_parallel_ng2_batched_with_tails() {
     check(
-        TinySpec {
+        RandomSpec {
             num_gists: 2,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
         3,
         true,
@@ -165,17 +165,17 @@ fn incremental_equals_parallel_ng2_batched_with_tails() {
 #[test]
 fn incremental_equals_parallel_ng4_batched() {
     check(
-        TinySpec {
+        RandomSpec {
             num_gists: 4,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
         4,
         false,
     );
     check(
-        TinySpec {
+        RandomSpec {
             num_gists: 4,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
         2,
         true,
@@ -184,25 +184,25 @@ fn incremental_equals_parallel_ng4_batched() {
 
 #[test]
 fn incremental_equals_parallel_with_bos_kept_and_tied_head() {
-    let spec = TinySpec {
+    let spec = RandomSpec {
         num_gists: 2,
         bos_always_visible: true,
         tie_embeddings: true,
         llama3_rope_scaling: false,
-        ..TinySpec::default()
+        ..RandomSpec::default()
     };
     check(spec, 2, true);
 }
 
 #[test]
 fn long_sentences_are_cut_at_the_token_limit_and_still_match() {
-    let spec = TinySpec {
+    let spec = RandomSpec {
         num_gists: 2,
         segmentation: SegmentConfig {
             max_sentence_tokens: 16,
             ..SegmentConfig::default()
         },
-        ..TinySpec::default()
+        ..RandomSpec::default()
     };
     let (_dir, model) = common::tiny_model(&spec);
     let segs = model
@@ -214,17 +214,17 @@ fn long_sentences_are_cut_at_the_token_limit_and_still_match() {
 
 #[test]
 fn the_state_keeps_only_gists() {
-    let (_dir, model) = common::tiny_model(&TinySpec::default());
+    let (_dir, model) = common::tiny_model(&RandomSpec::default());
     let docs = documents(&model);
     let input = docs
         .iter()
         .enumerate()
-        .map(|(i, s)| giststream::compress::Document {
-            name: i.to_string(),
+        .map(|(i, s)| giststream::engine::compress::Document {
+            id: i.to_string(),
             segments: s.clone(),
         })
         .collect();
-    let results = giststream::compress::compress(&model, input, 3).unwrap();
+    let results = giststream::engine::compress::compress(&model, input, 3).unwrap();
     for ((state, report), segs) in results.iter().zip(&docs) {
         let tokens: usize = segs.iter().map(|s| s.tokens.len()).sum();
         assert_eq!(report.tokens as usize, tokens);
@@ -236,10 +236,10 @@ fn the_state_keeps_only_gists() {
 
 #[test]
 fn a_plain_checkpoint_gets_gist_tokens_at_the_mean_embedding() {
-    let spec = TinySpec {
+    let spec = RandomSpec {
         gist_checkpoint: false,
         vocab: 258,
-        ..TinySpec::default()
+        ..RandomSpec::default()
     };
     let dir = tempfile::tempdir().unwrap();
     write_random_model(dir.path(), &spec).unwrap();
@@ -281,10 +281,10 @@ fn a_plain_checkpoint_gets_gist_tokens_at_the_mean_embedding() {
 
 #[test]
 fn a_state_of_another_model_is_refused() {
-    let (_d1, a) = common::tiny_model(&TinySpec::default());
-    let (_d2, b) = common::tiny_model(&TinySpec {
+    let (_d1, a) = common::tiny_model(&RandomSpec::default());
+    let (_d2, b) = common::tiny_model(&RandomSpec {
         seed: 99,
-        ..TinySpec::default()
+        ..RandomSpec::default()
     });
     assert_ne!(a.fingerprint, b.fingerprint);
     let mut state = GistState::new(&a).unwrap();

@@ -3,14 +3,14 @@
 mod common;
 
 use candle_core::D;
-use giststream::eval::{documents, evaluate, nll_gist, Scoring};
-use giststream::model::llama::Ops;
-use giststream::parallel::{forward, Layout, Mode};
-use giststream::tiny::{synthetic_text, TinySpec};
+use giststream::engine::whole::{forward, Layout, Mode};
+use giststream::model::ops::Ops;
+use giststream::model::random::{synthetic_text, RandomSpec};
+use giststream::train::eval::{documents, evaluate, nll_gist, Scoring};
 
 #[test]
 fn incremental_nll_matches_the_parallel_path_and_reports_add_up() {
-    let (_dir, model) = common::tiny_model(&TinySpec::default());
+    let (_dir, model) = common::tiny_model(&RandomSpec::default());
     let texts: Vec<String> = (0..3)
         .map(|i| synthetic_text(6 + 3 * i, 6, i as u64))
         .collect();

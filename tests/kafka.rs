@@ -5,11 +5,11 @@
 mod common;
 
 use common::succeed;
-use giststream::api::Client;
-use giststream::compress::{compress, Document};
+use giststream::engine::compress::{compress, Document};
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec, SplitMix};
 use giststream::model::GistModel;
+use giststream::serve::client::Client;
 use giststream::store::Store;
-use giststream::tiny::{synthetic_text, write_random_model, SplitMix, TinySpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -63,7 +63,7 @@ impl Setup {
     fn new(name: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model_dir = dir.path().join("model");
-        write_random_model(&model_dir, &TinySpec::default()).unwrap();
+        write_random_model(&model_dir, &RandomSpec::default()).unwrap();
         Self {
             dir,
             model_dir,
@@ -216,7 +216,7 @@ fn documents(n: usize, seed: u64) -> Vec<(String, String)> {
 fn produce_docs(b: &Broker, topic: &str, docs: &[(String, String)], part_bytes: usize) -> usize {
     let mut msgs = Vec::new();
     for (id, text) in docs {
-        for m in giststream::produce::messages(id, 1, text, part_bytes) {
+        for m in giststream::ingest::produce::messages(id, 1, text, part_bytes) {
             msgs.push((
                 Some(id.as_bytes().to_vec()),
                 serde_json::to_vec(&m).unwrap(),
@@ -233,12 +233,12 @@ fn check_stored(model: &GistModel, store: &Store, docs: &[(String, String)], par
     assert_eq!(store.len(), docs.len(), "documents stored");
     for (id, text) in docs {
         let (meta, state) = store.load(id, model).unwrap();
-        let parts = giststream::update::split_parts(text, part_bytes).len();
+        let parts = giststream::store::parts::split_parts(text, part_bytes).len();
         assert!(meta.complete, "{id}: {meta:?}");
         assert_eq!(meta.parts as usize, parts, "{id}");
         assert_eq!(store.text(id).unwrap(), *text, "{id}");
         let doc = Document {
-            name: id.clone(),
+            id: id.clone(),
             segments: model.segments(text).unwrap(),
         };
         let (want, _) = compress(model, vec![doc], 1).unwrap().remove(0);
@@ -572,7 +572,7 @@ fn killed_at_random_moments_ten_times_every_document_is_stored_once() {
         let mut complete = 0;
         for (id, text) in &docs[..(round + 1) * 10] {
             if let Some(m) = store.meta(id).unwrap() {
-                let parts = giststream::update::split_parts(text, PART);
+                let parts = giststream::store::parts::split_parts(text, PART);
                 assert_eq!(
                     store.text(id).unwrap(),
                     parts[..m.parts as usize].concat(),
@@ -674,7 +674,7 @@ fn two_processes_in_one_group_split_the_work_and_store_each_document_once() {
         for (id, text) in &mine {
             let (_, state) = st.load(id, &model).unwrap();
             let doc = Document {
-                name: id.clone(),
+                id: id.clone(),
                 segments: model.segments(text).unwrap(),
             };
             let (want, _) = compress(&model, vec![doc], 1).unwrap().remove(0);
@@ -700,10 +700,10 @@ fn reindex_from_kafka_replays_the_topic_into_the_new_models_states() {
     let new_dir = s.dir.path().join("new-model");
     write_random_model(
         &new_dir,
-        &TinySpec {
+        &RandomSpec {
             num_gists: 2,
             seed: 99,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
     )
     .unwrap();

@@ -3,10 +3,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use giststream::model::llama::Ops;
+use giststream::engine::whole::{self, Layout, Mode};
+use giststream::model::ops::Ops;
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
-use giststream::parallel::{self, Layout, Mode};
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -14,7 +14,7 @@ fn logits(dir: &Path, dtype: DType) -> Tensor {
     let model = GistModel::load(dir, &Device::Cpu, dtype, &LoadOptions::default()).unwrap();
     let segs = model.segments(&synthetic_text(5, 8, 3)).unwrap();
     let layout = Layout::new(&model, &[segs], true);
-    parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused)
+    whole::forward(&model, &layout, Mode::Sentence, Ops::Fused)
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
@@ -31,7 +31,7 @@ fn copy_model(from: &Path, to: &Path) {
 fn a_sharded_checkpoint_loads_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
     let single = dir.path().join("single");
-    write_random_model(&single, &TinySpec::default()).unwrap();
+    write_random_model(&single, &RandomSpec::default()).unwrap();
     let sharded = dir.path().join("sharded");
     copy_model(&single, &sharded);
     let weights =
@@ -66,7 +66,7 @@ fn a_sharded_checkpoint_loads_the_same_weights() {
 fn bf16_weights_load_and_f16_compute_runs() {
     let dir = tempfile::tempdir().unwrap();
     let f32_dir = dir.path().join("f32");
-    write_random_model(&f32_dir, &TinySpec::default()).unwrap();
+    write_random_model(&f32_dir, &RandomSpec::default()).unwrap();
     let bf16_dir = dir.path().join("bf16");
     copy_model(&f32_dir, &bf16_dir);
     let weights =

@@ -4,16 +4,16 @@
 
 mod common;
 
-use giststream::compress::{compress, Document};
+use giststream::engine::compress::{compress, Document};
+use giststream::model::random::{synthetic_text, RandomSpec, SplitMix};
 use giststream::model::GistModel;
 use giststream::store::codec::{encode, Precision};
+use giststream::store::parts::{apply_parts, number_parts, split_parts, Outcome, Part};
 use giststream::store::{PartAction, Store};
-use giststream::tiny::{synthetic_text, SplitMix, TinySpec};
-use giststream::update::{apply_parts, split_parts, Outcome, Part};
 
 fn offline(model: &GistModel, text: &str) -> Vec<u8> {
     let doc = Document {
-        name: "d".into(),
+        id: "d".into(),
         segments: model.segments(text).unwrap(),
     };
     let (state, _) = compress(model, vec![doc], 1).unwrap().remove(0);
@@ -34,20 +34,7 @@ fn parts_of(id: &str, version: u64, text: &str, cuts: &[usize]) -> Vec<Part> {
     bounds.sort();
     bounds.insert(0, 0);
     bounds.push(text.len());
-    let n = bounds.len() - 1;
-    bounds
-        .windows(2)
-        .enumerate()
-        .map(|(k, w)| Part {
-            id: id.to_string(),
-            version,
-            part: k as u32,
-            last: k + 1 == n,
-            text: text[w[0]..w[1]].to_string(),
-            source: None,
-            attributes: Default::default(),
-        })
-        .collect()
+    number_parts(id, version, bounds.windows(2).map(|w| &text[w[0]..w[1]]))
 }
 
 fn stored_record(store: &Store, model: &GistModel, id: &str) -> Vec<u8> {
@@ -57,7 +44,7 @@ fn stored_record(store: &Store, model: &GistModel, id: &str) -> Vec<u8> {
 
 #[test]
 fn parts_append_chunks_and_end_equal_to_the_whole_text() {
-    let (_m, model) = common::tiny_model(&TinySpec::default());
+    let (_m, model) = common::tiny_model(&RandomSpec::default());
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let mut rng = SplitMix(11);
@@ -104,7 +91,7 @@ fn parts_append_chunks_and_end_equal_to_the_whole_text() {
 
 #[test]
 fn batched_parts_of_many_documents_match_offline_compression() {
-    let (_m, model) = common::tiny_model(&TinySpec::default());
+    let (_m, model) = common::tiny_model(&RandomSpec::default());
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let texts: Vec<String> = (0..5).map(|i| synthetic_text(4 + i, 6, i as u64)).collect();
@@ -127,7 +114,7 @@ fn batched_parts_of_many_documents_match_offline_compression() {
         let id = format!("d{i}");
         let (_, state) = store.load(&id, &model).unwrap();
         let doc = Document {
-            name: id.clone(),
+            id: id.clone(),
             segments: model.segments(t).unwrap(),
         };
         let (want, _) = compress(&model, vec![doc], 1).unwrap().remove(0);
@@ -141,7 +128,7 @@ fn batched_parts_of_many_documents_match_offline_compression() {
 
 #[test]
 fn redeliveries_gaps_and_late_parts_change_nothing() {
-    let (_m, model) = common::tiny_model(&TinySpec::default());
+    let (_m, model) = common::tiny_model(&RandomSpec::default());
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let text = synthetic_text(8, 6, 3);
@@ -228,7 +215,7 @@ fn split_parts_round_trips_text() {
 fn compress_with_part_bytes_stores_what_whole_compression_gives() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
-    giststream::tiny::write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    giststream::model::random::write_random_model(&model_dir, &RandomSpec::default()).unwrap();
     let model = common::load_model(&model_dir);
     let files: Vec<std::path::PathBuf> = (0..3)
         .map(|i| {

@@ -3,11 +3,11 @@
 
 mod common;
 
-use giststream::compress::{compress, Document};
+use giststream::engine::compress::{compress, Document};
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::query::{answer, question_tokens, score, Sampling};
 use giststream::store::codec::Precision;
 use giststream::store::Store;
-use giststream::tiny::{synthetic_text, write_random_model, TinySpec};
 use std::process::Command;
 
 fn greedy(max_tokens: usize) -> Sampling {
@@ -22,10 +22,10 @@ fn greedy(max_tokens: usize) -> Sampling {
 
 #[test]
 fn a_resumed_query_equals_the_in_process_one() {
-    let (_d, model) = common::tiny_model(&TinySpec::default());
+    let (_d, model) = common::tiny_model(&RandomSpec::default());
     let text = synthetic_text(9, 7, 11);
     let doc = Document {
-        name: "d".into(),
+        id: "d".into(),
         segments: model.segments(&text).unwrap(),
     };
     let (state, _) = compress(&model, vec![doc], 1).unwrap().remove(0);
@@ -64,13 +64,13 @@ fn a_resumed_query_equals_the_in_process_one() {
 fn bad_queries_fail_clearly_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    write_random_model(&model, &TinySpec::default()).unwrap();
+    write_random_model(&model, &RandomSpec::default()).unwrap();
     let other = dir.path().join("other");
     write_random_model(
         &other,
-        &TinySpec {
+        &RandomSpec {
             seed: 3,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
     )
     .unwrap();
@@ -153,7 +153,7 @@ fn bad_queries_fail_clearly_and_change_nothing() {
 #[test]
 fn a_chat_template_in_the_model_directory_wraps_the_question() {
     let dir = tempfile::tempdir().unwrap();
-    write_random_model(dir.path(), &TinySpec::default()).unwrap();
+    write_random_model(dir.path(), &RandomSpec::default()).unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
         r#"{"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content.strip() }}{% endfor %}{% if add_generation_prompt %} [assistant]{% endif %}"}"#,

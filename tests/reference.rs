@@ -8,11 +8,11 @@
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
-use giststream::model::llama::Ops;
+use giststream::engine::state::{advance, Chunk, GistState};
+use giststream::engine::whole::{self, Layout, Mode};
+use giststream::model::ops::Ops;
 use giststream::model::GistModel;
-use giststream::parallel::{self, Layout, Mode};
-use giststream::state::{advance, Chunk, GistState};
-use giststream::tokenize::Segment;
+use giststream::text::tokenize::Segment;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -83,7 +83,7 @@ fn plain_causal_forward_matches_transformers() {
         let layout = Layout::new(&model, &[vec![seg]], false);
         assert_eq!(layout.ids, ids);
         for ops in [Ops::Fused, Ops::Differentiable] {
-            let ours = parallel::forward(&model, &layout, Mode::Causal, ops).unwrap();
+            let ours = whole::forward(&model, &layout, Mode::Causal, ops).unwrap();
             // Loading a plain checkpoint added 4 gist rows to the head: compare the rest.
             let ours = ours.narrow(1, 0, expected.dim(1).unwrap()).unwrap();
             let d = common::max_abs_diff(&ours, &expected);
@@ -110,7 +110,7 @@ fn check_reference(name: &str) {
             layout.ids, ids,
             "our layout reproduces the reference sequence"
         );
-        let par = parallel::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+        let par = whole::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
         let d = common::max_abs_diff(&par, &expected);
         eprintln!("{name}, {} tokens: parallel max |diff| {d:e}", ids.len());
         assert!(
@@ -142,7 +142,7 @@ fn check_reference(name: &str) {
         );
 
         // Teeth: plain causal attention over the same sequence is far off.
-        let causal = parallel::forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
+        let causal = whole::forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
         let last = ids.len() - 1;
         let d = common::max_abs_diff(&causal.i(last).unwrap(), &expected.i(last).unwrap());
         eprintln!(

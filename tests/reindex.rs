@@ -4,12 +4,12 @@
 
 mod common;
 
-use giststream::api::Client;
-use giststream::compress::{compress, Document};
+use giststream::engine::compress::{compress, Document};
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec, SplitMix};
 use giststream::model::GistModel;
+use giststream::serve::client::Client;
 use giststream::store::codec::{encode, Precision};
 use giststream::store::Store;
-use giststream::tiny::{synthetic_text, write_random_model, SplitMix, TinySpec};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -42,13 +42,13 @@ fn setup(n: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("old");
     let new = dir.path().join("new");
-    write_random_model(&old, &TinySpec::default()).unwrap();
+    write_random_model(&old, &RandomSpec::default()).unwrap();
     write_random_model(
         &new,
-        &TinySpec {
+        &RandomSpec {
             num_gists: 2,
             seed: 77,
-            ..TinySpec::default()
+            ..RandomSpec::default()
         },
     )
     .unwrap();
@@ -96,7 +96,7 @@ fn reindex(s: &Setup, model: &Path, extra: &[&str]) -> Command {
 /// The f32 record of compressing `text` fresh with `model`, at `precision`.
 fn fresh(model: &GistModel, text: &str, precision: Precision) -> Vec<u8> {
     let doc = Document {
-        name: "d".into(),
+        id: "d".into(),
         segments: model.segments(text).unwrap(),
     };
     let (state, _) = compress(model, vec![doc], 1).unwrap().remove(0);
@@ -301,6 +301,9 @@ fn queries_keep_working_while_a_job_runs_in_the_serving_process() {
     assert_eq!(report["done_documents"], 40);
     assert!(answered + switched > 0);
     assert!(!client.jobs().unwrap().is_empty());
+    // The job is found by its id, as POST /v1/reindex answered it.
+    let job = client.job(report["job"].as_str().unwrap()).unwrap();
+    assert_eq!((job.state.as_str(), job.done_documents), ("done", 40));
     let pid = server.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(server.wait().unwrap().success());

@@ -1,6 +1,6 @@
 //! The JSON Schemas in schemas/ describe what we actually write and read.
 
-use giststream::tiny::{write_random_model, TinySpec};
+use giststream::model::random::{write_random_model, RandomSpec};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -21,7 +21,7 @@ fn assert_valid(v: &jsonschema::Validator, instance: &Value) {
 fn gist_json_matches_its_schema_both_ways() {
     let v = schema("gist.schema.json");
     let dir = tempfile::tempdir().unwrap();
-    write_random_model(dir.path(), &TinySpec::default()).unwrap();
+    write_random_model(dir.path(), &RandomSpec::default()).unwrap();
     let written: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("gist.json")).unwrap()).unwrap();
     assert_valid(&v, &written);
@@ -38,8 +38,8 @@ fn gist_json_matches_its_schema_both_ways() {
 
 #[test]
 fn compress_reports_and_bench_measurements_match_their_schemas() {
-    let report = giststream::compress::Report {
-        name: "a.txt".into(),
+    let report = giststream::engine::compress::CompressReport {
+        id: "a.txt".into(),
         tokens: 100,
         sentences: 4,
         gist_tokens: 16,
@@ -59,7 +59,8 @@ fn compress_reports_and_bench_measurements_match_their_schemas() {
         dtype: candle_core::DType::F32,
         incremental: None,
     };
-    let m = giststream::bench::measure(giststream::bench::Path::Parallel, 64, 1, &setup).unwrap();
+    let m = giststream::bench::measure(giststream::bench::ForwardPath::Parallel, 64, 1, &setup)
+        .unwrap();
     assert_valid(
         &schema("bench-measurement.schema.json"),
         &serde_json::to_value(&m).unwrap(),
@@ -85,6 +86,13 @@ fn the_document_schema_and_the_parser_agree() {
         r#"{"id": "a", "text": 7}"#,
         r#"{"id": "a", "text": "x", "metadata": []}"#,
         r#"["id", "a"]"#,
+        // The current names; the old ones (`final`, `metadata`) above stay accepted.
+        r#"{"id": "a", "version": 2, "part": 1, "last": false, "text": "x", "attributes": {"k": 1}}"#,
+        r#"{"id": "a", "part": 3, "last": true, "text": ""}"#,
+        r#"{"id": "a", "part": 2, "last": false, "text": ""}"#,
+        r#"{"id": "a", "text": "x", "attributes": []}"#,
+        r#"{"id": "a", "text": "x", "last": true, "final": true}"#,
+        r#"{"id": "a", "text": "x", "attributes": {}, "metadata": {}}"#,
     ];
     for c in cases {
         let json: Value = serde_json::from_str(c).unwrap();

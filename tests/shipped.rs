@@ -3,8 +3,8 @@
 //! model's.
 
 use candle_core::{DType, Device};
-use giststream::eval::{evaluate, windows, Scoring};
 use giststream::model::{GistModel, LoadOptions};
+use giststream::train::eval::{evaluate, windows, Scoring};
 use std::path::Path;
 
 #[test]

@@ -3,11 +3,11 @@
 
 mod common;
 
-use giststream::compress::{compress, Document};
+use giststream::engine::compress::{compress, Document};
+use giststream::model::random::{synthetic_text, write_random_model, RandomSpec, SplitMix};
 use giststream::model::GistModel;
 use giststream::store::codec::{encode, Precision};
 use giststream::store::Store;
-use giststream::tiny::{synthetic_text, write_random_model, SplitMix, TinySpec};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -39,7 +39,7 @@ fn offline_records(model: &GistModel, files: &[PathBuf]) -> Vec<Vec<u8>> {
     let docs = files
         .iter()
         .map(|f| Document {
-            name: f.display().to_string(),
+            id: f.display().to_string(),
             segments: model
                 .segments(&std::fs::read_to_string(f).unwrap())
                 .unwrap(),
@@ -67,7 +67,7 @@ fn compress_cmd(model: &Path, store: &Path, files: &[PathBuf], version: u64) -> 
 fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
-    write_random_model(&model_dir, &TinySpec::default()).unwrap();
+    write_random_model(&model_dir, &RandomSpec::default()).unwrap();
     let store_dir = dir.path().join("store");
     (dir, model_dir, store_dir)
 }
@@ -141,9 +141,9 @@ fn damage_and_mismatch_are_clear_errors_and_spare_other_documents() {
         .unwrap()
         .status
         .success());
-    let (_d, other) = common::tiny_model(&TinySpec {
+    let (_d, other) = common::tiny_model(&RandomSpec {
         seed: 42,
-        ..TinySpec::default()
+        ..RandomSpec::default()
     });
     let model = common::load_model(&model_dir);
     {
@@ -301,7 +301,7 @@ fn a_writer_killed_while_appending_parts_leaves_whole_parts_and_resumes() {
             let meta = store.meta(&id).unwrap().unwrap();
             let vi = meta.version as usize - 1;
             let text = std::fs::read_to_string(&versions[vi][i]).unwrap();
-            let parts = giststream::update::split_parts(&text, PART);
+            let parts = giststream::store::parts::split_parts(&text, PART);
             let stored_text = store.text(&id).unwrap();
             assert_eq!(
                 stored_text,

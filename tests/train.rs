@@ -3,9 +3,9 @@
 //! the same loss curve.
 
 use candle_core::{DType, Device};
-use giststream::model::llama::Ops;
-use giststream::tiny::{write_random_model, TinySpec};
-use giststream::tokenize::Segment;
+use giststream::model::ops::Ops;
+use giststream::model::random::{write_random_model, RandomSpec};
+use giststream::text::tokenize::Segment;
 use giststream::train::{self, Attention, TrainConfig, Trainable, Trainee};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ fn texts_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts")
 }
 
-fn small_spec() -> TinySpec {
-    TinySpec {
+fn small_spec() -> RandomSpec {
+    RandomSpec {
         hidden: 64,
         layers: 2,
         heads: 4,
@@ -26,7 +26,7 @@ fn small_spec() -> TinySpec {
         scale: 0.05,
         embed_scale: 0.05,
         norm_noise: 0.0,
-        ..TinySpec::default()
+        ..RandomSpec::default()
     }
 }
 
@@ -88,7 +88,7 @@ fn loss_falls_on_bundled_text() {
 }
 
 fn grads_reaching(t: &Trainee, seqs: &[Vec<Segment>], ops: Ops) -> (usize, usize) {
-    let (loss, _) = train::loss(&t.model, seqs, Attention::Gist, false, ops).unwrap();
+    let (loss, _) = train::optim::loss(&t.model, seqs, Attention::Gist, false, ops).unwrap();
     let store = loss.backward().unwrap();
     let data = t.varmap.data().lock().unwrap();
     let with = data

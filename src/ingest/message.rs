@@ -4,12 +4,13 @@
 //! and stays in order. Its value is JSON:
 //!
 //! ```json
-//! {"id": "doc-17", "version": 3, "part": 0, "final": false, "text": "...", "metadata": {}}
+//! {"id": "doc-17", "version": 3, "part": 0, "last": false, "text": "...", "attributes": {}}
 //! ```
 //!
-//! `version` defaults to 1, `part` to 0, `final` to true (a whole document in one message).
+//! `version` defaults to 1, `part` to 0, `last` to true (a whole document in one message).
+//! `final` and `metadata`, the fields' old names, are still accepted.
 
-use crate::update::Part;
+use crate::store::parts::Part;
 use serde::{Deserialize, Serialize};
 
 /// Longest document id accepted (bytes).
@@ -23,11 +24,11 @@ pub struct DocumentMessage {
     pub version: u64,
     #[serde(default)]
     pub part: u32,
-    #[serde(rename = "final", default = "yes")]
+    #[serde(alias = "final", default = "yes")]
     pub last: bool,
     pub text: String,
-    #[serde(default)]
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(alias = "metadata", default)]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
 fn first_version() -> u64 {
@@ -118,6 +119,19 @@ pub fn parse(
     Ok(msg)
 }
 
+impl From<Part> for DocumentMessage {
+    fn from(p: Part) -> Self {
+        DocumentMessage {
+            id: p.id,
+            version: p.version,
+            part: p.part,
+            last: p.last,
+            text: p.text,
+            attributes: p.attributes,
+        }
+    }
+}
+
 impl DocumentMessage {
     pub fn into_part(self, source: Option<crate::store::SourceOffset>) -> Part {
         Part {
@@ -127,7 +141,7 @@ impl DocumentMessage {
             last: self.last,
             text: self.text,
             source,
-            attributes: self.metadata,
+            attributes: self.attributes,
         }
     }
 }

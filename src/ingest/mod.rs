@@ -3,7 +3,7 @@
 //! Two tasks share a bounded queue. The reader receives messages from the consumer group
 //! and pauses its partitions while the queue is full (the model fell behind). The worker
 //! takes a batch of messages, runs every valid one through the incremental path together
-//! ([`crate::update::apply_parts_unflushed`]: sentences of several documents share
+//! ([`crate::store::parts::apply_parts_unflushed`]: sentences of several documents share
 //! forwards) into the store, sends refused messages to the dead-letter topic (and state
 //! updates to the changelog topic) and waits for those deliveries. A third task, the
 //! committer, then flushes the store and only then commits the batch's offsets, while the
@@ -11,13 +11,15 @@
 //! redelivery is idempotent (the store skips parts it has), so no acknowledged message is
 //! lost and none is applied twice.
 
-pub mod bench;
+pub mod changelog;
 pub mod message;
+pub mod pipeline;
+pub mod produce;
 
-use crate::api::Service;
-use crate::pipeline::Pipeline;
+use crate::ingest::pipeline::Pipeline;
+use crate::service::Service;
+use crate::store::parts::{apply_parts_unflushed, Outcome, Part};
 use crate::store::{PartAction, SourceOffset};
-use crate::update::{apply_parts_unflushed, Outcome, Part};
 use anyhow::Context;
 use message::{parse, Reject};
 use rdkafka::config::ClientConfig;
@@ -395,7 +397,7 @@ impl Worker {
         }
         if !self.p.kafka.state_topic.is_empty() {
             for (id, meta) in stored.iter().chain(&republish) {
-                crate::changelog::publish(
+                crate::ingest::changelog::publish(
                     &self.producer,
                     &self.p.kafka.state_topic,
                     &self.svc.store,

@@ -2,7 +2,7 @@
 //! [`Config`] the forward reads, and `gist.json` ([`GistConfig`]), which says how the model
 //! compresses: how many gist tokens, their ids, and the segmentation it was trained with.
 
-use crate::segment::SegmentConfig;
+use crate::text::segment::SegmentConfig;
 use candle_transformers::models::llama::{Llama3RopeConfig, Llama3RopeType, LlamaEosToks};
 use serde::{Deserialize, Serialize};
 
@@ -190,6 +190,28 @@ impl GistConfig {
             "gist.json: gist token ids repeat"
         );
         Ok(())
+    }
+}
+
+/// How [`crate::engine::compress::compress`] batches documents on the incremental path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Incremental {
+    /// Each document's cache in its own buffer, attention per document
+    /// ([`crate::engine::state::advance`]): fewest copies; the CPU default.
+    PerDocument,
+    /// All documents' caches in one tensor, attention batched ([`crate::engine::slots`]): a fixed
+    /// number of kernels per layer at any batch; the GPU default.
+    Slots,
+}
+
+impl Incremental {
+    pub fn default_for(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Incremental::PerDocument
+        } else {
+            Incremental::Slots
+        }
     }
 }
 

@@ -3,18 +3,22 @@
 //! loads too: the reference names `<end_of_sentence_i>` are added to the tokenizer and the
 //! embedding (and head) grow rows initialised to the mean row.
 
+pub mod attention;
 pub mod config;
+pub mod device;
 pub mod embedded;
 pub mod llama;
+pub mod ops;
+pub mod random;
 
-use crate::segment::{SegmentConfig, Segmenter};
-use crate::tokenize::{sentence_segments, GistTokenizer, Segment};
+use crate::text::encoder::DocumentEncoder;
+use crate::text::segment::SegmentConfig;
+use crate::text::tokenize::{GistTokenizer, Segment};
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use config::{GistConfig, LlamaFileConfig};
+use config::{GistConfig, Incremental, LlamaFileConfig};
 use llama::Llama;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// How to load a checkpoint that has no `gist.json`.
@@ -47,7 +51,7 @@ pub struct GistModel {
     pub fingerprint: u64,
     pub dir: PathBuf,
     /// How questions are wrapped, when the checkpoint has a chat template.
-    pub chat_template: Option<crate::chat::ChatTemplate>,
+    pub chat_template: Option<crate::text::chat::ChatTemplate>,
 }
 
 impl GistModel {
@@ -127,7 +131,7 @@ impl GistModel {
             gist,
             fingerprint,
             dir: dir.to_path_buf(),
-            chat_template: crate::chat::ChatTemplate::from_dir(dir)?,
+            chat_template: crate::text::chat::ChatTemplate::from_dir(dir)?,
         })
     }
 
@@ -181,7 +185,11 @@ impl GistModel {
 
     /// A streaming encoder for one document under this model's segmentation.
     pub fn encoder(&self) -> DocumentEncoder<'_> {
-        DocumentEncoder::new(&self.tokenizer, &self.gist, self.bos_token_id())
+        DocumentEncoder::new(
+            &self.tokenizer,
+            &self.gist.segmentation,
+            self.bos_token_id(),
+        )
     }
 
     /// Segments and tokenizes a whole document.
@@ -189,165 +197,6 @@ impl GistModel {
         let mut enc = self.encoder();
         let mut out = enc.push(text)?;
         out.extend(enc.finish()?);
-        Ok(out)
-    }
-}
-
-/// Where a document's encoding stands between two of its parts.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Carry {
-    /// Text after the last sentence emitted (no sentence end is certain in it yet).
-    pub text: String,
-    /// Document byte offset of `text`.
-    pub offset: usize,
-    /// Whether the first sentence (the one that gets BOS) was emitted.
-    pub started: bool,
-}
-
-/// How [`crate::compress::compress`] batches documents on the incremental path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Incremental {
-    /// Each document's cache in its own buffer, attention per document
-    /// ([`crate::state::advance`]): fewest copies; the CPU default.
-    PerDocument,
-    /// All documents' caches in one tensor, attention batched ([`crate::slots`]): a fixed
-    /// number of kernels per layer at any batch; the GPU default.
-    Slots,
-}
-
-impl Incremental {
-    pub fn default_for(device: &Device) -> Self {
-        if device.is_cpu() {
-            Incremental::PerDocument
-        } else {
-            Incremental::Slots
-        }
-    }
-}
-
-/// Text in, model segments out, as sentences become certain.
-pub struct DocumentEncoder<'m> {
-    tokenizer: &'m GistTokenizer,
-    max_tokens: usize,
-    /// Reference segmentation (adds the reference code's final space, see `finish`).
-    reference: bool,
-    bos: Option<u32>,
-    segmenter: Segmenter,
-    /// Text not yet covered by an emitted sentence, starting at document byte `text_base`.
-    text: String,
-    text_base: usize,
-    first: bool,
-}
-
-impl<'m> DocumentEncoder<'m> {
-    /// An encoder with `gist`'s segmentation; `bos` starts the document.
-    pub fn new(tokenizer: &'m GistTokenizer, gist: &GistConfig, bos: Option<u32>) -> Self {
-        Self {
-            tokenizer,
-            max_tokens: gist.segmentation.max_sentence_tokens,
-            reference: gist.segmentation.mode == crate::segment::SegmentMode::Reference,
-            bos,
-            segmenter: Segmenter::new(gist.segmentation.clone()),
-            text: String::new(),
-            text_base: 0,
-            first: true,
-        }
-    }
-
-    /// An encoder that goes on where the one that wrote `carry` stopped (a document that
-    /// arrives in parts: each part may be encoded by another process).
-    pub fn resume(
-        tokenizer: &'m GistTokenizer,
-        gist: &GistConfig,
-        bos: Option<u32>,
-        carry: &Carry,
-    ) -> Self {
-        let mut enc = Self::new(tokenizer, gist, bos);
-        enc.segmenter = Segmenter::resume(gist.segmentation.clone(), &carry.text, carry.offset);
-        enc.text = carry.text.clone();
-        enc.text_base = carry.offset;
-        enc.first = !carry.started;
-        enc
-    }
-
-    /// What a later [`DocumentEncoder::resume`] needs: the text after the last sentence
-    /// emitted, where it starts, and whether the document has begun.
-    pub fn carry(&self) -> Carry {
-        Carry {
-            text: self.text.clone(),
-            offset: self.text_base,
-            started: !self.first,
-        }
-    }
-
-    pub fn push(&mut self, chunk: &str) -> anyhow::Result<Vec<Segment>> {
-        self.text.push_str(chunk);
-        let sentences = self.segmenter.push(chunk);
-        self.encode(sentences)
-    }
-
-    pub fn finish(&mut self) -> anyhow::Result<Vec<Segment>> {
-        let sentences = self.segmenter.finish()?;
-        let n = sentences.len();
-        let mut out = self.encode(sentences[..n.saturating_sub(1)].to_vec())?;
-        if let Some(last) = sentences.last() {
-            let text =
-                &self.text[last.range.start - self.text_base..last.range.end - self.text_base];
-            if self.reference && last.end == crate::segment::End::Boundary && text.ends_with('.') {
-                out.extend(self.encode_reference_last(last.clone())?);
-            } else {
-                out.extend(self.encode(vec![last.clone()])?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The reference code rewrites a "." that ends the text into ". " before the gists
-    /// (its `\.$` rule); its checkpoints saw that space, so reference mode adds it to the
-    /// tokens (tokenized with the sentence: BPE may merge ". "), not to the text.
-    fn encode_reference_last(
-        &mut self,
-        s: crate::segment::Sentence,
-    ) -> anyhow::Result<Vec<Segment>> {
-        let local = s.range.start - self.text_base..s.range.end - self.text_base;
-        let mut text = self.text[local.clone()].to_string();
-        text.push(' ');
-        let spaced = crate::segment::Sentence {
-            range: 0..text.len(),
-            end: s.end,
-        };
-        let bos = if self.first { self.bos } else { None };
-        self.first = false;
-        let mut segs = sentence_segments(self.tokenizer, &text, &spaced, bos, self.max_tokens)?;
-        for seg in &mut segs {
-            seg.bytes = (s.range.start + seg.bytes.start).min(s.range.end)
-                ..(s.range.start + seg.bytes.end).min(s.range.end);
-        }
-        self.text.drain(..local.end);
-        self.text_base = s.range.end;
-        Ok(segs)
-    }
-
-    fn encode(&mut self, sentences: Vec<crate::segment::Sentence>) -> anyhow::Result<Vec<Segment>> {
-        let mut out = Vec::new();
-        for s in sentences {
-            // Re-base the sentence onto the text still held.
-            let local = crate::segment::Sentence {
-                range: s.range.start - self.text_base..s.range.end - self.text_base,
-                end: s.end,
-            };
-            let bos = if self.first { self.bos } else { None };
-            self.first = false;
-            let mut segs =
-                sentence_segments(self.tokenizer, &self.text, &local, bos, self.max_tokens)?;
-            for seg in &mut segs {
-                seg.bytes = seg.bytes.start + self.text_base..seg.bytes.end + self.text_base;
-            }
-            out.extend(segs);
-            self.text.drain(..local.range.end);
-            self.text_base = s.range.end;
-        }
         Ok(out)
     }
 }

@@ -23,7 +23,7 @@
 //! tensor: a scale per row (rather than per head for the whole state) keeps appended rows
 //! from changing the encoding of earlier ones.
 
-use crate::state::{GistState, KvBuffer};
+use crate::engine::state::{GistState, KvBuffer};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
@@ -465,7 +465,7 @@ mod tests {
             p in 0u8..4,
         ) {
             let precision = Precision::from_code(p).unwrap();
-            let mut rng = crate::tiny::SplitMix(seed);
+            let mut rng = crate::model::random::SplitMix(seed);
             let (heads, dim) = (2, 3);
             let mut t = || Tensor::from_vec(
                 (0..heads * rows * dim).map(|_| rng.normal()).collect::<Vec<f32>>(),
@@ -509,7 +509,7 @@ mod tests {
             layers in 0usize..3, heads in 1usize..3, rows in 0usize..5, dim in 1usize..5,
             tail in 0usize..5, seed in any::<u64>(),
         ) {
-            let mut rng = crate::tiny::SplitMix(seed);
+            let mut rng = crate::model::random::SplitMix(seed);
             let n = heads * rows * dim;
             let mut buffers = Vec::new();
             for _ in 0..layers {

@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
+use giststream::model::random::{write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
-use giststream::tiny::{write_random_model, TinySpec};
 
 /// The model in `dir`, loaded f32 on the CPU.
 pub fn load_model(dir: &std::path::Path) -> GistModel {
@@ -23,7 +23,7 @@ pub fn max_abs(t: &Tensor) -> f32 {
 }
 
 /// A random model of `spec` written to a temporary directory and loaded (f32, CPU).
-pub fn tiny_model(spec: &TinySpec) -> (tempfile::TempDir, GistModel) {
+pub fn tiny_model(spec: &RandomSpec) -> (tempfile::TempDir, GistModel) {
     let dir = tempfile::tempdir().unwrap();
     write_random_model(dir.path(), spec).unwrap();
     let model = load_model(dir.path());

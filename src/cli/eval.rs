@@ -1,0 +1,98 @@
+//! `giststream eval`: perplexity of gist models and full-attention baselines.
+
+use crate::model::device::parse_device;
+use crate::model::{GistModel, LoadOptions};
+use anyhow::{bail, Context};
+use candle_core::DType;
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Gist model directories, scored on the incremental path.
+    #[arg(long = "model", value_name = "DIR")]
+    pub models: Vec<PathBuf>,
+    /// Full-attention baseline directories, scored with plain causal attention.
+    #[arg(long = "baseline", value_name = "DIR")]
+    pub baselines: Vec<PathBuf>,
+    /// Folder of .txt documents.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Regular tokens kept from the start of each document (whole sentences; 0: all).
+    #[arg(long, default_value_t = 8192)]
+    pub max_tokens: usize,
+    /// Instead of one prefix per document: cut each into consecutive windows of
+    /// --max-tokens (each starting with BOS, like training sequences) and score the first
+    /// this many of each (0: prefixes).
+    #[arg(long, default_value_t = 0)]
+    pub windows: usize,
+    /// Documents advancing together on the incremental path.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// One JSON object per model instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    use crate::train::eval::{documents, evaluate, Scoring};
+    if args.models.is_empty() && args.baselines.is_empty() {
+        bail!("nothing to evaluate: give --model and/or --baseline");
+    }
+    let device = parse_device(&args.device)?;
+    let texts = crate::train::read_texts(&args.data)?;
+    if texts.is_empty() {
+        bail!("no .txt documents in {}", args.data.display());
+    }
+    let runs = args
+        .models
+        .iter()
+        .map(|m| (m, Scoring::Gist))
+        .chain(args.baselines.iter().map(|m| (m, Scoring::Full)));
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:<28} {:>7} {:>4} {:>8} {:>8} {:>10} {:>10} {:>7} {:>10}",
+            "model", "scoring", "N_g", "tokens", "ppl", "2nd|1st", "2nd alone", "R_c", "KV B/tok"
+        )?;
+    }
+    for (dir, scoring) in runs {
+        let model = GistModel::load(dir, &device, DType::F32, &LoadOptions::default())
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let docs = if args.windows > 0 {
+            crate::train::eval::windows(&model, &texts, args.max_tokens, args.windows)?
+        } else {
+            documents(&model, &texts, args.max_tokens)?
+        };
+        let r = evaluate(
+            &model,
+            &dir.display().to_string(),
+            &docs,
+            scoring,
+            args.batch,
+        )?;
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        } else {
+            writeln!(
+                out,
+                "{:<28} {:>7} {:>4} {:>8} {:>8.2} {:>10.2} {:>10.2} {:>7.2} {:>10.0}",
+                r.model,
+                format!("{:?}", r.scoring).to_lowercase(),
+                r.num_gists,
+                r.tokens,
+                r.perplexity,
+                r.second_half_with_context,
+                r.second_half_alone,
+                r.compression_ratio,
+                r.kv_bytes_per_token
+            )?;
+        }
+    }
+    Ok(())
+}

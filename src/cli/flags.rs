@@ -1,0 +1,50 @@
+//! Flags several commands share: which model, on which device, at which precision.
+
+use crate::model::device::{parse_device, parse_dtype};
+use crate::model::{GistModel, LoadOptions};
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Which model to load, where, and at what precision.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// HF-format model directory: config.json, model.safetensors (or a sharded index),
+    /// tokenizer.json, and gist.json for a gist checkpoint. Default: the project's own
+    /// model, embedded in the binary.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: f32, bf16 or f16 (weights are converted on load).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Gist tokens per sentence (N_g) when the checkpoint has no gist.json.
+    #[arg(long, default_value_t = 4)]
+    pub num_gists: usize,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        parse_device(&self.device)
+    }
+
+    pub fn dtype(&self) -> anyhow::Result<DType> {
+        parse_dtype(&self.dtype)
+    }
+
+    pub fn load(&self) -> anyhow::Result<GistModel> {
+        let opts = LoadOptions {
+            num_gists: self.num_gists,
+            ..LoadOptions::default()
+        };
+        let dir = match &self.model {
+            Some(d) => d.clone(),
+            None => crate::model::embedded::dir()?,
+        };
+        GistModel::load(&dir, &self.device()?, self.dtype()?, &opts)
+            .with_context(|| format!("loading model {}", dir.display()))
+    }
+}

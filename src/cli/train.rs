@@ -1,0 +1,233 @@
+//! `giststream train-tokenizer` and `giststream train`.
+
+use crate::model::device::{parse_device, parse_dtype};
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct TrainTokenizerArgs {
+    /// Folder of .txt files to learn from.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Where to write tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Vocabulary size, special tokens included.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Gist tokens to reserve (`<end_of_sentence_0>`...); a model uses the first N_g.
+    #[arg(long, default_value_t = 8)]
+    pub gist_tokens: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder of .txt training documents.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Output model directory (checkpoints go to DIR/checkpoint).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Continue the checkpoint in --out (its settings win over these flags).
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from this HF model directory instead of random weights.
+    #[arg(long, value_name = "DIR", conflicts_with = "tokenizer")]
+    pub from: Option<PathBuf>,
+    /// tokenizer.json for a model trained from scratch (see train-tokenizer).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Gist tokens per sentence (N_g).
+    #[arg(long, default_value_t = 4)]
+    pub num_gists: usize,
+    /// gist: sentence attention with gists; full: the plain causal baseline.
+    #[arg(long, value_enum, default_value = "gist")]
+    pub attention: crate::train::Attention,
+    /// Recipe: `scratch` (one stage, everything trained) or `paper` (the paper's three
+    /// stages: embeddings only, everything, large-batch cool-down).
+    #[arg(long, default_value = "scratch", value_parser = ["scratch", "paper"])]
+    pub recipe: String,
+    /// Regular tokens to train on, all stages together.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tokens: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Sequences per optimizer step (stage 1 of the paper recipe; later stages scale it).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Sequences per forward (gradients of a step's micro-batches are summed).
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch: usize,
+    /// Regular tokens per training sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_tokens: usize,
+    /// Also score predictions of gist tokens.
+    #[arg(long)]
+    pub gist_loss: bool,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Shape of a model trained from scratch: hidden size.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 688)]
+    pub intermediate: usize,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Stop within this many seconds: after the first steps, token budgets shrink to fit
+    /// (schedules still run to their end).
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+    /// Precision of the saved weights: f32, or bf16 (half the size; loads as f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub save_dtype: String,
+}
+
+pub fn run_tokenizer(args: TrainTokenizerArgs) -> anyhow::Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.data)
+        .with_context(|| format!("reading {}", args.data.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no .txt files in {}", args.data.display());
+    }
+    let mut special = vec!["<s>".to_string(), "</s>".to_string()];
+    special.extend(crate::model::config::GistConfig::reference_names(
+        args.gist_tokens,
+    ));
+    let started = std::time::Instant::now();
+    let tok = crate::text::tokenize::train_bpe(&files, args.vocab_size, &special, &args.out)?;
+    println!(
+        "trained a {}-token BPE on {} files in {:.1}s: {}",
+        tok.vocab_size(),
+        files.len(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    use crate::train::{self, TrainConfig};
+    let device = parse_device(&args.device)?;
+    let ckpt = args.out.join("checkpoint").join("trainer.json");
+    let save_dtype = parse_dtype(&args.save_dtype)?;
+    let (mut trainee, cfg) = if args.resume && ckpt.exists() {
+        train::resume_trainee(&args.out, &device)?
+    } else {
+        let cfg = {
+            let mut c = match args.recipe.as_str() {
+                "paper" => TrainConfig::paper(args.tokens, args.lr, args.batch),
+                _ => TrainConfig::scratch(args.tokens, args.lr, args.batch),
+            };
+            c.seq_tokens = args.seq_tokens;
+            c.micro_batch = args.micro_batch;
+            c.attention = args.attention;
+            c.gist_loss = args.gist_loss;
+            c.checkpoint_every = args.checkpoint_every;
+            c.seed = args.seed;
+            c.max_seconds = args.max_seconds;
+            c
+        };
+        let trainee = match &args.from {
+            Some(dir) => train::trainee_from_dir(dir, args.num_gists, &device)?,
+            None => {
+                let tok = args
+                    .tokenizer
+                    .as_ref()
+                    .context("a model trained from scratch needs --tokenizer (or --from DIR)")?;
+                let spec = crate::model::random::RandomSpec {
+                    hidden: args.hidden,
+                    layers: args.layers,
+                    heads: args.heads,
+                    kv_heads: args.kv_heads,
+                    intermediate: args.intermediate,
+                    num_gists: args.num_gists,
+                    llama3_rope_scaling: false,
+                    tie_embeddings: false,
+                    scale: 0.02,
+                    embed_scale: 0.02,
+                    norm_noise: 0.0,
+                    seed: args.seed,
+                    ..crate::model::random::RandomSpec::default()
+                };
+                train::trainee_from_scratch(tok, &spec, &device)?
+            }
+        };
+        (trainee, cfg)
+    };
+    trainee.save_dtype = save_dtype;
+    let texts = train::read_texts(&args.data)?;
+    let bos = trainee
+        .model
+        .bos_token_id()
+        .context("the model has no BOS token (bos_token_id in config.json)")?;
+    let data = train::sequences(
+        &texts,
+        &trainee.model.tokenizer,
+        &trainee.model.gist,
+        bos,
+        cfg.seq_tokens,
+    )?;
+    let total_steps: usize = (0..cfg.stages.len()).map(|i| cfg.steps(i)).sum();
+    eprintln!(
+        "{} sequences of up to {} tokens from {} documents; {} steps in {} stage(s)",
+        data.len(),
+        cfg.seq_tokens,
+        texts.len(),
+        total_steps,
+        cfg.stages.len()
+    );
+    let bar = indicatif::ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps, {elapsed} (eta {eta}) {msg}",
+        )
+        .expect("a valid template"),
+    );
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = train::run(
+        &mut trainee,
+        &cfg,
+        &data,
+        &args.out,
+        args.resume,
+        |line, steps| {
+            let msg = format!(
+                "{} loss {:.4} lr {:.2e} {:.0} tok/s",
+                line.stage, line.loss, line.lr, line.tokens_per_second
+            );
+            // A log file or pipe gets plain lines instead of the bar.
+            if plain {
+                if line.step % 10 == 0 || line.step <= 3 {
+                    eprintln!("step {} (stage plan {steps}): {msg}", line.step);
+                }
+            } else {
+                bar.set_position(line.step as u64);
+                bar.set_message(msg);
+            }
+        },
+    )?;
+    bar.finish();
+    println!(
+        "trained {} steps, {} tokens, final loss {:.4}: {}",
+        progress.step,
+        progress.tokens_seen,
+        progress.last_loss,
+        args.out.display()
+    );
+    Ok(())
+}

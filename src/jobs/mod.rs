@@ -1,0 +1,3 @@
+//! Background jobs over a whole store.
+
+pub mod reindex;

@@ -1,0 +1,383 @@
+//! Every attention mask and plan, in one place: the sentence-attention (gist) mask, the
+//! plain causal mask, the padded mask of the batched cache, and the plans that split a
+//! forward's rows into groups and give each the keys it may see.
+//!
+//! Notation as in [`super::llama`]: Hq query heads, Hkv key/value heads, D head dim, L a
+//! group's queries, S its keys.
+
+use super::ops::{softmax, Ops};
+use candle_core::{DType, Device, Result, Tensor};
+use std::ops::Range;
+
+// ---------------------------------------------------------------------------------------
+// The gist mask
+// ---------------------------------------------------------------------------------------
+
+/// The sentence-attention rule, for one document's gist-augmented sequence. Token `i` may
+/// see token `j` iff
+///
+/// ```text
+///     j <= i  and  (segment[j] == segment[i]  or  kept[j])
+/// ```
+///
+/// where a segment is one sentence followed by its gist group, and `kept[j]` marks gist
+/// tokens (and BOS when the model keeps it visible). So a regular token sees its own
+/// sentence so far and every earlier gist; a gist token sees its whole sentence, the gists
+/// of its group before it, and every earlier gist. With one segment it is the causal mask.
+///
+/// `queries` and `keys` are token indices into the document; the result is the additive
+/// mask, row-major (queries × keys): 0 where visible, -inf elsewhere. Callers build it per
+/// block (queries of a few sentences against the earlier gists plus the block itself), so
+/// memory grows with the block, never with the document squared.
+pub fn sentence_mask(
+    queries: &[usize],
+    keys: &[usize],
+    segment: &[u32],
+    kept: &[bool],
+) -> Vec<f32> {
+    let mut mask = Vec::with_capacity(queries.len() * keys.len());
+    for &i in queries {
+        for &j in keys {
+            let visible = j <= i && (segment[j] == segment[i] || kept[j]);
+            mask.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+        }
+    }
+    mask
+}
+
+/// The (L, P + L) mask of L new tokens of one segment after P entries that are all visible
+/// (kept gists, or earlier tokens of the same segment): causal within the new tokens. This
+/// is [`sentence_mask`] for that case (tested below), without the index lists.
+pub fn causal_mask(l: usize, prefix: usize) -> Vec<f32> {
+    let s = prefix + l;
+    let mut mask = vec![0.0f32; l * s];
+    for i in 0..l {
+        for j in prefix + i + 1..s {
+            mask[i * s + j] = f32::NEG_INFINITY;
+        }
+    }
+    mask
+}
+
+/// The causal (L, L) mask of L new rows whose cached prefix is all visible (the prefix
+/// needs no mask), as a tensor: what the incremental engines use.
+pub fn causal_mask_tensor(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    mask_tensor(causal_mask(l, 0), l, l, dtype, device)
+}
+
+fn mask_tensor(
+    mask: Vec<f32>,
+    l: usize,
+    s: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(mask, (l, s), device)?.to_dtype(dtype)
+}
+
+/// The (L, P + L) mask of a block whose P prefix keys are all visible, from the block's own
+/// (L, L) part: only the small part is kept between layers.
+fn with_visible_prefix(inner: &Tensor, prefix: usize) -> Result<Tensor> {
+    if prefix == 0 {
+        return Ok(inner.clone());
+    }
+    let l = inner.dim(0)?;
+    let zeros = Tensor::zeros((l, prefix), inner.dtype(), inner.device())?;
+    Tensor::cat(&[&zeros, inner], 1)
+}
+
+/// The mask of the batched cache (`crate::engine::slots`): for each slot's query rows, keys
+/// `0..limit` are visible. `limit` is `(S, 1, L, 1)` u32, keys `T`; the mask is
+/// `(S, 1, L, T)`: 0 where visible, -1e30 elsewhere (exp gives exactly 0, as -inf would,
+/// and 0 · 1e30 stays 0 where -inf would give NaN).
+pub fn padded_mask(limit: &Tensor, keys: usize, dtype: DType) -> Result<Tensor> {
+    let k = Tensor::arange(0u32, keys as u32, limit.device())?.reshape((1, 1, 1, keys))?;
+    ((k.broadcast_lt(limit)?.to_dtype(DType::F32)? - 1.0)? * 1e30)?.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------------------
+// AttentionPlan
+// ---------------------------------------------------------------------------------------
+
+/// AttentionPlan of one group: L queries over the S keys the group may see, of which the
+/// first S - L (kept gists, earlier tokens) are all visible and the last L are the group's
+/// own, under `inner` (L, L) additive (None: all visible).
+/// q (Hq, L, D), already scaled by 1/sqrt(D); k, v (Hkv, S, D), rows may be strided (a view
+/// into a cache). Returns (Hq, L, D).
+/// GQA without copying K/V per query head: the G query heads that share a key head are
+/// stacked as rows, (Hkv, G·L, D) against (Hkv, S, D).
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    inner: Option<&Tensor>,
+    ops: Ops,
+) -> Result<Tensor> {
+    let (hq, l, d) = q.dims3()?;
+    let (hkv, s, _) = k.dims3()?;
+    let g = hq / hkv;
+    let q = q.contiguous()?.reshape((hkv, g * l, d))?;
+    let mut scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
+    if let Some(m) = inner {
+        let prefix = s - l;
+        scores = match ops {
+            // Mask only the last L columns, in place: the prefix needs no mask, and this
+            // keeps the work O(L²) instead of O(L·S). No autograd through slice_set.
+            Ops::Fused => {
+                let own = scores
+                    .narrow(2, prefix, l)?
+                    .reshape((hkv, g, l, l))?
+                    .broadcast_add(m)?
+                    .reshape((hkv, g * l, l))?;
+                scores.slice_set(&own, 2, prefix)?;
+                scores
+            }
+            Ops::Differentiable => scores
+                .reshape((hkv, g, l, s))?
+                .broadcast_add(&with_visible_prefix(m, prefix)?)?
+                .reshape((hkv, g * l, s))?,
+        };
+    }
+    let probs = softmax(&scores, ops)?;
+    probs.matmul(v)?.reshape((hq, l, d)) // (Hkv, G·L, D) -> (Hq, L, D)
+}
+
+/// How one forward's attention is grouped, and where each group's keys come from.
+pub trait AttentionPlan {
+    /// AttentionPlan for `layer`. q (Hq, N, D) scaled; k, v (Hkv, N, D): this forward's tokens,
+    /// rotated. Returns (Hq, N, D).
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// The last layer when no logits are wanted: only its keys and values matter (they are
+    /// what a cache keeps). Plans without a cache have nothing to do.
+    fn store(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Queries per block in the parallel plans: bounds the score matrix of a group.
+pub const BLOCK: usize = 512;
+
+/// Plain causal attention over documents laid out one after another in the flat batch:
+/// query blocks of [`BLOCK`] tokens against every earlier token of their document.
+pub struct CausalPlan {
+    /// (document start row, block rows)
+    blocks: Vec<(usize, Range<usize>)>,
+    /// Causal (L, L) masks by block length (all blocks but a document's last share one).
+    inner: std::collections::HashMap<usize, Tensor>,
+    ops: Ops,
+}
+
+impl CausalPlan {
+    /// `docs`: each document's row range in the flat batch.
+    pub fn new(docs: &[Range<usize>], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
+        let mut blocks = Vec::new();
+        let mut inner = std::collections::HashMap::new();
+        for doc in docs {
+            let mut a = doc.start;
+            while a < doc.end {
+                let b = (a + BLOCK).min(doc.end);
+                let l = b - a;
+                if let std::collections::hash_map::Entry::Vacant(e) = inner.entry(l) {
+                    e.insert(causal_mask_tensor(l, dtype, device)?);
+                }
+                blocks.push((doc.start, a..b));
+                a = b;
+            }
+        }
+        Ok(Self { blocks, inner, ops })
+    }
+}
+
+impl AttentionPlan for CausalPlan {
+    fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.blocks.len());
+        for (start, r) in &self.blocks {
+            let qb = q.narrow(1, r.start, r.len())?;
+            let kb = k.narrow(1, *start, r.end - start)?; // (Hkv, S, D), a view
+            let vb = v.narrow(1, *start, r.end - start)?;
+            outs.push(attend(
+                &qb,
+                &kb,
+                &vb,
+                Some(&self.inner[&r.len()]),
+                self.ops,
+            )?);
+        }
+        Tensor::cat(&outs, 1)
+    }
+}
+
+/// One document of the parallel sentence-attention path, as flat rows.
+#[derive(Debug, Clone)]
+pub struct SentenceDoc {
+    /// Rows of this document in the flat batch.
+    pub rows: Range<usize>,
+    /// Segment index of each token (sentence + its gist group).
+    pub segment: Vec<u32>,
+    /// Whether each token stays visible to all later segments (gists, BOS if configured).
+    pub kept: Vec<bool>,
+}
+
+/// Parallel sentence attention, blockwise: each block (whole segments, about [`BLOCK`]
+/// queries) attends to the kept tokens before it plus itself, under [`sentence_mask`].
+/// Memory per block is L × (kept before + L), so it grows linearly with the document.
+pub struct SentencePlan {
+    groups: Vec<SentenceGroup>,
+    ops: Ops,
+}
+
+struct SentenceGroup {
+    rows: Range<usize>,
+    /// Flat rows of the keys: kept tokens before the block, then the block.
+    keys: Tensor, // (S,) u32
+    /// The block's own part of the mask (L, L); the kept prefix is all visible.
+    inner: Tensor,
+}
+
+impl SentencePlan {
+    pub fn new(docs: &[SentenceDoc], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
+        let mut groups = Vec::new();
+        for doc in docs {
+            let n = doc.rows.len();
+            let mut kept_before: Vec<u32> = Vec::new();
+            let mut a = 0;
+            while a < n {
+                // Extend the block by whole segments up to BLOCK rows (at least one segment).
+                let mut b = a;
+                loop {
+                    let seg = doc.segment[b];
+                    let mut e = b;
+                    while e < n && doc.segment[e] == seg {
+                        e += 1;
+                    }
+                    if b > a && e - a > BLOCK {
+                        break;
+                    }
+                    b = e;
+                    if b >= n || b - a >= BLOCK {
+                        break;
+                    }
+                }
+                let block: Vec<usize> = (a..b).collect();
+                let inner = sentence_mask(&block, &block, &doc.segment, &doc.kept);
+                let mut keys = kept_before.clone();
+                keys.extend((a..b).map(|i| (doc.rows.start + i) as u32));
+                groups.push(SentenceGroup {
+                    rows: doc.rows.start + a..doc.rows.start + b,
+                    keys: Tensor::new(keys, device)?,
+                    inner: mask_tensor(inner, b - a, b - a, dtype, device)?,
+                });
+                kept_before.extend(
+                    (a..b)
+                        .filter(|&i| doc.kept[i])
+                        .map(|i| (doc.rows.start + i) as u32),
+                );
+                a = b;
+            }
+        }
+        Ok(Self { groups, ops })
+    }
+}
+
+impl AttentionPlan for SentencePlan {
+    fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let l = g.rows.len();
+            let qb = q.narrow(1, g.rows.start, l)?;
+            let kb = k.index_select(&g.keys, 1)?; // (Hkv, P + L, D)
+            let vb = v.index_select(&g.keys, 1)?;
+            outs.push(attend(&qb, &kb, &vb, Some(&g.inner), self.ops)?);
+        }
+        Tensor::cat(&outs, 1)
+    }
+}
+
+/// Sentence attention the reference code's way, for comparison only: each document is one
+/// group whose mask is the dense T x T [`sentence_mask`]. Memory grows with T².
+pub struct DensePlan {
+    groups: Vec<(Range<usize>, Tensor)>,
+    ops: Ops,
+}
+
+impl DensePlan {
+    pub fn new(docs: &[SentenceDoc], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
+        let groups = docs
+            .iter()
+            .map(|doc| {
+                let n = doc.rows.len();
+                let idx: Vec<usize> = (0..n).collect();
+                let mask = sentence_mask(&idx, &idx, &doc.segment, &doc.kept);
+                Ok((doc.rows.clone(), mask_tensor(mask, n, n, dtype, device)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { groups, ops })
+    }
+}
+
+impl AttentionPlan for DensePlan {
+    fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.groups.len());
+        for (rows, mask) in &self.groups {
+            let (qb, kb, vb) = (
+                q.narrow(1, rows.start, rows.len())?,
+                k.narrow(1, rows.start, rows.len())?,
+                v.narrow(1, rows.start, rows.len())?,
+            );
+            outs.push(attend(&qb, &kb, &vb, Some(mask), self.ops)?);
+        }
+        Tensor::cat(&outs, 1)
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentence_mask_on_a_tiny_sequence() {
+        // BOS a b | g g || c d | g g || e   (segments 0, 1, 2; N_g = 2)
+        let segment = [0, 0, 0, 0, 0, 1, 1, 1, 1, 2];
+        let kept = [
+            false, false, false, true, true, false, false, true, true, false,
+        ];
+        let idx: Vec<usize> = (0..10).collect();
+        let m = sentence_mask(&idx, &idx, &segment, &kept);
+        let vis: Vec<String> = m
+            .chunks(10)
+            .map(|r| {
+                r.iter()
+                    .map(|&x| if x == 0.0 { '#' } else { '.' })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            vis,
+            vec![
+                "#.........", // BOS
+                "##........", // a
+                "###.......", // b
+                "####......", // gist 0 of sentence 0 sees its sentence
+                "#####.....", // gist 1
+                "...###....", // c: earlier gists + itself
+                "...####...", // d
+                "...#####..", // gist 0 of sentence 1
+                "...######.", // gist 1
+                "...##..###", // e: all earlier gists, not c and d
+            ]
+        );
+    }
+
+    #[test]
+    fn causal_mask_is_sentence_mask_for_one_segment_after_kept_entries() {
+        // Prefix: 3 kept entries; then 4 new tokens of one segment.
+        let segment = [0, 0, 0, 1, 1, 1, 1];
+        let kept = [true, true, true, false, false, false, false];
+        let keys: Vec<usize> = (0..7).collect();
+        let queries: Vec<usize> = (3..7).collect();
+        assert_eq!(
+            sentence_mask(&queries, &keys, &segment, &kept),
+            causal_mask(4, 3)
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! The long-running process: the HTTP API over a store, and `serve` itself (ingestion
+//! plus the API).
+
+pub mod api;
+pub mod client;
+pub mod run;

@@ -1,0 +1,182 @@
+//! What a training run does: its stages, schedules and sizes, and the recipes that set
+//! them.
+
+use serde::{Deserialize, Serialize};
+
+/// Which parameters a stage updates; the rest stay bit-identical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainable {
+    /// Token embeddings and the LM head (the paper's stage 1: teach the new gist tokens).
+    Embeddings,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear warmup, then cosine from `lr` to `lr_end`.
+    Cosine,
+    /// Linear warmup, then linear from `lr` to `lr_end`.
+    Linear,
+}
+
+/// Attention the model trains with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Attention {
+    /// Sentence attention with gist tokens.
+    Gist,
+    /// Plain causal attention, no gists: the baseline.
+    Full,
+    /// Sentence attention through a dense T x T mask (the reference code's way): the same
+    /// result as `gist`, for measuring what the blockwise mask saves.
+    GistDense,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    /// Regular tokens to train on in this stage.
+    pub tokens: u64,
+    /// Sequences per optimizer step.
+    pub batch: usize,
+    pub lr: f64,
+    pub lr_end: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub trainable: Trainable,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    // data
+    /// Regular tokens per training sequence (whole sentences up to this many).
+    pub seq_tokens: usize,
+    /// Sequences per forward; a step's batch is split into these.
+    pub micro_batch: usize,
+    // method
+    pub attention: Attention,
+    /// Also score predictions of gist tokens (the reference code does; off by default).
+    pub gist_loss: bool,
+    // AdamW (the paper: weight decay 0.1, betas 0.9/0.95)
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0: off).
+    pub grad_clip: f64,
+    pub stages: Vec<Stage>,
+    pub seed: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: usize,
+    /// Wall-clock budget: after [`CALIBRATION_STEPS`] steps the token budgets of all stages
+    /// are scaled so the run ends in time with its schedules complete (warmup and decay
+    /// keep their shape). None: train exactly `tokens`.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    /// Whether the budgets were already scaled (a resumed run keeps them).
+    #[serde(default)]
+    pub calibrated: bool,
+}
+
+/// Steps timed before a `max_seconds` run fixes its token budgets.
+pub const CALIBRATION_STEPS: usize = 10;
+
+impl TrainConfig {
+    /// One stage, everything trained: pretraining from scratch (the baseline, or a model
+    /// to gist-tune later).
+    pub fn scratch(tokens: u64, lr: f64, batch: usize) -> Self {
+        Self::with_stages(vec![Stage {
+            name: "pretrain".into(),
+            tokens,
+            batch,
+            lr,
+            lr_end: lr / 10.0,
+            warmup_steps: 100,
+            schedule: Schedule::Cosine,
+            trainable: Trainable::All,
+        }])
+    }
+
+    /// The paper's three stages with its token proportions (0.1B : 2B : 2B) and batch
+    /// proportions (64 : 128 : 512, here batch, 2·batch, 8·batch), scaled to `tokens`.
+    pub fn paper(tokens: u64, lr: f64, batch: usize) -> Self {
+        let part = |n: u64| tokens * n / 41;
+        Self::with_stages(vec![
+            Stage {
+                name: "embeddings".into(),
+                tokens: part(1),
+                batch,
+                lr,
+                lr_end: lr / 2.0,
+                warmup_steps: 100,
+                schedule: Schedule::Cosine,
+                trainable: Trainable::Embeddings,
+            },
+            Stage {
+                name: "full".into(),
+                tokens: part(20),
+                batch: 2 * batch,
+                lr,
+                lr_end: lr / 2.0,
+                warmup_steps: 100,
+                schedule: Schedule::Cosine,
+                trainable: Trainable::All,
+            },
+            Stage {
+                name: "cooldown".into(),
+                tokens: part(20),
+                batch: 8 * batch,
+                lr: lr / 2.0,
+                lr_end: 0.0,
+                warmup_steps: 0,
+                schedule: Schedule::Linear,
+                trainable: Trainable::All,
+            },
+        ])
+    }
+
+    fn with_stages(stages: Vec<Stage>) -> Self {
+        Self {
+            seq_tokens: 256,
+            micro_batch: 8,
+            attention: Attention::Gist,
+            gist_loss: false,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            stages,
+            seed: 1,
+            checkpoint_every: 50,
+            max_seconds: None,
+            calibrated: false,
+        }
+    }
+
+    /// Optimizer steps of a stage.
+    pub fn steps(&self, stage: usize) -> usize {
+        let s = &self.stages[stage];
+        (s.tokens as usize)
+            .div_ceil(s.batch * self.seq_tokens)
+            .max(1)
+    }
+}
+
+/// Learning rate at `step` (0-based) of `steps` in `stage`.
+pub fn learning_rate(stage: &Stage, step: usize, steps: usize) -> f64 {
+    if step < stage.warmup_steps {
+        return stage.lr * (step + 1) as f64 / stage.warmup_steps as f64;
+    }
+    let span = steps.saturating_sub(stage.warmup_steps).max(1) as f64;
+    let t = ((step - stage.warmup_steps) as f64 / span).min(1.0);
+    match stage.schedule {
+        Schedule::Cosine => {
+            stage.lr_end
+                + 0.5 * (stage.lr - stage.lr_end) * (1.0 + (std::f64::consts::PI * t).cos())
+        }
+        Schedule::Linear => stage.lr + (stage.lr_end - stage.lr) * t,
+    }
+}

@@ -1,0 +1,286 @@
+//! `giststream train`: trains a gist Llama (or a full-attention baseline) with candle's
+//! autograd, on the parallel path with differentiable ops.
+//!
+//! The run is a list of stages (the paper's recipe is three: embeddings and head only, then
+//! everything, then a large-batch cool-down to lr 0). Each optimizer step takes `batch`
+//! sequences of `seq_tokens` regular tokens (whole sentences, gists inserted), split into
+//! micro-batches whose gradients are summed. The data order is a pure function of the seed
+//! and the number of sequences seen, and the checkpoint holds weights, AdamW moments and
+//! that counter, so a run killed and resumed follows the same loss curve.
+//!
+//! Output: an HF-format directory (config.json, model.safetensors, tokenizer.json,
+//! gist.json) that every other command loads, plus `checkpoint/` and `train-log.jsonl`.
+
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod optim;
+pub mod trainee;
+
+pub use config::{Attention, Schedule, Stage, TrainConfig, Trainable};
+pub use data::{read_texts, sequences};
+pub use optim::AdamW;
+pub use trainee::{resume_trainee, trainee_from_dir, trainee_from_scratch, Trainee};
+
+use crate::model::ops::Ops;
+use crate::text::tokenize::Segment;
+use anyhow::{bail, ensure, Context};
+use candle_core::{backprop::GradStore, Tensor};
+use config::{learning_rate, CALIBRATION_STEPS};
+use data::stream_index;
+use optim::loss;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use trainee::{save_checkpoint, CheckpointMeta};
+
+/// Where a run is; saved in `checkpoint/trainer.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainProgress {
+    pub stage: usize,
+    pub stage_step: usize,
+    pub step: usize,
+    /// Sequences consumed from the data stream.
+    pub sequences_seen: u64,
+    pub tokens_seen: u64,
+    pub optimizer_t: u64,
+    pub last_loss: f32,
+}
+
+/// One logged step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLine {
+    pub step: usize,
+    pub stage: String,
+    pub lr: f64,
+    pub loss: f32,
+    pub tokens_seen: u64,
+    pub tokens_per_second: f64,
+}
+
+/// Runs (or resumes) training, writing the model to `out`. `report` sees every step.
+pub fn run(
+    trainee: &mut Trainee,
+    cfg_in: &TrainConfig,
+    data: &[Vec<Segment>],
+    out: &Path,
+    resume: bool,
+    mut report: impl FnMut(&LogLine, usize),
+) -> anyhow::Result<TrainProgress> {
+    ensure!(
+        !data.is_empty(),
+        "no training sequences: is the data folder empty?"
+    );
+    let mut cfg = cfg_in.clone();
+    let run_started = std::time::Instant::now();
+    let mut sequences_at_start = 0;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ckpt = out.join("checkpoint");
+    let mut progress = TrainProgress {
+        stage: 0,
+        stage_step: 0,
+        step: 0,
+        sequences_seen: 0,
+        tokens_seen: 0,
+        optimizer_t: 0,
+        last_loss: f32::NAN,
+    };
+    let mut opt_state: Option<HashMap<String, Tensor>> = None;
+    if ckpt.join("trainer.json").exists() {
+        if !resume {
+            bail!(
+                "{} holds a checkpoint: pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+        }
+        let meta: CheckpointMeta =
+            serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
+                .context("reading checkpoint/trainer.json")?;
+        progress = meta.progress;
+        cfg = meta.config;
+        sequences_at_start = progress.sequences_seen;
+        let dev = trainee.model.llama.device().clone();
+        let weights = candle_core::safetensors::load(ckpt.join("model.safetensors"), &dev)?;
+        let data = trainee.varmap.data().lock().expect("varmap lock");
+        for (name, var) in data.iter() {
+            let w = weights
+                .get(name)
+                .with_context(|| format!("checkpoint lacks {name}"))?;
+            var.set(w)?;
+        }
+        drop(data);
+        opt_state = Some(candle_core::safetensors::load(
+            ckpt.join("optimizer.safetensors"),
+            &dev,
+        )?);
+    }
+    trainee.save_model_files(out)?;
+    let log_path = out.join("train-log.jsonl");
+    let mut perm = (u64::MAX, Vec::new());
+    while progress.stage < cfg.stages.len() {
+        let stage = cfg.stages[progress.stage].clone();
+        let steps = cfg.steps(progress.stage);
+        let mut opt = AdamW::new(trainee.vars(stage.trainable))?;
+        if let Some(state) = opt_state.take() {
+            // A checkpoint taken at a stage boundary holds no moments (t = 0).
+            if progress.optimizer_t > 0 {
+                opt.load_state(&state, progress.optimizer_t)?;
+            }
+        }
+        let mut steps = steps;
+        while progress.stage_step < steps {
+            if !cfg.calibrated && progress.step == CALIBRATION_STEPS {
+                if let Some(budget) = cfg.max_seconds {
+                    calibrate(
+                        &mut cfg,
+                        &progress,
+                        run_started.elapsed().as_secs_f64(),
+                        budget,
+                        progress.sequences_seen - sequences_at_start,
+                    );
+                    steps = cfg.steps(progress.stage).max(progress.stage_step + 1);
+                }
+            }
+            let started = std::time::Instant::now();
+            let lr = learning_rate(&stage, progress.stage_step, steps);
+            let batch: Vec<Vec<Segment>> = (0..stage.batch as u64)
+                .map(|i| {
+                    let k = progress.sequences_seen + i;
+                    data[stream_index(k, data.len(), cfg.seed, &mut perm)].clone()
+                })
+                .collect();
+            let (loss, tokens) = train_step(trainee, &mut opt, &batch, lr, &cfg)?;
+            progress.sequences_seen += stage.batch as u64;
+            progress.tokens_seen += tokens as u64;
+            progress.stage_step += 1;
+            progress.step += 1;
+            progress.optimizer_t = opt.t;
+            progress.last_loss = loss;
+            let line = LogLine {
+                step: progress.step,
+                stage: stage.name.clone(),
+                lr,
+                loss,
+                tokens_seen: progress.tokens_seen,
+                tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64(),
+            };
+            append_line(&log_path, &serde_json::to_string(&line)?)?;
+            report(&line, steps);
+            if progress.stage_step == steps {
+                // The next stage starts with fresh optimizer moments.
+                progress.stage += 1;
+                progress.stage_step = 0;
+                progress.optimizer_t = 0;
+                save_checkpoint(trainee, &AdamW::new(Vec::new())?, &cfg, &progress, &ckpt)?;
+                break;
+            }
+            if progress.step.is_multiple_of(cfg.checkpoint_every.max(1)) {
+                save_checkpoint(trainee, &opt, &cfg, &progress, &ckpt)?;
+            }
+        }
+    }
+    trainee.save_model(out)?;
+    Ok(progress)
+}
+
+/// Scales every stage's token budget so the sequences still to come fit the time left at
+/// the pace measured so far.
+fn calibrate(
+    cfg: &mut TrainConfig,
+    progress: &TrainProgress,
+    elapsed: f64,
+    budget: f64,
+    sequences: u64,
+) {
+    cfg.calibrated = true;
+    if sequences == 0 || elapsed <= 0.0 {
+        return;
+    }
+    let per_sequence = elapsed / sequences as f64;
+    let affordable = ((budget - elapsed).max(0.0) / per_sequence) as u64;
+    let planned: u64 = (0..cfg.stages.len())
+        .map(|i| (cfg.steps(i) * cfg.stages[i].batch) as u64)
+        .sum::<u64>()
+        .saturating_sub(progress.sequences_seen);
+    if planned == 0 {
+        return;
+    }
+    let f =
+        (affordable + progress.sequences_seen) as f64 / (planned + progress.sequences_seen) as f64;
+    for s in &mut cfg.stages {
+        s.tokens = ((s.tokens as f64 * f) as u64).max(1);
+    }
+}
+
+/// One optimizer step on `batch`: forward and backward over its micro-batches, gradient
+/// clipping, AdamW. Returns the batch's mean loss and its scored tokens.
+pub fn train_step(
+    trainee: &Trainee,
+    opt: &mut AdamW,
+    batch: &[Vec<Segment>],
+    lr: f64,
+    cfg: &TrainConfig,
+) -> anyhow::Result<(f32, usize)> {
+    let model = &trainee.model;
+    // Gradients of the batch's summed NLL, divided by its token count once at the end:
+    // the mean over all scored tokens, however the micro-batches split them.
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let (mut loss_sum, mut total) = (0f64, 0usize);
+    for micro in batch.chunks(cfg.micro_batch.max(1)) {
+        let (loss, n) = loss(
+            model,
+            micro,
+            cfg.attention,
+            cfg.gist_loss,
+            Ops::Differentiable,
+        )?;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+        total += n;
+        let store: GradStore = (loss * n as f64)?.backward()?;
+        for (name, var) in opt.params() {
+            let Some(g) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let acc = match grads.remove(name) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            grads.insert(name.to_string(), acc);
+        }
+    }
+    for g in grads.values_mut() {
+        *g = (&*g / total as f64)?;
+    }
+    let names: Vec<String> = opt.names().map(str::to_string).collect();
+    for name in &names {
+        ensure!(
+            grads.contains_key(name),
+            "{name} received no gradient: a non-differentiable op is on its path"
+        );
+    }
+    if cfg.grad_clip > 0.0 {
+        let mut sq = 0f64;
+        for g in grads.values() {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        if norm > cfg.grad_clip {
+            let k = cfg.grad_clip / norm;
+            for g in grads.values_mut() {
+                *g = (&*g * k)?;
+            }
+        }
+    }
+    opt.step(&grads, lr, cfg)?;
+    Ok(((loss_sum / total as f64) as f32, total))
+}
+
+fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")?;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The model being trained (its weights in a VarMap that autograd sees), made from a
+//! directory, from scratch, or from a checkpoint; and checkpoints written whole.
+
+use super::config::{TrainConfig, Trainable};
+use super::optim::AdamW;
+use super::TrainProgress;
+use crate::model::config::GistConfig;
+use crate::model::llama::Llama;
+use crate::model::GistModel;
+use crate::text::tokenize::GistTokenizer;
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What the checkpoint holds beside the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CheckpointMeta {
+    pub(crate) config: TrainConfig,
+    pub(crate) progress: TrainProgress,
+    /// config.json of the model being trained.
+    pub(crate) model_config: serde_json::Value,
+    pub(crate) gist: GistConfig,
+}
+
+/// A model being trained: its weights live in a VarMap so candle's autograd sees them.
+pub struct Trainee {
+    pub model: GistModel,
+    pub varmap: VarMap,
+    pub model_config: serde_json::Value,
+    /// Precision of the weights written to the model directory (checkpoints stay f32).
+    pub save_dtype: DType,
+}
+
+impl Trainee {
+    /// From config.json, weights and the tokenizer. Gist rows must already be in the
+    /// weights (see [`extend_vocab`]).
+    pub fn new(
+        model_config: serde_json::Value,
+        weights: HashMap<String, Tensor>,
+        tokenizer: GistTokenizer,
+        gist: GistConfig,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let file_cfg: crate::model::config::LlamaFileConfig =
+            serde_json::from_value(model_config.clone())?;
+        let vocab = file_cfg.vocab_size;
+        let cfg = file_cfg.into_config()?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (name, t) in weights {
+                data.insert(
+                    name,
+                    Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?,
+                );
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let llama = Llama::load(vb, cfg, vocab)?;
+        let model = GistModel::from_parts(llama, tokenizer, gist, 0);
+        Ok(Self {
+            model,
+            varmap,
+            model_config,
+            save_dtype: DType::F32,
+        })
+    }
+
+    pub(crate) fn vars(&self, trainable: Trainable) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut vars: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(name, _)| {
+                trainable == Trainable::All
+                    || name.as_str() == "model.embed_tokens.weight"
+                    || name.as_str() == "lm_head.weight"
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Weights as named tensors.
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Writes config.json, gist.json and tokenizer.json (everything but the weights).
+    pub fn save_model_files(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut config = self.model_config.clone();
+        config["torch_dtype"] = serde_json::json!(match self.save_dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        });
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        std::fs::write(
+            dir.join("gist.json"),
+            serde_json::to_string_pretty(&self.model.gist)?,
+        )?;
+        self.model
+            .tokenizer
+            .inner()
+            .save(dir.join("tokenizer.json"), true)
+            .map_err(|e| anyhow::anyhow!("saving tokenizer: {e}"))?;
+        Ok(())
+    }
+
+    /// Writes an HF-format model directory.
+    pub fn save_model(&self, dir: &Path) -> anyhow::Result<()> {
+        self.save_model_files(dir)?;
+        let weights: HashMap<String, Tensor> = self
+            .weights()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(self.save_dtype)?.to_device(&Device::Cpu)?)))
+            .collect::<anyhow::Result<_>>()?;
+        candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
+        Ok(())
+    }
+}
+
+/// Adds rows for token ids the embedding does not have yet (gist tokens added to a plain
+/// checkpoint), each the mean of the existing rows, to the embedding and the untied head;
+/// updates `vocab_size` in the config.
+pub fn extend_vocab(
+    weights: &mut HashMap<String, Tensor>,
+    model_config: &mut serde_json::Value,
+    vocab: usize,
+) -> anyhow::Result<()> {
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let Some(w) = weights.get(name) else { continue };
+        let rows = w.dim(0)?;
+        if rows < vocab {
+            let mean = w
+                .to_dtype(DType::F32)?
+                .mean_keepdim(0)?
+                .to_dtype(w.dtype())?;
+            let extra = mean.broadcast_as((vocab - rows, w.dim(1)?))?.contiguous()?;
+            let grown = Tensor::cat(&[w, &extra], 0)?;
+            weights.insert(name.to_string(), grown);
+        }
+    }
+    model_config["vocab_size"] = serde_json::json!(vocab);
+    Ok(())
+}
+
+/// Writes the checkpoint beside the old one, then swaps it in with renames, so a kill at
+/// any moment leaves a whole checkpoint.
+pub(crate) fn save_checkpoint(
+    trainee: &Trainee,
+    opt: &AdamW,
+    cfg: &TrainConfig,
+    progress: &TrainProgress,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let cpu = |m: HashMap<String, Tensor>| -> anyhow::Result<HashMap<String, Tensor>> {
+        m.into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+            .collect()
+    };
+    candle_core::safetensors::save(&cpu(trainee.weights())?, tmp.join("model.safetensors"))?;
+    candle_core::safetensors::save(&cpu(opt.state())?, tmp.join("optimizer.safetensors"))?;
+    let meta = CheckpointMeta {
+        config: cfg.clone(),
+        progress: progress.clone(),
+        model_config: trainee.model_config.clone(),
+        gist: trainee.model.gist.clone(),
+    };
+    std::fs::write(
+        tmp.join("trainer.json"),
+        serde_json::to_string_pretty(&meta)?,
+    )?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// The model and settings of the checkpoint in `out`, to continue it.
+pub fn resume_trainee(out: &Path, device: &Device) -> anyhow::Result<(Trainee, TrainConfig)> {
+    let ckpt = out.join("checkpoint");
+    let meta: CheckpointMeta = serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
+        .context("reading checkpoint/trainer.json")?;
+    let weights = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
+    let tokenizer = GistTokenizer::from_file(&out.join("tokenizer.json"))?;
+    let trainee = Trainee::new(meta.model_config, weights, tokenizer, meta.gist, device)?;
+    Ok((trainee, meta.config))
+}
+
+/// Starts from an HF model directory; a plain checkpoint gets `num_gists` gist tokens with
+/// rows at the mean embedding (the paper starts from Llama-3.2 this way).
+pub fn trainee_from_dir(dir: &Path, num_gists: usize, device: &Device) -> anyhow::Result<Trainee> {
+    let mut model_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)
+            .with_context(|| format!("parsing {}", dir.join("config.json").display()))?;
+    let mut tokenizer = GistTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let gist = match std::fs::read(dir.join("gist.json")) {
+        Ok(bytes) => serde_json::from_slice::<GistConfig>(&bytes).context("parsing gist.json")?,
+        Err(_) => {
+            let names = GistConfig::reference_names(num_gists);
+            let ids = tokenizer.ensure_special_tokens(&names)?;
+            GistConfig {
+                num_gist_tokens: num_gists,
+                gist_tokens: names,
+                gist_token_ids: ids,
+                segmentation: Default::default(),
+                bos_always_visible: false,
+                add_bos: true,
+            }
+        }
+    };
+    gist.validate()?;
+    let mut weights = HashMap::new();
+    for f in crate::model::safetensors_files(dir)? {
+        weights.extend(candle_core::safetensors::load(&f, &Device::Cpu)?);
+    }
+    let vocab = (model_config["vocab_size"].as_u64().unwrap_or(0) as usize)
+        .max(*gist.gist_token_ids.iter().max().expect("validated") as usize + 1);
+    extend_vocab(&mut weights, &mut model_config, vocab)?;
+    Trainee::new(model_config, weights, tokenizer, gist, device)
+}
+
+/// A new random model of `spec`'s shape with the tokenizer at `tokenizer` (which must have
+/// `<s>` and `</s>`; gist tokens are added if missing).
+pub fn trainee_from_scratch(
+    tokenizer: &Path,
+    spec: &crate::model::random::RandomSpec,
+    device: &Device,
+) -> anyhow::Result<Trainee> {
+    let mut tok = GistTokenizer::from_file(tokenizer)?;
+    let names = GistConfig::reference_names(spec.num_gists);
+    let ids = tok.ensure_special_tokens(&names)?;
+    let bos = tok
+        .token_to_id("<s>")
+        .context("the tokenizer has no <s> token")?;
+    let eos = tok
+        .token_to_id("</s>")
+        .context("the tokenizer has no </s> token")?;
+    let vocab = tok.vocab_size();
+    let gist = GistConfig {
+        num_gist_tokens: spec.num_gists,
+        gist_tokens: names,
+        gist_token_ids: ids,
+        segmentation: spec.segmentation.clone(),
+        bos_always_visible: false,
+        add_bos: true,
+    };
+    let model_config = crate::model::random::config_json(spec, vocab, bos, eos);
+    let weights = crate::model::random::random_weights(spec, vocab)?;
+    Trainee::new(model_config, weights, tok, gist, device)
+}
