@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp};
 use giststream::engine::state::{advance, Chunk, GistState};
 use giststream::engine::whole::{self, Layout, Mode};
 use giststream::model::ops::Ops;
@@ -25,85 +25,6 @@ fn documents(model: &GistModel) -> Vec<Vec<Segment>> {
         .collect()
 }
 
-/// Each segment fed as one chunk, or (every other one, with `split_tails`) as two: the
-/// first part open (a tail that spans steps), then the rest closing the sentence.
-fn chunks_of(segs: &[Segment], split_tails: bool) -> Vec<(Vec<u32>, bool)> {
-    let mut out = Vec::new();
-    for (i, s) in segs.iter().enumerate() {
-        if split_tails && i % 2 == 1 && s.tokens.len() > 3 {
-            let cut = s.tokens.len() / 2;
-            out.push((s.tokens[..cut].to_vec(), false));
-            out.push((s.tokens[cut..].to_vec(), s.close));
-        } else {
-            out.push((s.tokens.clone(), s.close));
-        }
-    }
-    out
-}
-
-/// Logits of every row of every document through the incremental path, `batch` documents
-/// advancing together, in the parallel layout's row order per document.
-fn incremental_logits(
-    model: &GistModel,
-    docs: &[Vec<Segment>],
-    batch: usize,
-    split_tails: bool,
-) -> Vec<Tensor> {
-    let chunked: Vec<_> = docs.iter().map(|d| chunks_of(d, split_tails)).collect();
-    let mut per_doc: Vec<Vec<Tensor>> = vec![Vec::new(); docs.len()];
-    for group in (0..docs.len()).collect::<Vec<_>>().chunks(batch) {
-        let mut states: Vec<GistState> = group
-            .iter()
-            .map(|_| GistState::new(model).unwrap())
-            .collect();
-        let steps = group.iter().map(|&d| chunked[d].len()).max().unwrap();
-        for step in 0..steps {
-            let mut items: Vec<(&mut GistState, Chunk)> = Vec::new();
-            let mut lens = Vec::new();
-            for (g, state) in states.iter_mut().enumerate() {
-                let Some((tokens, close)) = chunked[group[g]].get(step) else {
-                    continue;
-                };
-                let n = tokens.len()
-                    + if *close {
-                        model.gist.num_gist_tokens
-                    } else {
-                        0
-                    };
-                lens.push((group[g], n));
-                items.push((
-                    state,
-                    Chunk {
-                        tokens,
-                        close: *close,
-                    },
-                ));
-            }
-            let logits = advance(model, &mut items, true).unwrap().unwrap();
-            let mut row = 0;
-            for (d, n) in lens {
-                per_doc[d].push(logits.narrow(0, row, n).unwrap());
-                row += n;
-            }
-        }
-    }
-    per_doc
-        .into_iter()
-        .map(|parts| Tensor::cat(&parts, 0).unwrap())
-        .collect()
-}
-
-/// Largest |a - b| over the regular-token rows.
-fn max_diff_regular(a: &Tensor, b: &Tensor, regular: &[bool]) -> f32 {
-    let rows: Vec<u32> = (0..regular.len() as u32)
-        .filter(|&i| regular[i as usize])
-        .collect();
-    let idx = Tensor::new(rows.as_slice(), a.device()).unwrap();
-    let a = a.index_select(&idx, 0).unwrap();
-    let b = b.index_select(&idx, 0).unwrap();
-    common::max_abs_diff(&a, &b)
-}
-
 fn check(spec: RandomSpec, batch: usize, split_tails: bool) {
     let (_dir, model) = common::tiny_model(&spec);
     let docs = documents(&model);
@@ -111,7 +32,7 @@ fn check(spec: RandomSpec, batch: usize, split_tails: bool) {
     let par = whole::forward(&model, &layout, Mode::Sentence, Ops::Fused).unwrap();
     let par_diff = whole::forward(&model, &layout, Mode::Sentence, Ops::Differentiable).unwrap();
     let causal = whole::forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
-    let inc = incremental_logits(&model, &docs, batch, split_tails);
+    let inc = common::incremental_logits(&model, &docs, batch, split_tails);
     let mut worst_causal = 0f32;
     for (d, doc) in layout.docs.iter().enumerate() {
         let rows = doc.rows.clone();
@@ -119,18 +40,18 @@ fn check(spec: RandomSpec, batch: usize, split_tails: bool) {
         let p = par.i(rows.clone()).unwrap();
         let c = causal.i(rows.clone()).unwrap();
         assert_eq!(inc[d].dims(), p.dims(), "doc {d}: row count");
-        let diff = max_diff_regular(&p, &inc[d], regular);
+        let diff = common::max_diff_regular(&p, &inc[d], regular);
         assert!(
             diff < 1e-4,
             "N_g={} doc {d}: parallel vs incremental differ by {diff}",
             spec.num_gists
         );
-        let ops_diff = max_diff_regular(&p, &par_diff.i(rows.clone()).unwrap(), regular);
+        let ops_diff = common::max_diff_regular(&p, &par_diff.i(rows.clone()).unwrap(), regular);
         assert!(
             ops_diff < 1e-4,
             "doc {d}: fused vs differentiable ops differ by {ops_diff}"
         );
-        worst_causal = worst_causal.max(max_diff_regular(&c, &inc[d], regular));
+        worst_causal = worst_causal.max(common::max_diff_regular(&c, &inc[d], regular));
     }
     assert!(
         worst_causal > 1e-2,

@@ -89,3 +89,59 @@ fn bf16_weights_load_and_f16_compute_runs() {
     let d = common::max_abs_diff(&reference, &logits(&f32_dir, DType::F16));
     assert!(d < 0.05 * scale, "f16 compute: {d} (logit scale {scale})");
 }
+
+/// A checkpoint the reference code saved: its own config keys set N_g, the gist ids and BOS
+/// visibility; a gist.json that contradicts them is refused; a missing tokenizer is named.
+#[test]
+fn reference_checkpoints_configure_themselves() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref_sentence_ng4");
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("m");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), to.join(f)).unwrap();
+    }
+    let load = |opts: &LoadOptions| GistModel::load(&to, &Device::Cpu, DType::F32, opts);
+    // No gist.json, and a --num-gists that disagrees: config.json wins.
+    let m = load(&LoadOptions {
+        num_gists: 1,
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    assert_eq!(m.gist.gist_token_ids, vec![258, 259, 260, 261]);
+    assert!(!m.gist.bos_always_visible);
+    assert_eq!(
+        m.gist.segmentation.mode,
+        giststream::text::segment::SegmentMode::Reference
+    );
+    // The same as the fixture's own gist.json says.
+    let shipped: giststream::model::config::GistConfig =
+        serde_json::from_slice(&std::fs::read(src.join("gist.json")).unwrap()).unwrap();
+    assert_eq!(m.gist.gist_tokens, shipped.gist_tokens);
+    // ft_with_bos_token true: BOS stays visible.
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["ft_with_bos_token"] = true.into();
+    std::fs::write(to.join("config.json"), cfg.to_string()).unwrap();
+    assert!(
+        load(&LoadOptions::default())
+            .unwrap()
+            .gist
+            .bos_always_visible
+    );
+    // A gist.json that contradicts config.json is refused, naming both.
+    std::fs::copy(src.join("gist.json"), to.join("gist.json")).unwrap();
+    let err = format!("{:#}", load(&LoadOptions::default()).err().unwrap());
+    assert!(
+        err.contains("bos_always_visible") && err.contains("ft_with_bos_token"),
+        "{err}"
+    );
+    // No tokenizer files (save_pretrained of the model alone).
+    std::fs::remove_file(to.join("gist.json")).unwrap();
+    std::fs::remove_file(to.join("tokenizer.json")).unwrap();
+    let err = format!("{:#}", load(&LoadOptions::default()).err().unwrap());
+    assert!(
+        err.contains("tokenizer.json") && err.contains("save_pretrained"),
+        "{err}"
+    );
+}

@@ -58,6 +58,7 @@ fn compress_reports_and_bench_measurements_match_their_schemas() {
         device: &candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
         incremental: None,
+        real: None,
     };
     let m = giststream::bench::measure(giststream::bench::ForwardPath::Parallel, 64, 1, &setup)
         .unwrap();

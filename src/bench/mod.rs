@@ -192,6 +192,36 @@ pub struct Setup<'a> {
     pub dtype: DType,
     /// The incremental engine; the device's default when `None`.
     pub incremental: Option<crate::model::config::Incremental>,
+    /// A real model and text instead of the shape's random model and token documents.
+    pub real: Option<Real<'a>>,
+}
+
+/// A real model (HF directory or GGUF file) measured on real text: each document is the
+/// text's first sentences, cut to the measured length, segmented by the model (N_g 1 for
+/// a plain checkpoint).
+#[derive(Debug, Clone, Copy)]
+pub struct Real<'a> {
+    pub model: &'a std::path::Path,
+    pub text: &'a std::path::Path,
+    pub weights: crate::model::gguf::Weights,
+}
+
+/// The text's first whole segments holding at least `tokens` tokens.
+fn text_document(model: &GistModel, text: &str, tokens: usize) -> anyhow::Result<Vec<Segment>> {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for seg in model.segments(text)? {
+        if n >= tokens {
+            break;
+        }
+        n += seg.tokens.len();
+        out.push(seg);
+    }
+    anyhow::ensure!(
+        n >= tokens,
+        "the text has {n} tokens, fewer than the {tokens} asked for"
+    );
+    Ok(out)
 }
 
 /// Writes `shape`'s random model into `dir`.
@@ -245,26 +275,61 @@ pub fn measure(
             scratch.path()
         }
     };
-    let mut model = GistModel::load(dir, device, dtype, &LoadOptions::default())?;
+    let (mut model, text) = match setup.real {
+        Some(r) => {
+            let opts = LoadOptions {
+                num_gists: 1,
+                weights: r.weights,
+                ..LoadOptions::default()
+            };
+            let text = crate::text::files::read_text(r.text)?;
+            (GistModel::load(r.model, device, dtype, &opts)?, Some(text))
+        }
+        None => (
+            GistModel::load(dir, device, dtype, &LoadOptions::default())?,
+            None,
+        ),
+    };
     if let Some(e) = setup.incremental {
         model.incremental = e;
     }
-    let bos = model.bos_token_id().context("the bench model has BOS")?;
     let documents = if path == ForwardPath::IncrementalBatched {
         batch
     } else {
         1
     };
-    let docs: Vec<Vec<Segment>> = (0..documents)
-        .map(|d| document(tokens, bos, d as u64 + 1))
-        .collect();
-    let flops = work_flops(&setup.shape.spec(), path, &docs);
+    let (docs, warm, spec) = match &text {
+        Some(text) => {
+            let doc = text_document(&model, text, tokens)?;
+            let c = &model.llama.cfg;
+            let spec = RandomSpec {
+                hidden: c.hidden,
+                layers: c.layers,
+                heads: c.heads,
+                kv_heads: c.kv_heads,
+                intermediate: c.intermediate,
+                num_gists: model.gist.num_gist_tokens,
+                ..RandomSpec::default()
+            };
+            let warm = text_document(&model, text, 256)?;
+            (vec![doc; documents], warm, spec)
+        }
+        None => {
+            let bos = model.bos_token_id().context("the bench model has BOS")?;
+            let docs = (0..documents)
+                .map(|d| document(tokens, bos, d as u64 + 1))
+                .collect();
+            (docs, document(256, bos, 99), setup.shape.spec())
+        }
+    };
+    let tokens = docs[0].iter().map(|s| s.tokens.len()).sum::<usize>();
+    let flops = work_flops(&spec, path, &docs);
     // Warm up allocators and kernels on a short document.
-    let warm = vec![Document {
+    let warm_doc = vec![Document {
         id: "warmup".into(),
-        segments: document(256, bos, 99),
+        segments: warm.clone(),
     }];
-    compress(&model, warm, 1)?;
+    compress(&model, warm_doc, 1)?;
     let base_rss = status_kb("VmRSS:") * 1024;
     let mut start = Instant::now();
     let (mut state_bytes, mut state_allocated) = (0, 0);
@@ -284,6 +349,10 @@ pub fn measure(
         }
         ForwardPath::TrainBlockwise | ForwardPath::TrainDense => {
             use crate::train::{self, AdamW, Attention, TrainConfig, Trainable};
+            anyhow::ensure!(
+                setup.real.is_none(),
+                "the train-* paths measure the shape's random model (no --model yet)"
+            );
             let trainee = train::trainee_from_dir(dir, 4, device)?;
             let mut cfg = TrainConfig::scratch(1, 1e-4, 1);
             cfg.attention = match path {
@@ -292,7 +361,7 @@ pub fn measure(
             };
             let mut opt = AdamW::for_trainee(&trainee, Trainable::All)?;
             // Warm-up step on a short document; the timer covers only the measured step.
-            train::train_step(&trainee, &mut opt, &[document(256, bos, 99)], 1e-4, &cfg)?;
+            train::train_step(&trainee, &mut opt, std::slice::from_ref(&warm), 1e-4, &cfg)?;
             start = Instant::now();
             train::train_step(&trainee, &mut opt, &docs, 1e-4, &cfg)?;
         }
@@ -436,6 +505,7 @@ pub fn run_all(
     incremental: Option<crate::model::config::Incremental>,
     device: &str,
     dtype: &str,
+    real: Option<Real<'_>>,
     mut progress: impl FnMut(&Measurement),
 ) -> anyhow::Result<Vec<Measurement>> {
     let exe = std::env::current_exe()?;
@@ -468,6 +538,16 @@ pub fn run_all(
                         let name = serde_json::to_value(e).unwrap_or_default();
                         format!("--incremental={}", name.as_str().unwrap_or_default())
                     }))
+                    .args(real.iter().flat_map(|r| {
+                        let weights = serde_json::to_value(r.weights).unwrap_or_default();
+                        [
+                            "--model".into(),
+                            r.model.as_os_str().to_owned(),
+                            "--text".into(),
+                            r.text.as_os_str().to_owned(),
+                            format!("--weights={}", weights.as_str().unwrap_or_default()).into(),
+                        ]
+                    }))
                     .output()
                     .context("starting a benchmark child")?;
                 if !child.status.success() {
@@ -497,6 +577,7 @@ mod tests {
             device: &Device::Cpu,
             dtype: DType::F32,
             incremental: None,
+            real: None,
         }
     }
 

@@ -40,6 +40,15 @@ pub struct BenchArgs {
     /// CPU, slots on a GPU.
     #[arg(long, value_enum)]
     pub incremental: Option<crate::model::config::Incremental>,
+    /// Measure this model (HF directory or GGUF file) instead of a random one, on --text.
+    #[arg(long, value_name = "DIR|FILE", requires = "text")]
+    pub model: Option<PathBuf>,
+    /// With --model: the text whose first sentences make each document.
+    #[arg(long, value_name = "FILE", requires = "model")]
+    pub text: Option<PathBuf>,
+    /// With --model, a GGUF file's matrices: dequantized or quantized.
+    #[arg(long, value_enum, default_value = "dequantized")]
+    pub weights: crate::model::gguf::Weights,
     /// Keep the random model in DIR: written there on first use, reused after (the 1B
     /// shape takes a while to write). Default: a temporary folder per run.
     #[arg(long, value_name = "DIR")]
@@ -79,6 +88,14 @@ pub struct BenchReindexArgs {
     pub batch: usize,
 }
 
+fn real(args: &BenchArgs) -> Option<crate::bench::Real<'_>> {
+    Some(crate::bench::Real {
+        model: args.model.as_deref()?,
+        text: args.text.as_deref()?,
+        weights: args.weights,
+    })
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     use crate::bench::{measure, run_all, ForwardPath, Setup};
     if args.batch.is_empty() || args.batch.contains(&0) {
@@ -95,6 +112,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             device: &parse_device(&args.device)?,
             dtype: parse_dtype(&args.dtype)?,
             incremental: args.incremental,
+            real: real(&args),
         };
         let m = measure(path, tokens, args.batch[0], &setup)?;
         println!("{}", serde_json::to_string(&m)?);
@@ -123,6 +141,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.incremental,
         &args.device,
         &args.dtype,
+        real(&args),
         |m| {
             let name = serde_json::to_value(m.path).unwrap_or_default();
             let engine = match m.path {

@@ -10,11 +10,16 @@ use std::path::PathBuf;
 /// Which model to load, where, and at what precision.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// HF-format model directory: config.json, model.safetensors (or a sharded index),
-    /// tokenizer.json, and gist.json for a gist checkpoint. Default: the project's own
-    /// model, embedded in the binary.
-    #[arg(long, value_name = "DIR")]
+    /// HF-format model directory (config.json, model.safetensors or a sharded index,
+    /// tokenizer.json, and gist.json for a gist checkpoint), or a GGUF file. Default: the
+    /// project's own model, embedded in the binary.
+    #[arg(long, value_name = "DIR|FILE")]
     pub model: Option<PathBuf>,
+    /// A GGUF model's matrices: `dequantized` (expanded to --dtype: faster here, exact) or
+    /// `quantized` (its stored blocks and candle's quantized matmul: a quarter of the
+    /// memory, activations rounded to 8 bits).
+    #[arg(long, value_enum, default_value = "dequantized")]
+    pub weights: crate::model::gguf::Weights,
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -38,6 +43,7 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<GistModel> {
         let opts = LoadOptions {
             num_gists: self.num_gists,
+            weights: self.weights,
             ..LoadOptions::default()
         };
         let dir = match &self.model {

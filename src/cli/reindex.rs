@@ -20,6 +20,9 @@ pub struct ReindexArgs {
     /// Device for the new model: `cpu`, or `cuda`/`cuda:N` in a `cuda` build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// A GGUF model's matrices: quantized or dequantized.
+    #[arg(long, value_enum, default_value = "dequantized")]
+    pub weights: crate::model::gguf::Weights,
     /// Compute precision of the new model: f32, bf16 (GPU) or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -101,7 +104,11 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<()> {
             ),
             None => None,
         };
-        let answer = client.reindex(&crate::serve::api::ReindexRequest { model, spec })?;
+        let answer = client.reindex(&crate::serve::api::ReindexRequest {
+            model,
+            weights: args.weights,
+            spec,
+        })?;
         if args.dry_run {
             let pr: JobProgress = serde_json::from_value(answer)?;
             return finish(&pr);
@@ -127,6 +134,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<()> {
         device: args.device.clone(),
         dtype: args.dtype.clone(),
         num_gists: 4,
+        weights: args.weights,
     }
     .load()?;
     let store = crate::store::Store::open(&store_dir)?;

@@ -127,6 +127,7 @@ pub fn compress_with(
                     kv_bytes_gist: s.kv_len() as u64 * model.kv_bytes_per_token(bytes_per_value),
                     seconds: a.started.elapsed().as_secs_f64(),
                 };
+                warn_past_context(model, &report.id, s.next_position);
                 done[a.index] = Some((s, report));
             } else {
                 k += 1;
@@ -168,6 +169,20 @@ pub fn compress_with(
         .into_iter()
         .map(|d| d.expect("every document finishes"))
         .collect())
+}
+
+/// A document whose positions run past what the model was trained for still compresses,
+/// but the model never saw such positions: say so, with both numbers.
+pub fn warn_past_context(model: &GistModel, id: &str, positions: u32) {
+    if let Some(max) = model.llama.cfg.max_positions {
+        if positions as usize > max {
+            eprintln!(
+                "giststream: warning: document {id:?} spans {positions} positions, past the \
+                 {max} the model was trained for (max_position_embeddings); what it stores \
+                 past that is untested"
+            );
+        }
+    }
 }
 
 /// Bytes for people: `512 B`, `3.2 MiB`.

@@ -61,10 +61,14 @@ impl Default for KafkaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// HF model directory; empty: the project's own model, embedded in the binary.
+    /// HF model directory or GGUF file; empty: the project's own model, embedded in the
+    /// binary.
     pub dir: String,
     pub device: String,
     pub dtype: String,
+    /// A GGUF model's matrices: `dequantized` (default) or `quantized`.
+    #[serde(default)]
+    pub weights: crate::model::gguf::Weights,
     /// Incremental engine: `per-document` or `slots` (see `giststream bench --help`);
     /// absent: per-document on the CPU, slots on a GPU.
     pub incremental: Option<crate::model::config::Incremental>,
@@ -76,6 +80,7 @@ impl Default for ModelConfig {
             dir: String::new(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            weights: Default::default(),
             incremental: None,
         }
     }

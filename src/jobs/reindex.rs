@@ -377,35 +377,6 @@ fn work(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_parse_and_match() {
-        let f = Filter::parse("version>=2, id=news-* and precision!=int8").unwrap();
-        let mut m: DocMeta = serde_json::from_value(serde_json::json!({
-            "id": "news-1", "version": 3, "parts": 1, "complete": true, "tokens": 10,
-            "sentences": 1, "gist_tokens": 4, "fingerprint": "00000000000000aa", "num_gists": 4,
-            "segmentation": {}, "precision": "f32", "state_rows": 4, "state_chunks": 1,
-            "state_bytes": 1, "text_bytes": 1, "carry": {"text": "", "offset": 0, "started": true},
-            "source": null, "attributes": {}, "created_unix_ms": 0, "updated_unix_ms": 0
-        }))
-        .unwrap();
-        assert!(f.matches(&m));
-        m.version = 1;
-        assert!(!f.matches(&m));
-        m.version = 2;
-        m.id = "blog-1".into();
-        assert!(!f.matches(&m));
-        assert!(Filter::parse("").unwrap().matches(&m));
-        assert!(Filter::parse("colour=red").is_err());
-        assert!(Filter::parse("version>=x").is_err());
-        assert!(Filter::parse("id>3").is_err());
-        assert!(Filter::parse("version").is_err());
-    }
-}
-
 /// [`run_from`] with the new states replayed from the pipeline's document topic (see
 /// [`replay`]) into a scratch store beside `store_dir` (`<store>.replay`), removed when the
 /// job is done. Offline only: the embedded broker keeps nothing between runs.
@@ -481,4 +452,33 @@ pub fn replay(
         })?;
     flush(&mut parts)?;
     Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_and_match() {
+        let f = Filter::parse("version>=2, id=news-* and precision!=int8").unwrap();
+        let mut m: DocMeta = serde_json::from_value(serde_json::json!({
+            "id": "news-1", "version": 3, "parts": 1, "complete": true, "tokens": 10,
+            "sentences": 1, "gist_tokens": 4, "fingerprint": "00000000000000aa", "num_gists": 4,
+            "segmentation": {}, "precision": "f32", "state_rows": 4, "state_chunks": 1,
+            "state_bytes": 1, "text_bytes": 1, "carry": {"text": "", "offset": 0, "started": true},
+            "source": null, "attributes": {}, "created_unix_ms": 0, "updated_unix_ms": 0
+        }))
+        .unwrap();
+        assert!(f.matches(&m));
+        m.version = 1;
+        assert!(!f.matches(&m));
+        m.version = 2;
+        m.id = "blog-1".into();
+        assert!(!f.matches(&m));
+        assert!(Filter::parse("").unwrap().matches(&m));
+        assert!(Filter::parse("colour=red").is_err());
+        assert!(Filter::parse("version>=x").is_err());
+        assert!(Filter::parse("id>3").is_err());
+        assert!(Filter::parse("version").is_err());
+    }
 }

@@ -29,6 +29,8 @@ pub struct LlamaFileConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<LlamaEosToks>,
     pub hidden_act: Option<String>,
+    /// The context length the model was trained for.
+    pub max_position_embeddings: Option<usize>,
 }
 
 fn default_rope_theta() -> f32 {
@@ -52,6 +54,8 @@ pub struct Config {
     pub tie_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Positions the model was trained for (`max_position_embeddings`), when known.
+    pub max_positions: Option<usize>,
 }
 
 impl LlamaFileConfig {
@@ -97,6 +101,7 @@ impl LlamaFileConfig {
             rms_eps: self.rms_norm_eps,
             inv_freq,
             tie_embeddings: self.tie_word_embeddings,
+            max_positions: self.max_position_embeddings,
             bos_token_id: self.bos_token_id,
             eos_token_id: match self.eos_token_id {
                 Some(LlamaEosToks::Single(id)) => Some(id),

@@ -20,46 +20,135 @@
 use super::attention::AttentionPlan;
 use super::config::Config;
 use super::ops::{rms_norm, rope, rope_angles, Ops};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::Module;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 // ---------------------------------------------------------------------------------------
 // Blocks and the model
 // ---------------------------------------------------------------------------------------
 
-/// One decoder layer's weights, named as in the safetensors files.
-struct Block {
-    input_layernorm: Tensor,          // (H)
-    q_proj: Tensor,                   // (Hq·D, H)
-    k_proj: Tensor,                   // (Hkv·D, H)
-    v_proj: Tensor,                   // (Hkv·D, H)
-    o_proj: Tensor,                   // (H, Hq·D)
-    post_attention_layernorm: Tensor, // (H)
-    gate_proj: Tensor,                // (I, H)
-    up_proj: Tensor,                  // (I, H)
-    down_proj: Tensor,                // (H, I)
+/// A projection's weight W (out, in): dense, or llama.cpp's quantized blocks (a GGUF file
+/// read without dequantizing), multiplied by candle's quantized matmul.
+pub enum Linear {
+    Dense(Tensor),
+    Quantized(QMatMul),
 }
 
-/// x (N, in) · Wᵀ where W is (out, in) as stored: (N, out).
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)
+impl Linear {
+    /// x (N, in) · Wᵀ: (N, out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(w) => x.matmul(&w.t()?),
+            Linear::Quantized(q) => q.forward(x),
+        }
+    }
+
+    fn elem_count(&self) -> usize {
+        match self {
+            Linear::Dense(w) => w.elem_count(),
+            Linear::Quantized(QMatMul::QTensor(q)) => q.shape().elem_count(),
+            Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count(),
+        }
+    }
+}
+
+/// The token embedding (V, H), its rows also the tied head's: dense, or quantized (looked
+/// up row by row without dequantizing the table). Gist tokens added to a plain checkpoint
+/// are `extra` rows after the stored ones.
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized {
+        table: Arc<QTensor>,
+        extra: Option<Tensor>,
+    },
+}
+
+impl Embedding {
+    /// Rows of `ids` (N,): (N, H).
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(w) => w.index_select(ids, 0),
+            Embedding::Quantized { table, extra } => {
+                let stored = table.shape().dims()[0] as u32;
+                let Some(extra) = extra else {
+                    return table.embedding(ids);
+                };
+                // Stored rows through the quantized table, gist rows from `extra`.
+                let host = ids.to_vec1::<u32>()?;
+                let base: Vec<u32> = host.iter().map(|&i| i.min(stored - 1)).collect();
+                let added: Vec<u32> = host.iter().map(|&i| i.saturating_sub(stored)).collect();
+                let is_added: Vec<u8> = host.iter().map(|&i| u8::from(i >= stored)).collect();
+                let dev = ids.device();
+                let x = table.embedding(&Tensor::new(base, dev)?)?;
+                let y = extra.index_select(&Tensor::new(added, dev)?, 0)?;
+                let n = host.len();
+                Tensor::new(is_added, dev)?
+                    .reshape((n, 1))?
+                    .broadcast_as(x.shape())?
+                    .where_cond(&y, &x)
+            }
+        }
+    }
+
+    fn elem_count(&self) -> usize {
+        match self {
+            Embedding::Dense(w) => w.elem_count(),
+            Embedding::Quantized { table, extra } => {
+                table.shape().elem_count() + extra.as_ref().map_or(0, |e| e.elem_count())
+            }
+        }
+    }
+}
+
+/// The weights of one decoder layer.
+pub struct BlockWeights {
+    pub input_layernorm: Tensor,          // (H)
+    pub q_proj: Linear,                   // (Hq·D, H)
+    pub k_proj: Linear,                   // (Hkv·D, H)
+    pub v_proj: Linear,                   // (Hkv·D, H)
+    pub o_proj: Linear,                   // (H, Hq·D)
+    pub post_attention_layernorm: Tensor, // (H)
+    pub gate_proj: Linear,                // (I, H)
+    pub up_proj: Linear,                  // (I, H)
+    pub down_proj: Linear,                // (H, I)
+}
+
+/// One decoder layer.
+struct Block(BlockWeights);
+
+impl std::ops::Deref for Block {
+    type Target = BlockWeights;
+    fn deref(&self) -> &BlockWeights {
+        &self.0
+    }
+}
+
+fn linear(x: &Tensor, w: &Linear) -> Result<Tensor> {
+    w.forward(x)
 }
 
 impl Block {
+    /// Dense weights named as in HF safetensors files.
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let (h, d, i) = (cfg.hidden, cfg.head_dim, cfg.intermediate);
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
-        Ok(Self {
+        let dense = |vb: &VarBuilder, shape: (usize, usize), name: &str| -> Result<Linear> {
+            Ok(Linear::Dense(vb.get(shape, name)?))
+        };
+        Ok(Self(BlockWeights {
             input_layernorm: vb.get(h, "input_layernorm.weight")?,
-            q_proj: attn.get((cfg.heads * d, h), "q_proj.weight")?,
-            k_proj: attn.get((cfg.kv_heads * d, h), "k_proj.weight")?,
-            v_proj: attn.get((cfg.kv_heads * d, h), "v_proj.weight")?,
-            o_proj: attn.get((h, cfg.heads * d), "o_proj.weight")?,
+            q_proj: dense(&attn, (cfg.heads * d, h), "q_proj.weight")?,
+            k_proj: dense(&attn, (cfg.kv_heads * d, h), "k_proj.weight")?,
+            v_proj: dense(&attn, (cfg.kv_heads * d, h), "v_proj.weight")?,
+            o_proj: dense(&attn, (h, cfg.heads * d), "o_proj.weight")?,
             post_attention_layernorm: vb.get(h, "post_attention_layernorm.weight")?,
-            gate_proj: mlp.get((i, h), "gate_proj.weight")?,
-            up_proj: mlp.get((i, h), "up_proj.weight")?,
-            down_proj: mlp.get((h, i), "down_proj.weight")?,
-        })
+            gate_proj: dense(&mlp, (i, h), "gate_proj.weight")?,
+            up_proj: dense(&mlp, (i, h), "up_proj.weight")?,
+            down_proj: dense(&mlp, (h, i), "down_proj.weight")?,
+        }))
     }
 
     /// Rotated keys and values of h (N, H): each (Hkv, N, D).
@@ -120,11 +209,14 @@ pub enum Logits {
 /// A Llama decoder.
 pub struct Llama {
     pub cfg: Config,
-    embed_tokens: Tensor, // (V, H)
+    embed_tokens: Embedding, // (V, H)
     layers: Vec<Block>,
-    norm: Tensor,     // (H)
-    lm_head: Tensor,  // (V, H)
+    norm: Tensor, // (H)
+    /// (V, H); None: tied to the embedding.
+    lm_head: Option<Linear>,
     inv_freq: Tensor, // (D/2) f32
+    device: Device,
+    dtype: DType,
 }
 
 impl Llama {
@@ -134,27 +226,23 @@ impl Llama {
             .layers
             .iter()
             .map(|b| {
-                [
-                    &b.input_layernorm,
-                    &b.q_proj,
-                    &b.k_proj,
-                    &b.v_proj,
-                    &b.o_proj,
-                    &b.post_attention_layernorm,
-                    &b.gate_proj,
-                    &b.up_proj,
-                    &b.down_proj,
-                ]
-                .iter()
-                .map(|t| t.elem_count())
-                .sum::<usize>()
+                b.input_layernorm.elem_count()
+                    + b.post_attention_layernorm.elem_count()
+                    + [
+                        &b.q_proj,
+                        &b.k_proj,
+                        &b.v_proj,
+                        &b.o_proj,
+                        &b.gate_proj,
+                        &b.up_proj,
+                        &b.down_proj,
+                    ]
+                    .iter()
+                    .map(|w| w.elem_count())
+                    .sum::<usize>()
             })
             .sum();
-        let head = if self.cfg.tie_embeddings {
-            0
-        } else {
-            self.lm_head.elem_count()
-        };
+        let head = self.lm_head.as_ref().map_or(0, Linear::elem_count);
         self.embed_tokens.elem_count() + block + self.norm.elem_count() + head
     }
 
@@ -165,34 +253,63 @@ impl Llama {
         let h = cfg.hidden;
         let embed = vb.get((file_vocab, h), "model.embed_tokens.weight")?;
         let head = if cfg.tie_embeddings || !vb.contains_tensor("lm_head.weight") {
-            embed.clone()
+            None
         } else {
-            vb.get((file_vocab, h), "lm_head.weight")?
+            Some(vb.get((file_vocab, h), "lm_head.weight")?)
         };
         let layers = (0..cfg.layers)
             .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), &cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm = vb.get(h, "model.norm.weight")?;
         let extra = cfg.vocab.saturating_sub(file_vocab);
-        let embed_tokens = extend_rows_with_mean(&embed, extra)?;
-        let lm_head = extend_rows_with_mean(&head, extra)?;
-        let inv_freq = Tensor::new(cfg.inv_freq.as_slice(), vb.device())?;
+        let embed_tokens = Embedding::Dense(extend_rows_with_mean(&embed, extra)?);
+        let lm_head = match head {
+            Some(w) => Some(Linear::Dense(extend_rows_with_mean(&w, extra)?)),
+            None => None,
+        };
+        Self::from_weights(
+            cfg,
+            embed_tokens,
+            layers.into_iter().map(|b| b.0).collect(),
+            norm,
+            lm_head,
+        )
+    }
+
+    /// A model from weights read elsewhere (a GGUF file). `lm_head` None: tied to the
+    /// embedding.
+    pub fn from_weights(
+        cfg: Config,
+        embed_tokens: Embedding,
+        layers: Vec<BlockWeights>,
+        norm: Tensor,
+        lm_head: Option<Linear>,
+    ) -> Result<Self> {
+        let (device, dtype) = (norm.device().clone(), norm.dtype());
+        let inv_freq = Tensor::new(cfg.inv_freq.as_slice(), &device)?;
         Ok(Self {
             cfg,
             embed_tokens,
-            layers,
+            layers: layers.into_iter().map(Block).collect(),
             norm,
             lm_head,
             inv_freq,
+            device,
+            dtype,
         })
     }
 
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.device
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.dtype
+    }
+
+    /// Whether the projections run on quantized blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.embed_tokens, Embedding::Quantized { .. })
     }
 
     /// The forward over N flat tokens. `ids` (N,) u32; `positions` one per token (absolute
@@ -206,7 +323,7 @@ impl Llama {
         logits: &Logits,
     ) -> Result<Option<Tensor>> {
         let (cos, sin) = rope_angles(positions, &self.inv_freq, self.dtype())?; // (N, D/2)
-        let mut x = self.embed_tokens.index_select(ids, 0)?; // (N, H)
+        let mut x = self.embed_tokens.lookup(ids)?; // (N, H)
         let last = self.layers.len().saturating_sub(1);
         for (i, block) in self.layers.iter().enumerate() {
             if i == last && matches!(logits, Logits::Skip) {
@@ -223,13 +340,24 @@ impl Llama {
             Logits::Rows(rows) => x.index_select(rows, 0)?,
         };
         let x = rms_norm(&x, &self.norm, self.cfg.rms_eps, ops)?;
-        Ok(Some(linear(&x, &self.lm_head)?)) // (R, V)
+        let logits = match (&self.lm_head, &self.embed_tokens) {
+            (Some(head), _) => head.forward(&x)?,
+            (None, Embedding::Dense(w)) => x.matmul(&w.t()?)?,
+            (None, Embedding::Quantized { table, extra }) => {
+                let stored = QMatMul::from_arc(table.clone())?.forward(&x)?;
+                match extra {
+                    Some(e) => Tensor::cat(&[&stored, &x.matmul(&e.t()?)?], 1)?,
+                    None => stored,
+                }
+            }
+        };
+        Ok(Some(logits)) // (R, V)
     }
 }
 
 /// Appends `extra` rows, each the mean of the existing rows (how the reference code
 /// initialises gist embeddings).
-fn extend_rows_with_mean(w: &Tensor, extra: usize) -> Result<Tensor> {
+pub(crate) fn extend_rows_with_mean(w: &Tensor, extra: usize) -> Result<Tensor> {
     if extra == 0 {
         return Ok(w.clone());
     }

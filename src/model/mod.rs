@@ -7,6 +7,7 @@ pub mod attention;
 pub mod config;
 pub mod device;
 pub mod embedded;
+pub mod gguf;
 pub mod llama;
 pub mod ops;
 pub mod random;
@@ -18,16 +19,19 @@ use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use config::{GistConfig, Incremental, LlamaFileConfig};
+use gguf::Weights;
 use llama::Llama;
 use std::path::{Path, PathBuf};
 
-/// How to load a checkpoint that has no `gist.json`.
+/// How to load a checkpoint that has no `gist.json`, and a GGUF file's weights.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// N_g for a plain checkpoint.
     pub num_gists: usize,
     /// Segmentation for a plain checkpoint.
     pub segmentation: SegmentConfig,
+    /// GGUF files: quantized blocks or dequantized weights.
+    pub weights: Weights,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +39,7 @@ impl Default for LoadOptions {
         Self {
             num_gists: 4,
             segmentation: SegmentConfig::default(),
+            weights: Weights::default(),
         }
     }
 }
@@ -55,6 +60,7 @@ pub struct GistModel {
 }
 
 impl GistModel {
+    /// Loads an HF model directory, or a GGUF file.
     pub fn load(
         dir: &Path,
         device: &Device,
@@ -67,6 +73,15 @@ impl GistModel {
                  kernel): use --dtype f32 or f16 there; bf16 weights load fine as f32"
             );
         }
+        if gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, device, dtype, opts);
+        }
+        if dir.is_file() {
+            bail!(
+                "{} is a file but not a GGUF file: give an HF model directory or a .gguf file",
+                dir.display()
+            );
+        }
         let read = |name: &str| {
             let p = dir.join(name);
             std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
@@ -76,42 +91,36 @@ impl GistModel {
             .with_context(|| format!("parsing {}", dir.join("config.json").display()))?;
         let file_vocab = file_cfg.vocab_size;
         let mut cfg = file_cfg.into_config()?;
-        let mut tokenizer = GistTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        ensure!(
+            tokenizer_path.exists(),
+            "{} has no tokenizer.json: a checkpoint saved with save_pretrained alone has \
+             none; save its tokenizer beside it (tokenizer.save_pretrained(DIR))",
+            dir.display()
+        );
+        let mut tokenizer = GistTokenizer::from_file(&tokenizer_path)?;
 
         let gist_path = dir.join("gist.json");
-        let gist = if gist_path.exists() {
-            let gist: GistConfig = serde_json::from_slice(&read("gist.json")?)
-                .with_context(|| format!("parsing {}", gist_path.display()))?;
-            gist.validate()?;
-            let ids = tokenizer.ensure_special_tokens(&gist.gist_tokens)?;
-            ensure!(
-                ids == gist.gist_token_ids,
-                "gist.json says the gist tokens {:?} have ids {:?}, but tokenizer.json gives {:?}",
-                gist.gist_tokens,
-                gist.gist_token_ids,
-                ids
-            );
-            gist
+        let gist_bytes = if gist_path.exists() {
+            Some(read("gist.json")?)
         } else {
-            let names = GistConfig::reference_names(opts.num_gists);
-            let ids = tokenizer.ensure_special_tokens(&names)?;
-            let gist = GistConfig {
-                num_gist_tokens: opts.num_gists,
-                gist_tokens: names,
-                gist_token_ids: ids,
-                segmentation: opts.segmentation.clone(),
-                bos_always_visible: false,
-                add_bos: true,
-            };
-            gist.validate()?;
-            gist
+            None
         };
-        let max_id = *gist
-            .gist_token_ids
-            .iter()
-            .max()
-            .expect("validated: N_g >= 1");
-        cfg.vocab = file_vocab.max(max_id as usize + 1);
+        let reference = ReferenceKeys::read(&config_bytes)?;
+        let gist = match (&gist_bytes, &reference) {
+            (None, Some(r)) => r.gist_config(&tokenizer, dir)?,
+            _ => resolve_gist(
+                &mut tokenizer,
+                gist_bytes.as_deref(),
+                &gist_path,
+                opts,
+                true,
+            )?,
+        };
+        if let Some(r) = &reference {
+            r.check(&gist, dir)?;
+        }
+        cfg.vocab = vocab_with_gists(file_vocab, &gist);
 
         let files = safetensors_files(dir)?;
         // SAFETY: the files are memory-mapped read-only; like every mmap-based loader this
@@ -132,6 +141,56 @@ impl GistModel {
             fingerprint,
             dir: dir.to_path_buf(),
             chat_template: crate::text::chat::ChatTemplate::from_dir(dir)?,
+        })
+    }
+
+    /// Loads a GGUF file: config, tokenizer and chat template from its metadata; its
+    /// matrices quantized or dequantized as `opts.weights` says.
+    fn load_gguf(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        opts: &LoadOptions,
+    ) -> anyhow::Result<Self> {
+        let mut g = gguf::Gguf::open(path)?;
+        let (config_bytes, file_cfg) = gguf::file_config(&g)?;
+        let file_vocab = file_cfg.vocab_size;
+        let mut cfg = file_cfg
+            .into_config()
+            .with_context(|| format!("the GGUF metadata of {}", path.display()))?;
+        let tokenizer_json = serde_json::to_vec(&g.tokenizer_json()?)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&tokenizer_json)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("building the tokenizer of {}", path.display()))?;
+        let mut tokenizer = GistTokenizer::from_tokenizer(inner);
+        let gist = resolve_gist(&mut tokenizer, None, path, opts, g.add_bos())?;
+        cfg.vocab = vocab_with_gists(file_vocab, &gist);
+        let extra = cfg.vocab - file_vocab;
+        let (embed, layers, norm, head) = g.weights(&cfg, extra, opts.weights, device, dtype)?;
+        let llama = Llama::from_weights(cfg, embed, layers, norm, head)?;
+        let chat_template = match g.chat_template()? {
+            Some((source, bos, eos)) => Some(
+                crate::text::chat::ChatTemplate::new(source, bos, eos)
+                    .with_context(|| format!("the chat template of {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let gist_json = serde_json::to_vec(&gist)?;
+        // The two weight modes make different states (quantized matmul rounds), so they
+        // are different models to the store.
+        let mode = serde_json::to_vec(&opts.weights)?;
+        let fingerprint = fingerprint(
+            &[&config_bytes, &gist_json, &tokenizer_json, &mode],
+            &[path.to_path_buf()],
+        )?;
+        Ok(Self {
+            incremental: Incremental::default_for(device),
+            llama,
+            tokenizer,
+            gist,
+            fingerprint,
+            dir: path.to_path_buf(),
+            chat_template,
         })
     }
 
@@ -199,6 +258,131 @@ impl GistModel {
         out.extend(enc.finish()?);
         Ok(out)
     }
+}
+
+/// The gist settings of a checkpoint: its `gist.json` (checked against the tokenizer), or
+/// for a plain checkpoint `opts.num_gists` tokens with the reference names, added to the
+/// tokenizer after its vocabulary.
+fn resolve_gist(
+    tokenizer: &mut GistTokenizer,
+    gist_json: Option<&[u8]>,
+    source: &Path,
+    opts: &LoadOptions,
+    add_bos: bool,
+) -> anyhow::Result<GistConfig> {
+    if let Some(bytes) = gist_json {
+        let gist: GistConfig = serde_json::from_slice(bytes)
+            .with_context(|| format!("parsing {}", source.display()))?;
+        gist.validate()?;
+        let ids = tokenizer.ensure_special_tokens(&gist.gist_tokens)?;
+        ensure!(
+            ids == gist.gist_token_ids,
+            "gist.json says the gist tokens {:?} have ids {:?}, but tokenizer.json gives {:?}",
+            gist.gist_tokens,
+            gist.gist_token_ids,
+            ids
+        );
+        return Ok(gist);
+    }
+    let names = GistConfig::reference_names(opts.num_gists);
+    let ids = tokenizer.ensure_special_tokens(&names)?;
+    let gist = GistConfig {
+        num_gist_tokens: opts.num_gists,
+        gist_tokens: names,
+        gist_token_ids: ids,
+        segmentation: opts.segmentation.clone(),
+        bos_always_visible: false,
+        add_bos,
+    };
+    gist.validate()?;
+    Ok(gist)
+}
+
+/// The keys the paper's reference code writes into `config.json`: its gist token ids and
+/// whether BOS stays visible. A checkpoint it saved configures itself from them.
+struct ReferenceKeys {
+    gist_ids: Vec<u32>,
+    bos_visible: bool,
+}
+
+impl ReferenceKeys {
+    fn read(config_json: &[u8]) -> anyhow::Result<Option<Self>> {
+        let v: serde_json::Value = serde_json::from_slice(config_json)?;
+        let Some(ids) = v.get("end_of_sentence_token_ids") else {
+            return Ok(None);
+        };
+        let gist_ids: Vec<u32> = serde_json::from_value(ids.clone())
+            .context("config.json: end_of_sentence_token_ids is not a list of token ids")?;
+        ensure!(
+            !gist_ids.is_empty(),
+            "config.json: end_of_sentence_token_ids is empty"
+        );
+        let bos_visible = v
+            .get("ft_with_bos_token")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
+        Ok(Some(Self {
+            gist_ids,
+            bos_visible,
+        }))
+    }
+
+    /// The gist settings a reference checkpoint was trained with: its tokens, BOS as it
+    /// says, the reference code's sentence rule.
+    fn gist_config(&self, tokenizer: &GistTokenizer, dir: &Path) -> anyhow::Result<GistConfig> {
+        let names = self
+            .gist_ids
+            .iter()
+            .map(|&id| {
+                tokenizer.id_to_token(id).with_context(|| {
+                    format!(
+                        "{}: config.json names gist token id {id}, which tokenizer.json lacks",
+                        dir.display()
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let gist = GistConfig {
+            num_gist_tokens: self.gist_ids.len(),
+            gist_tokens: names,
+            gist_token_ids: self.gist_ids.clone(),
+            segmentation: SegmentConfig::reference(),
+            bos_always_visible: self.bos_visible,
+            add_bos: true,
+        };
+        gist.validate()?;
+        Ok(gist)
+    }
+
+    /// A `gist.json` that contradicts the reference keys is refused, naming both.
+    fn check(&self, gist: &GistConfig, dir: &Path) -> anyhow::Result<()> {
+        ensure!(
+            gist.gist_token_ids == self.gist_ids,
+            "{}: gist.json has gist token ids {:?} but config.json's end_of_sentence_token_ids \
+             are {:?}",
+            dir.display(),
+            gist.gist_token_ids,
+            self.gist_ids
+        );
+        ensure!(
+            gist.bos_always_visible == self.bos_visible,
+            "{}: gist.json has bos_always_visible {} but config.json's ft_with_bos_token is {}",
+            dir.display(),
+            gist.bos_always_visible,
+            self.bos_visible
+        );
+        Ok(())
+    }
+}
+
+/// Embedding rows: the checkpoint's, and room for gist tokens appended after them.
+fn vocab_with_gists(file_vocab: usize, gist: &GistConfig) -> usize {
+    let max_id = *gist
+        .gist_token_ids
+        .iter()
+        .max()
+        .expect("validated: N_g >= 1");
+    file_vocab.max(max_id as usize + 1)
 }
 
 /// The weight files of a checkpoint: `model.safetensors`, or the shards named by

@@ -177,6 +177,9 @@ pub struct ReindexRequest {
     /// Model directory of the new states (on the serving machine); None: the embedded model.
     #[serde(default)]
     pub model: Option<String>,
+    /// A GGUF model's matrices (default: dequantized).
+    #[serde(default)]
+    pub weights: crate::model::gguf::Weights,
     #[serde(flatten)]
     pub spec: crate::jobs::reindex::JobSpec,
 }
@@ -198,7 +201,10 @@ async fn reindex(
             &dir,
             svc_device,
             svc_dtype,
-            &crate::model::LoadOptions::default(),
+            &crate::model::LoadOptions {
+                weights: req.weights,
+                ..crate::model::LoadOptions::default()
+            },
         )
         .map_err(|e| e.context(format!("loading model {}", dir.display())))?;
         Ok((m, req.spec))

@@ -21,7 +21,10 @@ pub fn load_model(p: &Pipeline) -> anyhow::Result<GistModel> {
         &dir,
         &parse_device(&p.model.device)?,
         parse_dtype(&p.model.dtype)?,
-        &LoadOptions::default(),
+        &LoadOptions {
+            weights: p.model.weights,
+            ..LoadOptions::default()
+        },
     )
     .with_context(|| format!("loading model {}", dir.display()))?;
     if let Some(e) = p.model.incremental {

@@ -49,15 +49,25 @@ impl ChatTemplate {
         let Some(source) = source else {
             return Ok(None);
         };
+        let t = Self::new(
+            source,
+            token_string(&config["bos_token"]),
+            token_string(&config["eos_token"]),
+        )
+        .with_context(|| format!("the chat template of {}", dir.display()))?;
+        Ok(Some(t))
+    }
+
+    /// A template from its source and the BOS/EOS strings it may refer to; checked by
+    /// rendering a question (a broken template fails at load, not at the first question).
+    pub fn new(source: String, bos_token: String, eos_token: String) -> anyhow::Result<Self> {
         let t = Self {
             source,
-            bos_token: token_string(&config["bos_token"]),
-            eos_token: token_string(&config["eos_token"]),
+            bos_token,
+            eos_token,
         };
-        // Fail at load, naming the file, rather than at the first question.
-        t.render_question("test")
-            .with_context(|| format!("the chat template of {}", dir.display()))?;
-        Ok(Some(t))
+        t.render_question("test")?;
+        Ok(t)
     }
 
     /// The text of `question` as one user turn followed by the assistant prompt.

@@ -56,6 +56,10 @@ impl GistTokenizer {
             .collect()
     }
 
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn token_to_id(&self, name: &str) -> Option<u32> {
         self.inner.token_to_id(name)
     }
