@@ -77,6 +77,36 @@ pub struct Query {
 pub enum BadRequest {
     #[error("the question is empty: give a question, or score")]
     EmptyQuestion,
+    #[error("max_tokens {0} is over the cap of {MAX_TOKENS}")]
+    MaxTokens(usize),
+    #[error("temperature {0} is not a number of at least 0")]
+    Temperature(f64),
+    #[error("top_p {0} is not in (0, 1]")]
+    TopP(f64),
+}
+
+/// The most tokens one answer may generate.
+pub const MAX_TOKENS: usize = 4096;
+
+impl Request {
+    /// Refuses what no answer could honour, before any work.
+    pub fn check(&self) -> Result<(), BadRequest> {
+        if self.score.is_none() && self.question.as_deref().is_none_or(|q| q.trim().is_empty()) {
+            return Err(BadRequest::EmptyQuestion);
+        }
+        if self.max_tokens > MAX_TOKENS {
+            return Err(BadRequest::MaxTokens(self.max_tokens));
+        }
+        if self.temperature.is_nan() || self.temperature < 0.0 {
+            return Err(BadRequest::Temperature(self.temperature));
+        }
+        if let Some(p) = self.top_p {
+            if p.is_nan() || p <= 0.0 || p > 1.0 {
+                return Err(BadRequest::TopP(p));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a query produced.
@@ -88,14 +118,7 @@ pub enum Outcome {
 
 /// Checks `request` and loads its document's state from `store`.
 pub fn open(store: &Store, model: &GistModel, request: Request) -> anyhow::Result<Query> {
-    if request.score.is_none()
-        && request
-            .question
-            .as_deref()
-            .is_none_or(|q| q.trim().is_empty())
-    {
-        return Err(BadRequest::EmptyQuestion.into());
-    }
+    request.check()?;
     let (_, state) = store.load(&request.id, model)?;
     Ok(Query { state, request })
 }

@@ -119,3 +119,78 @@ fn bad_input_fails_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
 }
+
+/// Inputs no command could honour are refused before any work, naming what was wrong; a
+/// store folder that does not exist is not created by reading it.
+#[test]
+fn input_gaps_are_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("nowhere");
+    let fails = |args: &[&str], expect: &str| {
+        let out = giststream().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    };
+    let s = store.to_str().unwrap();
+    fails(
+        &[
+            "query",
+            "--store",
+            s,
+            "--id",
+            "a",
+            "Why?",
+            "--max-tokens",
+            "5000",
+        ],
+        "max_tokens 5000 is over the cap of 4096",
+    );
+    fails(
+        &[
+            "query",
+            "--store",
+            s,
+            "--id",
+            "a",
+            "Why?",
+            "--temperature=-1",
+        ],
+        "temperature -1",
+    );
+    fails(
+        &["query", "--store", s, "--id", "a", "Why?", "--top-p", "1.5"],
+        "top_p 1.5",
+    );
+    fails(&["docs", "--store", s], "no store at");
+    fails(&["inspect", "--store", s, "a"], "no store at");
+    assert!(!store.exists(), "reading created the store folder");
+    let text = dir.path().join("a.txt");
+    std::fs::write(&text, "One sentence. Two.").unwrap();
+    let t = text.to_str().unwrap();
+    fails(
+        &["compress", "--num-gists", "5000", t],
+        "5000 is not 1 to 64",
+    );
+    fails(&["compress", "--precision", "int8", t], "--store");
+}
+
+/// An id with control characters is listed escaped, not written raw to the terminal.
+#[test]
+fn control_characters_in_ids_are_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let file = dir.path().join("a\u{1b}[2Jb.txt");
+    std::fs::write(&file, "One sentence. Two.").unwrap();
+    common::succeed(
+        giststream()
+            .arg("compress")
+            .arg(&file)
+            .arg("--store")
+            .arg(&store),
+    );
+    let out = common::succeed(giststream().arg("docs").arg("--store").arg(&store));
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(!listed.contains('\u{1b}'), "{listed:?}");
+    assert!(listed.contains("a\\u{1b}[2Jb"), "{listed:?}");
+}

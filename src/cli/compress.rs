@@ -25,9 +25,9 @@ pub struct CompressArgs {
     /// file name without its extension.
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// Storage precision of the states.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub precision: crate::store::codec::Precision,
+    /// Storage precision of the stored states (default f32).
+    #[arg(long, value_enum, requires = "store")]
+    pub precision: Option<crate::store::codec::Precision>,
     /// Version recorded for the stored documents.
     #[arg(long, default_value_t = 1)]
     pub doc_version: u64,
@@ -52,7 +52,7 @@ fn run_compress_parts(args: &CompressArgs, store_dir: &std::path::Path) -> anyho
             args.part_bytes,
         ));
     }
-    let outcomes = apply_parts(&model, &store, &parts, args.precision, args.batch)?;
+    let outcomes = apply_parts(&model, &store, &parts, precision(args), args.batch)?;
     let mut out = std::io::stdout().lock();
     let mut rejected = 0;
     for (p, o) in parts.iter().zip(outcomes) {
@@ -104,7 +104,14 @@ pub fn run(args: CompressArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.store {
         let store = crate::store::Store::open(dir)?;
         for ((state, r), text) in results.iter().zip(&texts) {
-            store.put(&r.id, args.doc_version, &model, state, text, args.precision)?;
+            store.put(
+                &r.id,
+                args.doc_version,
+                &model,
+                state,
+                text,
+                precision(&args),
+            )?;
         }
     }
     let mut out = std::io::stdout().lock();
@@ -116,6 +123,11 @@ pub fn run(args: CompressArgs) -> anyhow::Result<()> {
         print_table(&mut out, &args.files, results.iter().map(|(_, r)| r))?;
     }
     Ok(())
+}
+
+fn precision(args: &CompressArgs) -> crate::store::codec::Precision {
+    args.precision
+        .unwrap_or(crate::store::codec::Precision::F32)
 }
 
 /// The reports as a table, each document named by its file.

@@ -33,7 +33,7 @@ pub fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
                 let ok = list.documents.into_iter().map(Ok);
                 ok.chain(list.damaged.into_iter().map(Err)).collect()
             }
-            None => crate::store::Store::open(&args.store)?.list(),
+            None => crate::store::Store::open_existing(&args.store)?.list(),
         };
     let mut out = std::io::stdout().lock();
     let mut damaged = 0;
@@ -43,7 +43,8 @@ pub fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
             Ok(m) => writeln!(
                 out,
                 "{:<24} v{:<4} {:>8} tokens {:>6} sentences  {:?}  {}",
-                m.id,
+                // Ids are anyone's bytes: control characters are shown escaped.
+                m.id.escape_debug().to_string(),
                 m.version,
                 m.tokens,
                 m.sentences,
@@ -65,7 +66,7 @@ pub fn run_docs(args: DocsArgs) -> anyhow::Result<()> {
 pub fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let meta = match crate::serve::client::Client::discover(&args.store) {
         Some(client) => client.doc(&args.id)?,
-        None => crate::store::Store::open(&args.store)?.check(&args.id)?,
+        None => crate::store::Store::open_existing(&args.store)?.check(&args.id)?,
     };
     println!("{}", serde_json::to_string_pretty(&meta)?);
     Ok(())

@@ -15,9 +15,9 @@ pub struct ModelArgs {
     /// project's own model, embedded in the binary.
     #[arg(long, value_name = "DIR|FILE")]
     pub model: Option<PathBuf>,
-    /// A GGUF model's matrices: `dequantized` (expanded to --dtype: faster here, exact) or
-    /// `quantized` (its stored blocks and candle's quantized matmul: a quarter of the
-    /// memory, activations rounded to 8 bits).
+    /// A GGUF model's matrices: `dequantized` (expanded to --dtype: exact, faster prefill)
+    /// or `quantized` (its stored blocks: a quarter of the memory, faster decode,
+    /// activations rounded to 8 bits).
     #[arg(long, value_enum, default_value = "dequantized")]
     pub weights: crate::model::gguf::Weights,
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
@@ -27,7 +27,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Gist tokens per sentence (N_g) when the checkpoint has no gist.json.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::model::config::parse_num_gists)]
     pub num_gists: usize,
 }
 

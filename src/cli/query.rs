@@ -60,6 +60,8 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         seed: args.seed,
         chat_template: !args.no_chat_template,
     };
+    // Refused here too, so a serving process is not asked in vain.
+    req.check()?;
     // The answer is printed as it settles; a closed stdout stops the printing, not the query.
     let mut write_err = None;
     let mut print = |piece: &str| {
@@ -85,7 +87,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         None => {
             let model = args.model.load()?;
             let q = {
-                let store = crate::store::Store::open(&args.store)?;
+                let store = crate::store::Store::open_existing(&args.store)?;
                 crate::query::open(&store, &model, req)?
             };
             q.run(&model, &mut print)?

@@ -39,7 +39,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Gist tokens per sentence (N_g).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::model::config::parse_num_gists)]
     pub num_gists: usize,
     /// gist: sentence attention with gists; full: the plain causal baseline.
     #[arg(long, value_enum, default_value = "gist")]

@@ -176,8 +176,9 @@ impl GistConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::ensure;
         ensure!(
-            self.num_gist_tokens > 0,
-            "gist.json: num_gist_tokens must be at least 1"
+            (1..=MAX_GISTS).contains(&self.num_gist_tokens),
+            "gist.json: num_gist_tokens must be 1 to {MAX_GISTS} (it is {})",
+            self.num_gist_tokens
         );
         ensure!(
             self.gist_tokens.len() == self.num_gist_tokens
@@ -195,6 +196,19 @@ impl GistConfig {
             "gist.json: gist token ids repeat"
         );
         Ok(())
+    }
+}
+
+/// The most gist tokens per sentence a model may have (the paper uses 1 to 8).
+pub const MAX_GISTS: usize = 64;
+
+/// `--num-gists`: 1 to [`MAX_GISTS`].
+pub fn parse_num_gists(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if (1..=MAX_GISTS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not 1 to {MAX_GISTS}"))
     }
 }
 

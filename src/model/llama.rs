@@ -34,6 +34,8 @@ use std::sync::Arc;
 pub enum Linear {
     Dense(Tensor),
     Quantized(QMatMul),
+    /// Q4_1 blocks through our AVX2 kernel (candle's Q4_1 matmul is scalar).
+    Q41(super::q4_1::Q41Matrix),
 }
 
 impl Linear {
@@ -42,6 +44,7 @@ impl Linear {
         match self {
             Linear::Dense(w) => x.matmul(&w.t()?),
             Linear::Quantized(q) => q.forward(x),
+            Linear::Q41(q) => q.forward(x),
         }
     }
 
@@ -50,6 +53,7 @@ impl Linear {
             Linear::Dense(w) => w.elem_count(),
             Linear::Quantized(QMatMul::QTensor(q)) => q.shape().elem_count(),
             Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count(),
+            Linear::Q41(q) => q.shape().0 * q.shape().1,
         }
     }
 }

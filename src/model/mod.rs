@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod gguf;
 pub mod llama;
 pub mod ops;
+pub mod q4_1;
 pub mod random;
 
 use crate::text::encoder::DocumentEncoder;

@@ -348,7 +348,14 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    let address = listener.local_addr()?.to_string();
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        eprintln!(
+            "giststream: warning: the HTTP API listens on {local}, reachable from other \
+             machines; it has no authentication (keep it on 127.0.0.1 unless a proxy guards it)"
+        );
+    }
+    let address = local.to_string();
     let endpoint_file = store_dir.join(ENDPOINT_FILE);
     write_endpoint(
         &endpoint_file,

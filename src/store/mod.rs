@@ -53,6 +53,19 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store in `dir`. sled allows one process at a time.
+    /// Opens the store in `dir` for reading what is there: a folder that does not exist is
+    /// an error (opening it would create it, and an empty store in it, from a typo).
+    pub fn open_existing(dir: &Path) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "no store at {}: the folder does not exist (a store is created by compress \
+             --store, serve or restore)",
+            dir.display()
+        );
+        Self::open(dir)
+    }
+
+    /// Opens the store in `dir`, creating it if there is none.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let db = sled::open(dir).with_context(|| {
             format!(
