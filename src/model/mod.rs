@@ -135,13 +135,9 @@ impl GistModel {
             &files,
         )?;
         Ok(Self {
-            incremental: Incremental::default_for(device),
-            llama,
-            tokenizer,
-            gist,
-            fingerprint,
             dir: dir.to_path_buf(),
             chat_template: crate::text::chat::ChatTemplate::from_dir(dir)?,
+            ..Self::from_parts(llama, tokenizer, gist, fingerprint)
         })
     }
 
@@ -185,13 +181,9 @@ impl GistModel {
             &[path.to_path_buf()],
         )?;
         Ok(Self {
-            incremental: Incremental::default_for(device),
-            llama,
-            tokenizer,
-            gist,
-            fingerprint,
             dir: path.to_path_buf(),
             chat_template,
+            ..Self::from_parts(llama, tokenizer, gist, fingerprint)
         })
     }
 
