@@ -133,35 +133,16 @@ fn input_gaps_are_refused_with_clear_errors() {
         assert!(err.contains(expect), "{args:?}: {err}");
     };
     let s = store.to_str().unwrap();
-    fails(
-        &[
-            "query",
-            "--store",
-            s,
-            "--id",
-            "a",
-            "Why?",
-            "--max-tokens",
-            "5000",
-        ],
+    // A question on a store that need not exist: refused before the store is opened.
+    let query = |flag: &str, expect: &str| {
+        fails(&["query", "--store", s, "--id", "a", "Why?", flag], expect)
+    };
+    query(
+        "--max-tokens=5000",
         "max_tokens 5000 is over the cap of 4096",
     );
-    fails(
-        &[
-            "query",
-            "--store",
-            s,
-            "--id",
-            "a",
-            "Why?",
-            "--temperature=-1",
-        ],
-        "temperature -1",
-    );
-    fails(
-        &["query", "--store", s, "--id", "a", "Why?", "--top-p", "1.5"],
-        "top_p 1.5",
-    );
+    query("--temperature=-1", "temperature -1");
+    query("--top-p=1.5", "top_p 1.5");
     fails(&["docs", "--store", s], "no store at");
     fails(&["inspect", "--store", s, "a"], "no store at");
     assert!(!store.exists(), "reading created the store folder");
