@@ -36,6 +36,8 @@ pub enum Linear {
     Quantized(QMatMul),
     /// Q4_1 blocks through our AVX2 kernel (candle's Q4_1 matmul is scalar).
     Q41(super::q4_1::Q41Matrix),
+    /// f32 packed once for our AVX2 kernel (inference only: no autograd through it).
+    Packed(super::packed::PackedMatrix),
 }
 
 impl Linear {
@@ -45,6 +47,21 @@ impl Linear {
             Linear::Dense(w) => x.matmul(&w.t()?),
             Linear::Quantized(q) => q.forward(x),
             Linear::Q41(q) => q.forward(x),
+            Linear::Packed(p) => p.forward(x),
+        }
+    }
+
+    /// A dense f32 CPU weight packed for [`Linear::Packed`]; anything else unchanged.
+    fn packed(self) -> Result<Self> {
+        match self {
+            Linear::Dense(w)
+                if w.device().is_cpu()
+                    && w.dtype() == DType::F32
+                    && super::packed::PackedMatrix::supported() =>
+            {
+                Ok(Linear::Packed(super::packed::PackedMatrix::new(&w)?))
+            }
+            other => Ok(other),
         }
     }
 
@@ -54,6 +71,7 @@ impl Linear {
             Linear::Quantized(QMatMul::QTensor(q)) => q.shape().elem_count(),
             Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count(),
             Linear::Q41(q) => q.shape().0 * q.shape().1,
+            Linear::Packed(p) => p.shape().0 * p.shape().1,
         }
     }
 }
@@ -305,6 +323,38 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Packs every dense f32 projection for the CPU kernel (see [`super::packed`]): done
+    /// once when a model is loaded for inference. Never for a model being trained, whose
+    /// weights change under autograd.
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        let take = |l: &mut Linear| -> Result<()> {
+            let old = std::mem::replace(
+                l,
+                Linear::Dense(Tensor::zeros(0, DType::F32, &Device::Cpu)?),
+            );
+            *l = old.packed()?;
+            Ok(())
+        };
+        for b in &mut self.layers {
+            let w = &mut b.0;
+            for l in [
+                &mut w.q_proj,
+                &mut w.k_proj,
+                &mut w.v_proj,
+                &mut w.o_proj,
+                &mut w.gate_proj,
+                &mut w.up_proj,
+                &mut w.down_proj,
+            ] {
+                take(l)?;
+            }
+        }
+        if let Some(h) = &mut self.lm_head {
+            take(h)?;
+        }
+        Ok(())
     }
 
     pub fn dtype(&self) -> DType {

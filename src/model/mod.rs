@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod gguf;
 pub mod llama;
 pub mod ops;
+pub mod packed;
 pub mod q4_1;
 pub mod random;
 
@@ -127,8 +128,9 @@ impl GistModel {
         // SAFETY: the files are memory-mapped read-only; like every mmap-based loader this
         // assumes nobody truncates them while the model is loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
-        let llama = Llama::load(vb, cfg, file_vocab)
+        let mut llama = Llama::load(vb, cfg, file_vocab)
             .with_context(|| format!("loading weights from {}", dir.display()))?;
+        llama.pack_for_inference()?;
         let gist_json = serde_json::to_vec(&gist)?;
         let fingerprint = fingerprint(
             &[&config_bytes, &gist_json, &read("tokenizer.json")?],
@@ -164,7 +166,8 @@ impl GistModel {
         cfg.vocab = vocab_with_gists(file_vocab, &gist);
         let extra = cfg.vocab - file_vocab;
         let (embed, layers, norm, head) = g.weights(&cfg, extra, opts.weights, device, dtype)?;
-        let llama = Llama::from_weights(cfg, embed, layers, norm, head)?;
+        let mut llama = Llama::from_weights(cfg, embed, layers, norm, head)?;
+        llama.pack_for_inference()?;
         let chat_template = match g.chat_template()? {
             Some((source, bos, eos)) => Some(
                 crate::text::chat::ChatTemplate::new(source, bos, eos)
