@@ -138,7 +138,10 @@ pub fn attend(
                 .reshape((hkv, g * l, s))?,
         };
     }
-    let probs = softmax(&scores, ops)?;
+    let probs = match ops {
+        Ops::Fused => super::softmax::softmax_last_dim_in_place(scores)?,
+        Ops::Differentiable => softmax(&scores, ops)?,
+    };
     probs.matmul(v)?.reshape((hq, l, d)) // (Hkv, G·L, D) -> (Hq, L, D)
 }
 
