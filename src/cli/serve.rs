@@ -33,5 +33,13 @@ pub fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     for s in &report.skipped {
         eprintln!("giststream: not restored: {s}");
     }
+    // A restored node that silently lacks documents is worse than a failed restore.
+    anyhow::ensure!(
+        report.skipped.is_empty(),
+        "{} document(s) could not be restored from the state topic (listed above); the \
+         other {} are in the store",
+        report.skipped.len(),
+        report.documents
+    );
     Ok(())
 }

@@ -39,28 +39,43 @@ fn key(kind: u8, id: &str, n: Option<u32>) -> Vec<u8> {
     k
 }
 
-/// Publishes the records of the part just stored for `id` (its last chunk and text part,
-/// then its metadata) and waits for their delivery.
+/// Which of a document's records [`publish`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Records {
+    /// The part just stored: its last chunk and text part, and the metadata.
+    Last,
+    /// Every chunk and text part, and the metadata: after a redelivery, when a crash
+    /// between the store and the topic may have left any of them unsent.
+    All,
+}
+
+/// Publishes `id`'s records (chunks and text parts, then its metadata, so a reader never
+/// sees metadata naming a record not yet sent) and waits for their delivery.
 pub async fn publish(
     producer: &FutureProducer,
     topic: &str,
     store: &Store,
     id: &str,
     meta: &DocMeta,
+    which: Records,
 ) -> anyhow::Result<()> {
+    let first = |count: u32| match which {
+        Records::Last => count.saturating_sub(1),
+        Records::All => 0,
+    };
     let mut records = Vec::new();
-    if meta.state_chunks > 0 {
-        let n = meta.state_chunks - 1;
+    for n in first(meta.state_chunks)..meta.state_chunks {
         let r = store
             .raw("states", id, n)?
             .with_context(|| format!("{id}: chunk {n} missing"))?;
         records.push((key(b'S', id, Some(n)), r));
     }
-    let n = meta.parts - 1;
-    let r = store
-        .raw("texts", id, n)?
-        .with_context(|| format!("{id}: text part {n} missing"))?;
-    records.push((key(b'T', id, Some(n)), r));
+    for n in first(meta.parts)..meta.parts {
+        let r = store
+            .raw("texts", id, n)?
+            .with_context(|| format!("{id}: text part {n} missing"))?;
+        records.push((key(b'T', id, Some(n)), r));
+    }
     let m = store
         .raw("meta", id, 0)?
         .with_context(|| format!("{id}: metadata missing"))?;
@@ -69,6 +84,45 @@ pub async fn publish(
         send_pieces(producer, topic, k, v).await?;
     }
     Ok(())
+}
+
+/// Deletes a document from the state topic: a tombstone for every piece of every record
+/// it had (metadata first, so a restore reading meanwhile no longer rebuilds it), each
+/// delivery awaited. Compaction then drops the records for good.
+pub async fn tombstones(
+    producer: &FutureProducer,
+    topic: &str,
+    id: &str,
+    deleted: &crate::store::Deleted,
+) -> anyhow::Result<()> {
+    let mut keys = vec![(key(b'M', id, None), deleted.meta)];
+    for (n, &len) in deleted.states.iter().enumerate() {
+        keys.push((key(b'S', id, Some(n as u32)), len));
+    }
+    for (n, &len) in deleted.texts.iter().enumerate() {
+        keys.push((key(b'T', id, Some(n as u32)), len));
+    }
+    for (base, len) in keys {
+        for i in 0..len.div_ceil(PIECE_BYTES).max(1) {
+            let k = piece_key(&base, i as u16);
+            producer
+                .send(
+                    FutureRecord::<[u8], [u8]>::to(topic).key(&k),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .with_context(|| format!("sending a tombstone to the state topic {topic}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn piece_key(base: &[u8], i: u16) -> Vec<u8> {
+    let mut k = base.to_vec();
+    k.push(0xFE);
+    k.extend_from_slice(&i.to_be_bytes());
+    k
 }
 
 async fn send_pieces(
@@ -85,9 +139,7 @@ async fn send_pieces(
     anyhow::ensure!(pieces.len() <= u16::MAX as usize, "record too large");
     let count = pieces.len() as u16;
     for (i, piece) in pieces.iter().enumerate() {
-        let mut k = key.to_vec();
-        k.push(0xFE);
-        k.extend_from_slice(&(i as u16).to_be_bytes());
+        let k = piece_key(key, i as u16);
         let mut v = Vec::with_capacity(piece.len() + 4);
         v.extend_from_slice(&count.to_be_bytes());
         v.extend_from_slice(&(i as u16).to_be_bytes());

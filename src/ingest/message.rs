@@ -57,6 +57,8 @@ pub enum Reject {
     EmptyText,
     #[error("the message key {key:?} is not the document id {id:?} (key = id keeps a document's parts on one partition)")]
     KeyMismatch { key: String, id: String },
+    #[error("a tombstone's key must be a document id (UTF-8, 1 to {MAX_ID_BYTES} bytes)")]
+    BadKey,
     /// Refused by the store: a gap in the parts, a part after the last, a damaged document.
     #[error("{0}")]
     Order(String),
@@ -72,6 +74,7 @@ impl Reject {
             Reject::Schema(_) => "schema",
             Reject::EmptyText => "empty_text",
             Reject::KeyMismatch { .. } => "key_mismatch",
+            Reject::BadKey => "bad_key",
             Reject::Order(_) => "rejected",
         }
     }

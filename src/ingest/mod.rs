@@ -15,6 +15,7 @@ pub mod changelog;
 pub mod message;
 pub mod pipeline;
 pub mod produce;
+pub mod topics;
 
 use crate::ingest::pipeline::Pipeline;
 use crate::service::Service;
@@ -39,6 +40,17 @@ pub const HEADER_KIND: &str = "giststream.error.kind";
 pub const HEADER_TOPIC: &str = "giststream.source.topic";
 pub const HEADER_PARTITION: &str = "giststream.source.partition";
 pub const HEADER_OFFSET: &str = "giststream.source.offset";
+/// Set ("true") when the dead letter's value (or key) was cut to fit; the original
+/// sizes follow in bytes.
+pub const HEADER_TRUNCATED: &str = "giststream.truncated";
+pub const HEADER_VALUE_BYTES: &str = "giststream.value.bytes";
+pub const HEADER_KEY_BYTES: &str = "giststream.key.bytes";
+
+/// Longest key forwarded whole to the dead-letter topic (a document id is at most
+/// [`message::MAX_ID_BYTES`]; anything longer is refused anyway).
+const DEAD_LETTER_KEY_BYTES: usize = 4096;
+/// What a dead letter's value is cut to when the broker refuses even the configured size.
+const DEAD_LETTER_FALLBACK_BYTES: usize = 16 * 1024;
 
 /// The brokers a pipeline talks to: its own, or the embedded mock cluster, which lives
 /// as long as this value.
@@ -186,9 +198,17 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // An idle consumer answers new messages within 50 ms, not the default 500.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // A member that died is noticed after 10 s, not librdkafka's 45 (a restart after
+        // kill -9 waited 27-105 s for its partitions on Tansu; 3 s with these).
+        // Properties below may set other values.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
     for (k, v) in &p.kafka.properties {
         cc.set(k, v);
+    }
+    if let Some(id) = p.kafka.group_instance_id(&p.store.path) {
+        cc.set("group.instance.id", id);
     }
     let consumer: Arc<StreamConsumer> =
         Arc::new(cc.create().context("creating the Kafka consumer")?);
@@ -201,17 +221,35 @@ pub async fn run(
     let reader = {
         let consumer = consumer.clone();
         let metrics = svc.metrics.clone();
+        let svc = svc.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            // The same error is logged once, then at most every 30 s (a broker that is
+            // down answers every poll with it); /v1/health reports it meanwhile.
+            let mut logged: Option<(String, Instant)> = None;
             loop {
                 let received = tokio::select! {
                     _ = stop.changed() => break,
                     r = consumer.recv() => r,
                 };
                 let m = match received {
-                    Ok(m) => m.detach(),
+                    Ok(m) => {
+                        if logged.take().is_some() {
+                            svc.set_problem("kafka", None);
+                            eprintln!("giststream: receiving from Kafka again");
+                        }
+                        m.detach()
+                    }
                     Err(e) => {
-                        eprintln!("giststream: receiving from Kafka: {e}");
+                        let why = e.to_string();
+                        let repeat = logged.as_ref().is_some_and(|(w, t)| {
+                            *w == why && t.elapsed() < Duration::from_secs(30)
+                        });
+                        if !repeat {
+                            eprintln!("giststream: receiving from Kafka: {why}");
+                            logged = Some((why.clone(), Instant::now()));
+                        }
+                        svc.set_problem("kafka", Some(format!("receiving: {why}")));
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
@@ -333,9 +371,68 @@ impl Worker {
                 }
             }
             // Not cancelled by `stop`: a batch in hand is stored and committed first.
-            self.process(batch).await?;
+            // Tombstones split it: what came before one is stored first, so a delete
+            // never overtakes an earlier part of its document, nor a later part it.
+            let mut run = Vec::new();
+            for m in batch {
+                if self.is_tombstone(&m) {
+                    if !run.is_empty() {
+                        self.process(std::mem::take(&mut run)).await?;
+                    }
+                    self.delete(m).await?;
+                } else {
+                    run.push(m);
+                }
+            }
+            if !run.is_empty() {
+                self.process(run).await?;
+            }
             self.update_lag().await;
         }
+    }
+
+    /// A keyed message with no value, when tombstones delete (else it is refused as
+    /// `no_value` like any message without a value).
+    fn is_tombstone(&self, m: &OwnedMessage) -> bool {
+        m.payload().is_none()
+            && m.key().is_some()
+            && self.p.kafka.tombstones == pipeline::Tombstones::Delete
+    }
+
+    /// Deletes the document a tombstone names: from the store (durably), then from the
+    /// state topic, and only then acknowledges the message. Deleting a document that is
+    /// not stored is not an error (a redelivered tombstone finds nothing).
+    async fn delete(&mut self, m: OwnedMessage) -> anyhow::Result<()> {
+        let id = m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .filter(|id| !id.is_empty() && id.len() <= message::MAX_ID_BYTES)
+            .map(str::to_string);
+        let Some(id) = id else {
+            self.dead_letter(&m, &Reject::BadKey).await?;
+            return self.commit(std::slice::from_ref(&m)).await;
+        };
+        let svc = self.svc.clone();
+        let doc = id.clone();
+        let deleted = tokio::task::spawn_blocking(move || svc.store.delete(&doc))
+            .await
+            .context("the store task panicked")?
+            .with_context(|| format!("deleting document {id:?}"))?;
+        let metrics = &self.svc.metrics;
+        metrics.add("giststream_tombstones_total", "Tombstones received.", 1.0);
+        if let Some(deleted) = deleted {
+            if !self.p.kafka.state_topic.is_empty() {
+                changelog::tombstones(&self.producer, &self.p.kafka.state_topic, &id, &deleted)
+                    .await?;
+            }
+            metrics.add(
+                "giststream_documents_deleted_total",
+                "Documents deleted by tombstones.",
+                1.0,
+            );
+            eprintln!("giststream: deleted document {id:?} (tombstone)");
+        }
+        self.commit(std::slice::from_ref(&m)).await
     }
 
     async fn process(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
@@ -373,7 +470,7 @@ impl Worker {
             match outcome {
                 Outcome::Stored { meta, tokens: t } => {
                     tokens += t;
-                    stored.push((part.id.clone(), meta));
+                    stored.push((part.id.clone(), meta, changelog::Records::Last));
                 }
                 Outcome::Skipped(action) => {
                     metrics.add(
@@ -383,9 +480,16 @@ impl Worker {
                     );
                     // A redelivery after a crash between the store and the state topic:
                     // publish the stored records again (the topic is compacted).
-                    if action == PartAction::Duplicate {
+                    // Once per document per batch: `All` covers every part.
+                    if action == PartAction::Duplicate
+                        && !republish.iter().any(|(id, _, _)| *id == part.id)
+                    {
                         if let Some(meta) = self.svc.store.meta(&part.id)? {
-                            republish.push((part.id.clone(), Box::new(meta)));
+                            republish.push((
+                                part.id.clone(),
+                                Box::new(meta),
+                                changelog::Records::All,
+                            ));
                         }
                     }
                 }
@@ -396,13 +500,14 @@ impl Worker {
             self.dead_letter(&batch[*i], why).await?;
         }
         if !self.p.kafka.state_topic.is_empty() {
-            for (id, meta) in stored.iter().chain(&republish) {
-                crate::ingest::changelog::publish(
+            for (id, meta, which) in stored.iter().chain(&republish) {
+                changelog::publish(
                     &self.producer,
                     &self.p.kafka.state_topic,
                     &self.svc.store,
                     id,
                     meta,
+                    *which,
                 )
                 .await?;
             }
@@ -431,8 +536,8 @@ impl Worker {
             batch.len() as f64,
         );
         if let Some(total) = metrics.get("giststream_tokens_total") {
-            let gists: u64 = stored.iter().map(|(_, m)| m.gist_tokens).sum();
-            let toks: u64 = stored.iter().map(|(_, m)| m.tokens).sum();
+            let gists: u64 = stored.iter().map(|(_, m, _)| m.gist_tokens).sum();
+            let toks: u64 = stored.iter().map(|(_, m, _)| m.tokens).sum();
             if gists > 0 && total > 0.0 {
                 metrics.gauge(
                     "giststream_compression_ratio",
@@ -445,50 +550,81 @@ impl Worker {
     }
 
     /// The original key and value, with the reason and source in headers; delivery is
-    /// awaited, since the offset commit that follows acknowledges the message.
+    /// awaited, since the offset commit that follows acknowledges the message. A value
+    /// over `kafka.dead_letter_max_bytes` (or a key over 4 KiB) is cut, with the original
+    /// sizes in headers; if the broker still refuses the size, it is cut to 16 KiB. A
+    /// message too large for the dead-letter topic must never stop its partition.
     async fn dead_letter(&self, m: &OwnedMessage, why: &Reject) -> anyhow::Result<()> {
-        let reason = why.to_string();
-        let partition = m.partition().to_string();
-        let offset = m.offset().to_string();
-        let headers = [
-            (HEADER_ERROR, reason.as_str()),
-            (HEADER_KIND, why.kind()),
-            (HEADER_TOPIC, m.topic()),
-            (HEADER_PARTITION, partition.as_str()),
-            (HEADER_OFFSET, offset.as_str()),
-        ]
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, v)| {
-            h.insert(Header {
-                key,
-                value: Some(v),
-            })
-        });
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.p.kafka.dead_letter_topic).headers(headers);
-        if let Some(k) = m.key() {
-            record = record.key(k);
-        }
-        if let Some(v) = m.payload() {
-            record = record.payload(v);
-        }
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| e)
-            .with_context(|| format!("sending to {}", self.p.kafka.dead_letter_topic))?;
+        let limit = self.p.kafka.dead_letter_max_bytes;
+        let sent = match self.send_dead_letter(m, why, limit).await {
+            Err(rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
+            )) if limit > DEAD_LETTER_FALLBACK_BYTES => {
+                self.send_dead_letter(m, why, DEAD_LETTER_FALLBACK_BYTES)
+                    .await
+            }
+            other => other,
+        };
+        sent.with_context(|| format!("sending to {}", self.p.kafka.dead_letter_topic))?;
         self.svc.metrics.add(
             "giststream_dead_letters_total",
             "Messages sent to the dead-letter topic.",
             1.0,
         );
         eprintln!(
-            "giststream: {}[{}]@{} to the dead-letter topic: {reason}",
+            "giststream: {}[{}]@{} to the dead-letter topic: {why}",
             m.topic(),
             m.partition(),
             m.offset()
         );
         Ok(())
+    }
+
+    async fn send_dead_letter(
+        &self,
+        m: &OwnedMessage,
+        why: &Reject,
+        value_limit: usize,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let reason = why.to_string();
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        let (key, value) = (m.key(), m.payload());
+        let key_cut = key.map(|k| &k[..k.len().min(DEAD_LETTER_KEY_BYTES)]);
+        let value_cut = value.map(|v| &v[..v.len().min(value_limit)]);
+        let mut headers = vec![
+            (HEADER_ERROR, reason),
+            (HEADER_KIND, why.kind().to_string()),
+            (HEADER_TOPIC, m.topic().to_string()),
+            (HEADER_PARTITION, partition),
+            (HEADER_OFFSET, offset),
+        ];
+        let key_truncated = key.map(<[u8]>::len) != key_cut.map(<[u8]>::len);
+        let value_truncated = value.map(<[u8]>::len) != value_cut.map(<[u8]>::len);
+        if key_truncated || value_truncated {
+            headers.push((HEADER_TRUNCATED, "true".into()));
+            headers.push((HEADER_KEY_BYTES, key.map_or(0, <[u8]>::len).to_string()));
+            headers.push((HEADER_VALUE_BYTES, value.map_or(0, <[u8]>::len).to_string()));
+        }
+        let headers = headers.iter().fold(OwnedHeaders::new(), |h, (key, v)| {
+            h.insert(Header {
+                key,
+                value: Some(v.as_str()),
+            })
+        });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.p.kafka.dead_letter_topic).headers(headers);
+        if let Some(k) = key_cut {
+            record = record.key(k);
+        }
+        if let Some(v) = value_cut {
+            record = record.payload(v);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
     }
 
     /// Hands the batch's offsets (per partition, the one after its last message) to the

@@ -37,8 +37,31 @@ pub struct KafkaConfig {
     pub state_topic: String,
     /// Consumer group: several `serve` processes in one group split the partitions.
     pub group: String,
-    /// Partitions of topics the embedded broker creates.
+    /// Partitions of the topics giststream creates (on the embedded broker, or where
+    /// `create_topics` finds one missing).
     pub partitions: i32,
+    /// Replication factor of the topics giststream creates (-1: the broker's default).
+    pub replication: i32,
+    /// At start, check that the brokers answer and the topics exist (the state topic
+    /// compacted). Off: for brokers or ACLs that allow no admin requests.
+    pub check_topics: bool,
+    /// With `check_topics`, create missing topics (the state topic compacted). Off: a
+    /// missing topic stops `serve` with its name.
+    pub create_topics: bool,
+    /// What a keyed message with no value (a Kafka tombstone) does: `delete` the document
+    /// (from the store, and from the state topic by tombstones of its records), or
+    /// `refuse` it to the dead-letter topic.
+    pub tombstones: Tombstones,
+    /// Static group membership: the consumer's `group.instance.id`, so a restarted node
+    /// takes its partitions back at once instead of after the old member's session
+    /// timeout. Empty: derived from the host name and the store path (stable across
+    /// restarts, different for two stores on one host); "off": dynamic membership. A
+    /// `group.instance.id` in `properties` wins.
+    pub instance_id: String,
+    /// Largest value forwarded whole to the dead-letter topic (bytes); a larger one goes
+    /// there cut to this size, with its original size in the `giststream.value.bytes`
+    /// header. Keep it under the dead-letter topic's `max.message.bytes`.
+    pub dead_letter_max_bytes: usize,
     /// Any librdkafka property, for consumer and producers alike (security.protocol,
     /// sasl.mechanism, sasl.username, ssl.ca.location, session.timeout.ms, ...).
     pub properties: BTreeMap<String, String>,
@@ -53,7 +76,45 @@ impl Default for KafkaConfig {
             state_topic: String::new(),
             group: "giststream".into(),
             partitions: 4,
+            replication: -1,
+            check_topics: true,
+            create_topics: true,
+            tombstones: Tombstones::Delete,
+            instance_id: String::new(),
+            dead_letter_max_bytes: 512 * 1024,
             properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a tombstone (a keyed message with no value) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tombstones {
+    Delete,
+    Refuse,
+}
+
+impl KafkaConfig {
+    /// The consumer's `group.instance.id`, if static membership is on.
+    pub fn group_instance_id(&self, store: &Path) -> Option<String> {
+        if let Some(id) = self.properties.get("group.instance.id") {
+            return Some(id.clone());
+        }
+        match self.instance_id.as_str() {
+            "off" => None,
+            "" => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| "localhost".into());
+                let store = std::path::absolute(store).unwrap_or_else(|_| store.to_path_buf());
+                let hash = crc32fast::hash(store.to_string_lossy().as_bytes());
+                Some(format!("giststream-{host}-{hash:08x}"))
+            }
+            id => Some(id.to_string()),
         }
     }
 }
@@ -164,6 +225,10 @@ impl Pipeline {
             "kafka.dead_letter_topic must be set and differ from kafka.topic"
         );
         anyhow::ensure!(!self.kafka.group.is_empty(), "kafka.group is empty");
+        anyhow::ensure!(
+            self.kafka.dead_letter_max_bytes >= 1024,
+            "kafka.dead_letter_max_bytes must be at least 1024"
+        );
         anyhow::ensure!(
             self.batch.max_documents > 0,
             "batch.max_documents must be at least 1"

@@ -53,6 +53,9 @@ pub struct Health {
     pub model_fingerprint: String,
     pub num_gists: usize,
     pub uptime_seconds: f64,
+    /// What is failing, by component; empty when `status` is ok.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub problems: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,15 +116,27 @@ pub fn router(svc: Arc<Service>) -> Router {
         .with_state(svc)
 }
 
-async fn health(State(svc): State<Arc<Service>>) -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        service: "giststream".into(),
-        pid: std::process::id(),
-        model_fingerprint: format!("{:016x}", svc.model.fingerprint),
-        num_gists: svc.model.gist.num_gist_tokens,
-        uptime_seconds: svc.started.elapsed().as_secs_f64(),
-    })
+/// 200 with status ok, or 503 with status degraded and what is failing (a load balancer or
+/// orchestrator reads the code; a person reads `problems`).
+async fn health(State(svc): State<Arc<Service>>) -> (StatusCode, Json<Health>) {
+    let problems = svc.problems();
+    let (code, status) = if problems.is_empty() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    };
+    (
+        code,
+        Json(Health {
+            status: status.into(),
+            problems,
+            service: "giststream".into(),
+            pid: std::process::id(),
+            model_fingerprint: format!("{:016x}", svc.model.fingerprint),
+            num_gists: svc.model.gist.num_gist_tokens,
+            uptime_seconds: svc.started.elapsed().as_secs_f64(),
+        }),
+    )
 }
 
 async fn docs(State(svc): State<Arc<Service>>) -> Json<DocList> {

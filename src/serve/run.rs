@@ -43,10 +43,18 @@ pub fn serve(pipeline: &Path) -> anyhow::Result<()> {
             broker.bootstrap, p.kafka.topic, broker.bootstrap
         );
     }
+    let rt = tokio::runtime::Runtime::new()?;
+    // Fail fast, before the model loads: brokers that do not answer, missing topics, a
+    // state topic that is not compacted.
+    if !broker.embedded && p.kafka.check_topics {
+        let prepared = rt.block_on(crate::ingest::topics::prepare(&p, &broker.bootstrap))?;
+        for t in prepared.created {
+            eprintln!("giststream: created Kafka topic {t}");
+        }
+    }
     let model = load_model(&p)?;
     let store = crate::store::Store::open(&p.store.path)?;
     let svc = Service::new(store, model);
-    let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let api = {
@@ -77,8 +85,17 @@ pub fn serve(pipeline: &Path) -> anyhow::Result<()> {
         );
         let ingest = crate::ingest::run(&p, &broker.bootstrap, svc, stop_rx);
         tokio::pin!(ingest);
+        let mut api = api;
         let result = tokio::select! {
             r = &mut ingest => r,
+            // The API ends first only on an error (a listen address it cannot bind):
+            // stop at once rather than run without it.
+            served = &mut api => {
+                let _ = stop_tx.send(true);
+                let served = served.context("the API task panicked")?;
+                let ingested = ingest.await;
+                return served.context("the HTTP API").and(ingested);
+            }
             _ = shutdown_signal() => {
                 eprintln!("giststream: stopping: finishing the batch in hand");
                 let _ = stop_tx.send(true);

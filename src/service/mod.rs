@@ -5,7 +5,7 @@ pub mod metrics;
 use crate::model::GistModel;
 use crate::store::Store;
 use metrics::Metrics;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +17,8 @@ pub struct Service {
     pub started: Instant,
     /// Jobs running in this process (one run per job id at a time).
     pub running_jobs: Mutex<HashSet<String>>,
+    /// What is failing now, by component (`/v1/health` reports it).
+    problems: Mutex<BTreeMap<String, String>>,
 }
 
 impl Service {
@@ -28,6 +30,23 @@ impl Service {
             metrics: Arc::new(Metrics::new()),
             started: Instant::now(),
             running_jobs: Mutex::default(),
+            problems: Mutex::default(),
         })
+    }
+
+    /// Records that `component` fails (Some) or works again (None).
+    pub fn set_problem(&self, component: &str, problem: Option<String>) {
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(why) => p.insert(component.to_string(), why),
+            None => p.remove(component),
+        };
+    }
+
+    pub fn problems(&self) -> BTreeMap<String, String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

@@ -37,6 +37,14 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The sizes of a deleted document's records, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub meta: usize,
+    pub states: Vec<usize>,
+    pub texts: Vec<usize>,
+}
+
 /// The document store.
 pub struct Store {
     db: sled::Db,
@@ -386,6 +394,63 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("storing document {id:?}: {e:?}"))?;
         self.db.flush().context("flushing the store")?;
         Ok(())
+    }
+
+    /// Deletes document `id` (metadata, state chunks, text parts, and any copy a re-index
+    /// job keeps in the old generation) in one durable transaction. Returns the sizes of
+    /// the records removed (for the state topic's tombstones), or None if there was no
+    /// such document.
+    pub fn delete(&self, id: &str) -> anyhow::Result<Option<Deleted>> {
+        use sled::transaction::{ConflictableTransactionError, Transactional};
+        let Some(meta) = self.meta.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        // Counts from the metadata when it parses; a damaged one still goes, with every
+        // chunk and part its prefix holds.
+        let (chunks, parts) = match parse_meta(&meta, id) {
+            Ok(m) => (m.state_chunks, m.parts),
+            Err(_) => (
+                self.states.scan_prefix(records::doc_prefix(id)).count() as u32,
+                self.texts.scan_prefix(records::doc_prefix(id)).count() as u32,
+            ),
+        };
+        let size = |t: &sled::Tree, n: u32| -> anyhow::Result<usize> {
+            Ok(t.get(chunk_key(id, n))?.map_or(0, |v| v.len()))
+        };
+        let deleted = Deleted {
+            meta: meta.len(),
+            states: (0..chunks)
+                .map(|n| size(&self.states, n))
+                .collect::<anyhow::Result<_>>()?,
+            texts: (0..parts)
+                .map(|n| size(&self.texts, n))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let old_chunks = self.old_states.scan_prefix(records::doc_prefix(id)).count() as u32;
+        (
+            &self.meta,
+            &self.states,
+            &self.texts,
+            &self.old_meta,
+            &self.old_states,
+        )
+            .transaction(|(mt, st, tt, omt, ost)| {
+                mt.remove(id.as_bytes())?;
+                omt.remove(id.as_bytes())?;
+                for n in 0..chunks {
+                    st.remove(chunk_key(id, n))?;
+                }
+                for n in 0..parts {
+                    tt.remove(chunk_key(id, n))?;
+                }
+                for n in 0..old_chunks {
+                    ost.remove(chunk_key(id, n))?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| anyhow::anyhow!("deleting document {id:?}: {e:?}"))?;
+        self.flush()?;
+        Ok(Some(deleted))
     }
 
     /// The metadata record of `id` as stored (for compare-and-swap).

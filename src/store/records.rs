@@ -137,6 +137,14 @@ pub enum StoreError {
 }
 
 /// The key of chunk or part `n` of document `id`.
+/// The prefix every chunk key of `id` starts with.
+pub(crate) fn doc_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.extend_from_slice(id.as_bytes());
+    k.push(0xFF);
+    k
+}
+
 pub(crate) fn chunk_key(id: &str, n: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 5);
     k.extend_from_slice(id.as_bytes());
