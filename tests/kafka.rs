@@ -763,21 +763,30 @@ fn reindex_from_kafka_replays_the_topic_into_the_new_models_states() {
     assert_eq!(store.meta(&docs[0].0).unwrap().unwrap().num_gists, 2);
 }
 
-/// A keyed message with no value: the Kafka convention for "delete this key".
-fn send_tombstone(b: &Broker, topic: &str, key: &str) {
-    let p = producer(b);
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs a future to its end on a fresh runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
-        p.send(
-            FutureRecord::<[u8], [u8]>::to(topic).key(key.as_bytes()),
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    });
+        .unwrap()
+        .block_on(f)
+}
+
+fn admin(b: &Broker) -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &b.bootstrap)
+        .create()
+        .unwrap()
+}
+
+/// A keyed message with no value: the Kafka convention for "delete this key".
+fn send_tombstone(b: &Broker, topic: &str, key: &[u8]) {
+    let p = producer(b);
+    block_on(p.send(
+        FutureRecord::<[u8], [u8]>::to(topic).key(key),
+        Duration::from_secs(30),
+    ))
+    .unwrap();
 }
 
 /// Waits until the dead-letter topic holds `n` records, and returns them.
@@ -865,9 +874,9 @@ fn a_tombstone_deletes_the_document_and_the_deletion_survives_restore() {
         d.len() == 3 && d.iter().all(|m| m.complete)
     });
     let gone = &docs[1].0;
-    send_tombstone(&b, &s.topic, gone);
+    send_tombstone(&b, &s.topic, gone.as_bytes());
     // A tombstone for a document never stored is no error.
-    send_tombstone(&b, &s.topic, "never-stored");
+    send_tombstone(&b, &s.topic, b"never-stored");
     wait_for(&store_dir, "the deletion", 120, |d| {
         d.len() == 2 && d.iter().all(|m| &m.id != gone)
     });
@@ -897,7 +906,7 @@ fn a_tombstone_deletes_the_document_and_the_deletion_survives_restore() {
         "",
     );
     let server = serve(&refuse);
-    send_tombstone(&b, &s.topic, &docs[0].0);
+    send_tombstone(&b, &s.topic, docs[0].0.as_bytes());
     let dead = dead_letters(&b, &s.topic, 1, 120);
     assert_eq!(dead[0].2["giststream.error.kind"], "no_value");
     assert!(stop(server).success());
@@ -984,19 +993,7 @@ fn restore_fails_naming_a_document_the_state_topic_lacks_records_of() {
         .find(|(k, _, _, _, _)| k.first() == Some(&b'S'))
         .unwrap()
         .0;
-    let p = producer(&b);
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            p.send(
-                FutureRecord::<[u8], [u8]>::to(&state_topic).key(&chunk),
-                Duration::from_secs(30),
-            )
-            .await
-            .unwrap();
-        });
+    send_tombstone(&b, &state_topic, &chunk);
     let out = restore_into(&pipeline, &s.store("restored"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "restore accepted a hole: {err}");
@@ -1034,21 +1031,13 @@ fn a_restarted_member_gets_messages_within_10_s_and_topics_are_created_compacted
     assert!(took < Duration::from_secs(10), "took {took:?}");
 
     // Topics the pipeline named were created: the state topic compacted.
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new()
-            .set("bootstrap.servers", &b.bootstrap)
-            .create()
-            .unwrap();
+    let admin = admin(&b);
     let state_topic = format!("{}.state", s.topic);
-    let described = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(admin.describe_configs(
-            [&rdkafka::admin::ResourceSpecifier::Topic(&state_topic)],
-            &rdkafka::admin::AdminOptions::new(),
-        ))
-        .unwrap();
+    let described = block_on(admin.describe_configs(
+        [&rdkafka::admin::ResourceSpecifier::Topic(&state_topic)],
+        &rdkafka::admin::AdminOptions::new(),
+    ))
+    .unwrap();
     let policy = described[0]
         .as_ref()
         .unwrap()
@@ -1083,28 +1072,20 @@ fn serve_refuses_to_start_on_unreachable_brokers_or_a_state_topic_that_is_not_co
         return; // the mock cluster keeps no topic configurations
     }
     // A state topic made with the default policy (delete).
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new()
-            .set("bootstrap.servers", &b.bootstrap)
-            .create()
-            .unwrap();
+    let admin = admin(&b);
     let state_topic = format!("{}.state", s.topic);
-    let made = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(
-            admin.create_topics(
-                [&rdkafka::admin::NewTopic::new(
-                    &state_topic,
-                    1,
-                    rdkafka::admin::TopicReplication::Fixed(1),
-                )
-                .set("cleanup.policy", "delete")],
-                &rdkafka::admin::AdminOptions::new(),
-            ),
-        )
-        .unwrap();
+    let made = block_on(
+        admin.create_topics(
+            [&rdkafka::admin::NewTopic::new(
+                &state_topic,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )
+            .set("cleanup.policy", "delete")],
+            &rdkafka::admin::AdminOptions::new(),
+        ),
+    )
+    .unwrap();
     assert!(made[0].is_ok(), "{made:?}");
     let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
         .args(["serve", "--pipeline"])

@@ -166,10 +166,20 @@ fn against(m: &GistModel, peer: &str) -> PeerCheck {
             total += 1;
         }
     }
-    PeerCheck {
+    let c = PeerCheck {
         worst_relative: worst,
         top1: agree as f64 / total as f64,
-    }
+    };
+    eprintln!(
+        "{} vs {peer}: {:.2e} of the spread, top-1 {agree}/{total}",
+        if m.llama.is_quantized() {
+            "quantized"
+        } else {
+            "dequantized"
+        },
+        c.worst_relative
+    );
+    c
 }
 
 #[test]
@@ -208,15 +218,16 @@ fn quantized_logits_match_the_peers() {
             "quantized vs llama.cpp: {:.2e} of the spread",
             c.worst_relative
         );
-        // Measured 0.93 (llama.cpp agrees with the f32 forward no better: 0.93, 5.4e-2 of
-        // the spread): short of the 99% the issue asks for; see README.
+        // Measured 483/512 = 0.943, 4.4e-2 of the spread (llama.cpp agrees with the f32
+        // forward no better: 484/512): short of the 99% the issue asks for; see README.
         assert!(c.top1 >= 0.9, "quantized vs llama.cpp: top-1 {}", c.top1);
     }
 }
 
-/// Quantized vs llama.cpp, relative to the spread of its logits (measured 4.3e-2; llama.cpp
-/// vs the f32 forward is 5.4e-2: both round activations, in different orders, and
-/// llama.cpp keeps its KV cache in f16).
+/// Quantized vs llama.cpp (its KV cache in f32, as the fixture asks), relative to the
+/// spread of its logits: measured 4.4e-2 over 2 x 256 positions. Both round activations to
+/// 8 bits per block, in different orders, so they differ as much as either differs from
+/// the f32 forward.
 const QUANTIZED_TOLERANCE: f32 = 6e-2;
 
 #[test]

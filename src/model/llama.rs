@@ -212,9 +212,13 @@ impl Block {
         let y = y.transpose(0, 1)?.reshape((n, cfg.heads * cfg.head_dim))?;
         let x = (x + linear(&y, &self.o_proj)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_eps, ops)?;
-        let gate = linear(&h, &self.gate_proj)?.silu()?; // (N, I)
+        let gate = linear(&h, &self.gate_proj)?; // (N, I)
         let up = linear(&h, &self.up_proj)?;
-        x + linear(&(gate * up)?, &self.down_proj)?
+        let act = match ops {
+            Ops::Fused => super::swiglu::silu_mul(gate, &up)?,
+            Ops::Differentiable => (gate.silu()? * up)?,
+        };
+        x + linear(&act, &self.down_proj)?
     }
 }
 

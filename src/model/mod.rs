@@ -14,6 +14,7 @@ pub mod packed;
 pub mod q4_1;
 pub mod random;
 pub mod softmax;
+pub mod swiglu;
 
 use crate::text::encoder::DocumentEncoder;
 use crate::text::segment::SegmentConfig;

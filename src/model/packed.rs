@@ -24,7 +24,7 @@ const MR: usize = 6;
 /// Reduction slice kept in cache.
 const KC: usize = 256;
 /// Activation rows per L2 block.
-const MC: usize = 96;
+const MC: usize = 240;
 
 /// W (out, in), packed for x · Wᵀ.
 pub struct PackedMatrix {

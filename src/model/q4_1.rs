@@ -117,9 +117,11 @@ fn quantize_block(x: &[f32]) -> Q81 {
         *q = (v * inv).round() as i8;
         sum += *q as i32;
     }
+    // llama.cpp stores a Q8_1 block's d and s as f16; rounding them the same way keeps
+    // our products equal to its (the quantization itself uses the f32 d, as there).
     Q81 {
-        d,
-        s: d * sum as f32,
+        d: f16::from_f32(d).to_f32(),
+        s: f16::from_f32(d * sum as f32).to_f32(),
         qs,
     }
 }
@@ -236,7 +238,7 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            // Both round activations to 8 bits (candle with f16 scales, ours with f32):
+            // Both round activations to 8 bits with f16 scales (in different orders):
             // each is within 8-bit rounding of the exact product, and of the other.
             assert!(
                 diff(&a, &exact) < 0.02 * scale,

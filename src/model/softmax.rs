@@ -128,15 +128,18 @@ unsafe fn softmax_row_avx2(row: &mut [f32]) {
     }
 }
 
-/// exp of eight lanes, each ≤ 0 (scores minus their row's max): 2^n · p(r) with
+/// exp of eight lanes, each ≤ 88 (scores minus their row's max are ≤ 0): 2^n · p(r) with
 /// r = x - n·ln 2 split in two constants for precision, p Cephes' degree-5 polynomial.
 /// Lanes below -87.3 (where f32 exp underflows, masked scores included) give 0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp256(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+pub(super) unsafe fn exp256(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.0),
+    );
     let n = _mm256_floor_ps(_mm256_fmadd_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),

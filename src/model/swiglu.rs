@@ -1,0 +1,138 @@
+//! The MLP's gate for inference: `silu(gate) · up`, in place in `gate`, eight lanes at a
+//! time.
+//!
+//! Why our own: candle's `silu` calls the scalar libm `exp` per element and writes a new
+//! tensor, then the product writes another. With eight documents in a batch the gate is
+//! (208, 1536) per layer, and profiling the batched incremental path put a few percent in
+//! `expf` alone. Here one pass reads gate and up and overwrites gate.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
+/// silu(gate) · up. `gate` is consumed (its buffer reused when it is a contiguous f32 CPU
+/// tensor that nothing else holds); anything else goes through candle's ops.
+pub fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
+    let fits = gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.is_contiguous()
+        && up.is_contiguous()
+        && gate.shape() == up.shape();
+    if fits {
+        gate.inplace_op2(up, &SiluMul)?;
+        Ok(gate)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+struct SiluMul;
+
+impl candle_core::InplaceOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (s1, s2) else {
+            candle_core::bail!("silu-mul: f32 only");
+        };
+        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: contiguous tensors only");
+        };
+        let (gate, up) = (&mut gate[a1..b1], &up[a2..b2]);
+        const CHUNK: usize = 16 * 1024;
+        if gate.len() > CHUNK {
+            gate.par_chunks_mut(CHUNK)
+                .zip(up.par_chunks(CHUNK))
+                .for_each(|(g, u)| silu_mul_slice(g, u));
+        } else {
+            silu_mul_slice(gate, up);
+        }
+        Ok(())
+    }
+}
+
+fn silu_mul_slice(gate: &mut [f32], up: &[f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were just detected.
+            done = unsafe { silu_mul_avx2(gate, up) };
+        }
+    }
+    for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// The whole multiples of 8; returns how many were done.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = gate.len().min(up.len()) / 8 * 8;
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let x = _mm256_loadu_ps(g.add(i));
+        // silu(x) = x / (1 + e^-x); e^-x underflows to 0 for large x (silu = x) and
+        // saturates at e^88 for very negative x (silu = x / 1.6e38, about 0).
+        let e = super::softmax::exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(g.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(u.add(i))));
+        i += 8;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candles_silu_times_up() {
+        let dev = Device::Cpu;
+        for n in [1, 8, 13, 40_000] {
+            let gate = (Tensor::randn(0f32, 1.0, (n,), &dev).unwrap() * 12.0).unwrap();
+            let up = Tensor::randn(0f32, 1.0, (n,), &dev).unwrap();
+            let want = (gate.silu().unwrap() * &up).unwrap();
+            let got = silu_mul(gate.copy().unwrap(), &up).unwrap();
+            let diff = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "n={n}: {diff}");
+        }
+        // The extremes: large positive is x·up, large negative is 0.
+        let gate =
+            Tensor::new(&[100f32, -100.0, 0.0, 88.5, -88.5, 1e-3, -1e-3, 5.0], &dev).unwrap();
+        let up = Tensor::ones(8, DType::F32, &dev).unwrap();
+        let want: Vec<f32> = (gate.silu().unwrap()).to_vec1().unwrap();
+        let got: Vec<f32> = silu_mul(gate.copy().unwrap(), &up)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+}
