@@ -2,7 +2,7 @@
 
 use super::flags::ModelArgs;
 use crate::engine::compress::{compress, human_bytes, CompressReport, Document};
-use crate::text::files::{file_id, read_text};
+use crate::text::files::{documents, read_text};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::io::Write;
@@ -43,14 +43,9 @@ fn run_compress_parts(args: &CompressArgs, store_dir: &std::path::Path) -> anyho
     let model = args.model.load()?;
     let store = crate::store::Store::open(store_dir)?;
     let mut parts = Vec::new();
-    for f in &args.files {
-        let text = read_text(f)?;
-        parts.extend(parts_of(
-            &file_id(f)?,
-            args.doc_version,
-            &text,
-            args.part_bytes,
-        ));
+    for (f, id) in documents(&args.files)? {
+        let text = read_text(&f)?;
+        parts.extend(parts_of(&id, args.doc_version, &text, args.part_bytes));
     }
     let outcomes = apply_parts(&model, &store, &parts, precision(args), args.batch)?;
     let mut out = std::io::stdout().lock();
@@ -89,15 +84,12 @@ pub fn run(args: CompressArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let mut docs = Vec::with_capacity(args.files.len());
     let mut texts = Vec::with_capacity(args.files.len());
-    for f in &args.files {
-        let text = read_text(f)?;
+    for (f, id) in documents(&args.files)? {
+        let text = read_text(&f)?;
         let segments = model
             .segments(&text)
             .with_context(|| format!("segmenting {}", f.display()))?;
-        docs.push(Document {
-            id: file_id(f)?,
-            segments,
-        });
+        docs.push(Document { id, segments });
         texts.push(text);
     }
     let results = compress(&model, docs, args.batch)?;

@@ -2,7 +2,7 @@
 
 use crate::ingest::message::parse;
 use crate::ingest::pipeline::Pipeline;
-use crate::text::files::{file_id, read_text, text_files};
+use crate::text::files::{documents, read_text};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::io::BufRead;
@@ -60,9 +60,8 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         .filter(|p| p.as_path() != Path::new("-"))
         .cloned()
         .collect();
-    for f in text_files(&files)? {
+    for (f, id) in documents(&files)? {
         let text = read_text(&f)?;
-        let id = file_id(&f)?;
         if text.is_empty() {
             bail!("{} is empty", f.display());
         }

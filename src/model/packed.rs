@@ -206,32 +206,10 @@ unsafe fn tile_avx2<const R: usize>(
     debug_assert!(a.len() >= (R - 1) * lda + kc && b.len() >= kc);
     let (a, b) = (a.as_ptr(), b.as_ptr() as *const f32);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut k = 0;
-    if R <= 3 {
-        // Few rows: too few independent sums to hide the FMA latency, so odd k go to a
-        // second set of accumulators (decode, M = 1, is then bound by memory, not latency).
-        let mut odd = [[_mm256_setzero_ps(); 2]; R];
-        while k + 2 <= kc {
-            let b0 = _mm256_load_ps(b.add(k * NR));
-            let b1 = _mm256_load_ps(b.add(k * NR + 8));
-            let b2 = _mm256_load_ps(b.add(k * NR + NR));
-            let b3 = _mm256_load_ps(b.add(k * NR + NR + 8));
-            for i in 0..R {
-                let av = _mm256_broadcast_ss(&*a.add(i * lda + k));
-                acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-                acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
-                let av = _mm256_broadcast_ss(&*a.add(i * lda + k + 1));
-                odd[i][0] = _mm256_fmadd_ps(av, b2, odd[i][0]);
-                odd[i][1] = _mm256_fmadd_ps(av, b3, odd[i][1]);
-            }
-            k += 2;
-        }
-        for i in 0..R {
-            acc[i][0] = _mm256_add_ps(acc[i][0], odd[i][0]);
-            acc[i][1] = _mm256_add_ps(acc[i][1], odd[i][1]);
-        }
-    }
-    for k in k..kc {
+    // Every element is summed in the same order (k ascending within each KC slice)
+    // whatever the tile's row count: a document's state does not depend on which other
+    // documents shared its batch (re-index checks states byte for byte).
+    for k in 0..kc {
         let b0 = _mm256_load_ps(b.add(k * NR));
         let b1 = _mm256_load_ps(b.add(k * NR + 8));
         for (i, acc) in acc.iter_mut().enumerate() {
@@ -292,6 +270,30 @@ mod tests {
                 let tol = 1e-5 * (inp as f32).sqrt() * 4.0;
                 assert!(diff < tol, "out={out} in={inp} m={m}: {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn a_row_is_the_same_bits_whatever_else_is_in_the_batch() {
+        if !PackedMatrix::supported() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 600), &dev).unwrap();
+        let packed = PackedMatrix::new(&w).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (250, 600), &dev).unwrap();
+        let all: Vec<Vec<f32>> = packed.forward(&x).unwrap().to_vec2().unwrap();
+        for (start, len) in [(0, 1), (7, 2), (13, 3), (100, 5), (245, 5)] {
+            let part: Vec<Vec<f32>> = packed
+                .forward(&x.narrow(0, start, len).unwrap())
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            assert_eq!(
+                part,
+                all[start..start + len].to_vec(),
+                "rows {start}..+{len}"
+            );
         }
     }
 

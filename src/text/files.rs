@@ -40,3 +40,46 @@ pub fn text_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     }
     Ok(files)
 }
+
+/// The documents of `paths` (files, and folders standing for their `.txt` files) with
+/// their ids. Two files with one id (the same name in two folders) are an error naming
+/// both: one would silently replace the other's document.
+pub fn documents(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut seen: std::collections::HashMap<String, PathBuf> = Default::default();
+    let mut out = Vec::new();
+    for f in text_files(paths)? {
+        let id = file_id(&f)?;
+        if let Some(first) = seen.insert(id.clone(), f.clone()) {
+            anyhow::bail!(
+                "{} and {} would both be document {id:?} (ids are file names without \
+                 their extension): rename one, or send them separately",
+                first.display(),
+                f.display()
+            );
+        }
+        out.push((f, id));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_files_with_one_name_are_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["a", "b"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+            std::fs::write(dir.path().join(sub).join("book.txt"), "Hi.").unwrap();
+        }
+        std::fs::write(dir.path().join("a").join("other.txt"), "Yo.").unwrap();
+        let ok = documents(&[dir.path().join("a")]).unwrap();
+        assert_eq!(ok.len(), 2);
+        let e = documents(&[dir.path().join("a"), dir.path().join("b")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a/book.txt") && e.contains("b/book.txt"), "{e}");
+        assert!(e.contains("\"book\""), "{e}");
+    }
+}
