@@ -42,15 +42,7 @@ struct Line([f32; NR]);
 impl PackedMatrix {
     /// Whether this CPU runs the kernel (else callers keep candle's matmul).
     pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        super::simd::avx2_fma()
     }
 
     /// Packs a (out, in) f32 weight matrix.
@@ -259,14 +251,7 @@ mod tests {
                 let x = Tensor::randn(0f32, 1.0, (m, inp), &dev).unwrap();
                 let ours = packed.forward(&x).unwrap();
                 let theirs = x.matmul(&w.t().unwrap()).unwrap();
-                let diff = (ours - &theirs)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = super::super::simd::max_abs_diff(&ours, &theirs);
                 let tol = 1e-5 * (inp as f32).sqrt() * 4.0;
                 assert!(diff < tol, "out={out} in={inp} m={m}: {diff}");
             }
@@ -310,14 +295,7 @@ mod tests {
             .unwrap();
         let ours = PackedMatrix::new(&w).unwrap().forward(&x).unwrap();
         let theirs = x.matmul(&w.t().unwrap()).unwrap();
-        let diff = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = super::super::simd::max_abs_diff(&ours, &theirs);
         assert!(diff < 1e-4, "{diff}");
     }
 }

@@ -130,10 +130,7 @@ fn quantize_block(x: &[f32]) -> Q81 {
 fn dots(scales: &[u32], quants: &[[u8; 16]], xs: &[&[Q81]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if super::simd::avx2_fma_f16c() {
             // SAFETY: the features were just detected.
             unsafe { dots_avx2(scales, quants, xs, out) };
             return;

@@ -58,8 +58,7 @@ impl candle_core::InplaceOp1 for SoftmaxInPlace {
 fn softmax_row(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::simd::avx2_fma() {
             // SAFETY: the features were just detected.
             unsafe { softmax_row_avx2(row) };
             return;
@@ -186,14 +185,7 @@ mod tests {
             let x = Tensor::from_vec(v, (3, 5, cols), &dev).unwrap();
             let theirs = candle_nn::ops::softmax_last_dim(&x).unwrap();
             let ours = softmax_last_dim_in_place(x.copy().unwrap()).unwrap();
-            let diff = (&ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::simd::max_abs_diff(&ours, &theirs);
             assert!(diff < 1e-6, "cols={cols}: {diff}");
             // Masked entries are exactly zero.
             let o: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
@@ -208,8 +200,7 @@ mod tests {
     #[test]
     fn exp_is_accurate_over_the_range_softmax_uses() {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::super::simd::avx2_fma() {
             use std::arch::x86_64::*;
             let mut worst = 0f64;
             let mut x = -87.0f32;

@@ -64,8 +64,7 @@ fn silu_mul_slice(gate: &mut [f32], up: &[f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::simd::avx2_fma() {
             // SAFETY: the features were just detected.
             done = unsafe { silu_mul_avx2(gate, up) };
         }
@@ -109,14 +108,7 @@ mod tests {
             let up = Tensor::randn(0f32, 1.0, (n,), &dev).unwrap();
             let want = (gate.silu().unwrap() * &up).unwrap();
             let got = silu_mul(gate.copy().unwrap(), &up).unwrap();
-            let diff = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::simd::max_abs_diff(&got, &want);
             assert!(diff < 1e-5, "n={n}: {diff}");
         }
         // The extremes: large positive is x·up, large negative is 0.
