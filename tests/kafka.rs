@@ -196,6 +196,15 @@ fn wait_for(
     }
 }
 
+/// Starts `serve` and waits (up to 300 s) until the store holds `n` complete documents.
+fn serve_until_complete(pipeline: &Path, store_dir: &Path, n: usize) -> Serve {
+    let server = serve(pipeline);
+    wait_for(store_dir, &format!("{n} complete documents"), 300, |d| {
+        d.len() == n && d.iter().all(|m| m.complete)
+    });
+    server
+}
+
 fn producer(b: &Broker) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", &b.bootstrap)
@@ -868,11 +877,8 @@ fn a_tombstone_deletes_the_document_and_the_deletion_survives_restore() {
     let docs = documents(3, 4);
     // In parts, so the state topic holds several records per document.
     produce_docs(&b, &s.topic, &docs, 200);
-    let server = serve(&pipeline);
     let store_dir = s.store("store");
-    wait_for(&store_dir, "three documents", 300, |d| {
-        d.len() == 3 && d.iter().all(|m| m.complete)
-    });
+    let server = serve_until_complete(&pipeline, &store_dir, 3);
     let gone = &docs[1].0;
     send_tombstone(&b, &s.topic, gone.as_bytes());
     // A tombstone for a document never stored is no error.
@@ -980,11 +986,8 @@ fn restore_fails_naming_a_document_the_state_topic_lacks_records_of() {
     let pipeline = s.pipeline(&b, "store", "");
     let docs = documents(2, 6);
     produce_docs(&b, &s.topic, &docs, 150);
-    let server = serve(&pipeline);
     let store_dir = s.store("store");
-    wait_for(&store_dir, "two documents", 300, |d| {
-        d.len() == 2 && d.iter().all(|m| m.complete)
-    });
+    let server = serve_until_complete(&pipeline, &store_dir, 2);
     assert!(stop(server).success());
     // Delete one state chunk's record from the topic, as a lost publish would leave it.
     let state_topic = format!("{}.state", s.topic);

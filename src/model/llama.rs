@@ -51,18 +51,18 @@ impl Linear {
         }
     }
 
-    /// A dense f32 CPU weight packed for [`Linear::Packed`]; anything else unchanged.
-    fn packed(self) -> Result<Self> {
-        match self {
-            Linear::Dense(w)
-                if w.device().is_cpu()
-                    && w.dtype() == DType::F32
-                    && super::packed::PackedMatrix::supported() =>
+    /// Packs a dense f32 CPU weight in place for [`Linear::Packed`]; anything else is
+    /// left as it is.
+    fn pack(&mut self) -> Result<()> {
+        if let Linear::Dense(w) = self {
+            if w.device().is_cpu()
+                && w.dtype() == DType::F32
+                && super::packed::PackedMatrix::supported()
             {
-                Ok(Linear::Packed(super::packed::PackedMatrix::new(&w)?))
+                *self = Linear::Packed(super::packed::PackedMatrix::new(w)?);
             }
-            other => Ok(other),
         }
+        Ok(())
     }
 
     fn elem_count(&self) -> usize {
@@ -333,14 +333,6 @@ impl Llama {
     /// once when a model is loaded for inference. Never for a model being trained, whose
     /// weights change under autograd.
     pub fn pack_for_inference(&mut self) -> Result<()> {
-        let take = |l: &mut Linear| -> Result<()> {
-            let old = std::mem::replace(
-                l,
-                Linear::Dense(Tensor::zeros(0, DType::F32, &Device::Cpu)?),
-            );
-            *l = old.packed()?;
-            Ok(())
-        };
         for b in &mut self.layers {
             let w = &mut b.0;
             for l in [
@@ -352,11 +344,11 @@ impl Llama {
                 &mut w.up_proj,
                 &mut w.down_proj,
             ] {
-                take(l)?;
+                l.pack()?;
             }
         }
         if let Some(h) = &mut self.lm_head {
-            take(h)?;
+            h.pack()?;
         }
         Ok(())
     }

@@ -218,16 +218,7 @@ mod tests {
             let a = ours.forward(&x).unwrap();
             let b = theirs.forward(&x).unwrap();
             let exact = x.matmul(&dense.t().unwrap()).unwrap();
-            let diff = |p: &Tensor, q: &Tensor| {
-                (p - q)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = super::super::simd::max_abs_diff;
             let scale = exact
                 .abs()
                 .unwrap()
