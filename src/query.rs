@@ -9,6 +9,8 @@
 use crate::engine::state::{advance, Chunk, GistState};
 use crate::model::GistModel;
 use crate::store::Store;
+use crate::text::encoder::DocumentEncoder;
+use crate::text::tokenize::Segment;
 use anyhow::{ensure, Context};
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::LogitsProcessor;
@@ -70,6 +72,10 @@ impl Request {
 pub struct Query {
     state: GistState,
     request: Request,
+    /// The question as segments (empty for a score without one).
+    question: Vec<Segment>,
+    /// The text to score as segments (empty for a question).
+    scored: Vec<Segment>,
 }
 
 /// A request refused before any work (the HTTP API answers 400).
@@ -79,6 +85,10 @@ pub enum BadRequest {
     EmptyQuestion,
     #[error("max_tokens {0} is over the cap of {MAX_TOKENS}")]
     MaxTokens(usize),
+    #[error(
+        "the question and the text to score are {0} tokens, over the cap of {MAX_INPUT_TOKENS}"
+    )]
+    TooLong(usize),
     #[error("temperature {0} is not a number of at least 0")]
     Temperature(f64),
     #[error("top_p {0} is not in (0, 1]")]
@@ -87,6 +97,10 @@ pub enum BadRequest {
 
 /// The most tokens one answer may generate.
 pub const MAX_TOKENS: usize = 4096;
+
+/// The most tokens a query may feed (question and scored text together). Memory is linear
+/// in them, but time is not: every sentence reads all the gists before it.
+pub const MAX_INPUT_TOKENS: usize = 131_072;
 
 impl Request {
     /// Refuses what no answer could honour, before any work.
@@ -109,6 +123,31 @@ impl Request {
     }
 }
 
+/// Asked between steps of a query: `Some(why)` stops it (the client went away, the server
+/// is stopping).
+pub type Cancel = dyn Fn() -> Option<&'static str> + Sync;
+
+/// Never cancels (the CLI's own queries: Ctrl-C ends the process).
+pub fn never() -> Option<&'static str> {
+    None
+}
+
+/// A query stopped by its [`Cancel`].
+#[derive(Debug, thiserror::Error)]
+#[error("the query was cancelled: {0}")]
+pub struct Cancelled(pub &'static str);
+
+fn check_cancel(cancelled: &Cancel) -> anyhow::Result<()> {
+    match cancelled() {
+        Some(why) => Err(Cancelled(why).into()),
+        None => Ok(()),
+    }
+}
+
+/// The warning for a question about a document of which nothing is encoded yet.
+pub const NOTHING_ENCODED: &str = "the document is incomplete and none of its text is \
+    encoded yet (it is held until a sentence ends): the answer knows nothing of it";
+
 /// What a query produced.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -119,8 +158,27 @@ pub enum Outcome {
 /// Checks `request` and loads its document's state from `store`.
 pub fn open(store: &Store, model: &GistModel, request: Request) -> anyhow::Result<Query> {
     request.check()?;
+    let question = match &request.question {
+        Some(q) if !q.trim().is_empty() => {
+            text_segments(model, &question_text(model, q, request.chat_template)?)?
+        }
+        _ => Vec::new(),
+    };
+    let scored = match &request.score {
+        Some(t) => text_segments(model, t)?,
+        None => Vec::new(),
+    };
+    let tokens: usize = question.iter().chain(&scored).map(|s| s.tokens.len()).sum();
+    if tokens > MAX_INPUT_TOKENS {
+        return Err(BadRequest::TooLong(tokens).into());
+    }
     let (_, state) = store.load(&request.id, model)?;
-    Ok(Query { state, request })
+    Ok(Query {
+        state,
+        request,
+        question,
+        scored,
+    })
 }
 
 impl Query {
@@ -129,28 +187,41 @@ impl Query {
         self.request.score.is_some()
     }
 
-    /// Runs it: `on_text` sees the answer's text as it settles (nothing for a score).
-    pub fn run(self, model: &GistModel, on_text: impl FnMut(&str)) -> anyhow::Result<Outcome> {
+    /// Whether the stored document is incomplete and nothing of it was encoded yet (its
+    /// text so far is held back, unfinished): an answer then knows nothing of it.
+    pub fn knows_nothing(&self) -> bool {
+        self.state.regular_tokens == 0
+    }
+
+    /// Runs it: `on_text` sees the answer's text as it settles (nothing for a score);
+    /// `cancelled` is asked between steps and stops the work with [`Cancelled`].
+    pub fn run(
+        self,
+        model: &GistModel,
+        cancelled: &Cancel,
+        on_text: impl FnMut(&str),
+    ) -> anyhow::Result<Outcome> {
         let r = &self.request;
-        match &r.score {
-            Some(text) => Ok(Outcome::Score(score(
+        if r.score.is_some() {
+            let question = (!self.question.is_empty()).then_some(&self.question[..]);
+            return Ok(Outcome::Score(score_segments(
                 model,
                 self.state,
-                r.question.as_deref(),
-                r.chat_template,
-                text,
-            )?)),
-            None => {
-                let question = r.question.as_deref().unwrap_or_default();
-                Ok(Outcome::Answer(answer(
-                    model,
-                    self.state,
-                    question,
-                    &r.sampling(),
-                    on_text,
-                )?))
-            }
+                question,
+                &self.scored,
+                cancelled,
+            )?));
         }
+        let started = std::time::Instant::now();
+        Ok(Outcome::Answer(generate(
+            model,
+            self.state,
+            &self.question,
+            &r.sampling(),
+            started,
+            cancelled,
+            on_text,
+        )?))
     }
 }
 
@@ -177,55 +248,71 @@ pub struct Answer {
     pub seconds: f64,
 }
 
-/// Feeds `tokens` as an open (unfinished) segment; returns the last row's logits (V,).
-fn feed(model: &GistModel, state: &mut GistState, tokens: &[u32]) -> anyhow::Result<Tensor> {
-    let logits = advance(
-        model,
-        &mut [(
-            state,
-            Chunk {
-                tokens,
-                close: false,
-            },
-        )],
-        true,
-    )?
-    .context("logits requested")?;
+/// `text` as model segments continuing a document: split into sentences like a document
+/// (no BOS), so that memory grows with the text's length, not its square; the last segment
+/// is left open (what follows continues its sentence).
+fn text_segments(model: &GistModel, text: &str) -> anyhow::Result<Vec<Segment>> {
+    let mut enc = DocumentEncoder::new(&model.tokenizer, &model.gist.segmentation, None);
+    let mut segments = enc.push(text)?;
+    segments.extend(enc.finish()?);
+    if let Some(last) = segments.last_mut() {
+        last.close = false;
+    }
+    Ok(segments)
+}
+
+/// Feeds one segment; returns its rows' logits (its tokens, then its gists if it closes).
+fn step(
+    model: &GistModel,
+    state: &mut GistState,
+    tokens: &[u32],
+    close: bool,
+) -> anyhow::Result<Tensor> {
+    advance(model, &mut [(state, Chunk { tokens, close })], true)?.context("logits requested")
+}
+
+/// The last row of `logits` (V,).
+fn last_row(logits: &Tensor) -> anyhow::Result<Tensor> {
     Ok(logits.get(logits.dim(0)? - 1)?)
 }
 
-/// Closes the open sentence (writes the gists); returns the last gist row's logits.
-fn close(model: &GistModel, state: &mut GistState) -> anyhow::Result<Tensor> {
-    let logits = advance(
-        model,
-        &mut [(
-            state,
-            Chunk {
-                tokens: &[],
-                close: true,
-            },
-        )],
-        true,
-    )?
-    .context("logits requested")?;
-    Ok(logits.get(logits.dim(0)? - 1)?)
+/// Feeds `segments` one after another; returns the last row's logits (V,).
+fn feed(
+    model: &GistModel,
+    state: &mut GistState,
+    segments: &[Segment],
+    cancelled: &Cancel,
+) -> anyhow::Result<Tensor> {
+    let mut last = None;
+    for s in segments {
+        check_cancel(cancelled)?;
+        last = Some(last_row(&step(model, state, &s.tokens, s.close)?)?);
+    }
+    last.context("nothing to feed")
 }
 
-/// The question's tokens: rendered by the model's chat template when it has one and
-/// `chat_template` asks for it; otherwise a paragraph break, then the question (the
-/// document's last sentence is closed; the question starts a new paragraph as in the
+/// The question as the model reads it: rendered by the model's chat template when it has
+/// one and `chat_template` asks for it; otherwise a paragraph break, then the question
+/// (the document's last sentence is closed; the question starts a new paragraph as in the
 /// training text).
+fn question_text(model: &GistModel, question: &str, chat_template: bool) -> anyhow::Result<String> {
+    ensure!(!question.trim().is_empty(), "the question is empty");
+    Ok(match &model.chat_template {
+        Some(t) if chat_template => t.render_question(question)?,
+        _ => format!("\n\n{question}"),
+    })
+}
+
+/// The question's tokens, whole (see [`question_text`]; a query feeds them sentence by
+/// sentence).
 pub fn question_tokens(
     model: &GistModel,
     question: &str,
     chat_template: bool,
 ) -> anyhow::Result<Vec<u32>> {
-    ensure!(!question.trim().is_empty(), "the question is empty");
-    let text = match &model.chat_template {
-        Some(t) if chat_template => t.render_question(question)?,
-        _ => format!("\n\n{question}"),
-    };
-    let (ids, _) = model.tokenizer.encode(&text)?;
+    let (ids, _) = model
+        .tokenizer
+        .encode(&question_text(model, question, chat_template)?)?;
     Ok(ids)
 }
 
@@ -238,8 +325,11 @@ pub fn answer(
     on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
     let started = std::time::Instant::now();
-    let q = question_tokens(model, question, sampling.chat_template)?;
-    generate(model, state, &q, sampling, started, on_text)
+    let q = text_segments(
+        model,
+        &question_text(model, question, sampling.chat_template)?,
+    )?;
+    generate(model, state, &q, sampling, started, &never, on_text)
 }
 
 /// Continues the document: `text` is fed as its next words (no question framing) and the
@@ -252,20 +342,22 @@ pub fn continuation(
     on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
     let started = std::time::Instant::now();
-    let (ids, _) = model.tokenizer.encode(text)?;
-    ensure!(!ids.is_empty(), "the text to continue is empty");
-    generate(model, state, &ids, sampling, started, on_text)
+    ensure!(!text.trim().is_empty(), "the text to continue is empty");
+    let segments = text_segments(model, text)?;
+    generate(model, state, &segments, sampling, started, &never, on_text)
 }
 
 fn generate(
     model: &GistModel,
     mut state: GistState,
-    prompt: &[u32],
+    prompt: &[Segment],
     sampling: &Sampling,
     started: std::time::Instant,
+    cancelled: &Cancel,
     mut on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
-    let mut logits = feed(model, &mut state, prompt)?;
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let mut logits = feed(model, &mut state, prompt, cancelled)?;
     let temperature = (sampling.temperature > 0.0).then_some(sampling.temperature);
     let mut processor = LogitsProcessor::new(sampling.seed, temperature, sampling.top_p);
     let eos = model.eos_token_id();
@@ -273,6 +365,7 @@ fn generate(
     let mut printed = String::new();
     let mut ttft = None;
     while ids.len() < sampling.max_tokens {
+        check_cancel(cancelled)?;
         let next = processor.sample(&logits)?;
         if Some(next) == eos {
             break;
@@ -280,7 +373,7 @@ fn generate(
         ttft.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
         if model.gist.gist_token_ids.contains(&next) {
             // The model ended a sentence: write all its gists and go on from the last.
-            logits = close(model, &mut state)?;
+            logits = last_row(&step(model, &mut state, &[], true)?)?;
             continue;
         }
         ids.push(next);
@@ -292,7 +385,7 @@ fn generate(
             on_text(&settled[printed.len()..]);
             printed = settled.to_string();
         }
-        logits = feed(model, &mut state, &[next])?;
+        logits = last_row(&step(model, &mut state, &[next], false)?)?;
     }
     let text = model.tokenizer.decode(&ids)?;
     if text.len() > printed.len() && text.starts_with(&printed) {
@@ -315,60 +408,74 @@ pub struct Score {
     pub perplexity: f64,
 }
 
-/// Scores `text` as the continuation of the document (after `question`, if any). With a
-/// question, every token of `text` is scored; without one, the first token has no stored
-/// prediction (the logits of the document's last gist are not kept), so scoring starts at
-/// the second.
+/// Scores `text` as the continuation of the document (after `question`, if any). The text
+/// goes in sentence by sentence like a document (each closed sentence writes its gists,
+/// and the first token of the next is predicted from the last gist); every regular token
+/// is scored once. With a question, the first token is predicted from the question's end;
+/// without one it has no stored prediction (the logits of the document's last gist are
+/// not kept), so scoring starts at the second.
 pub fn score(
     model: &GistModel,
-    mut state: GistState,
+    state: GistState,
     question: Option<&str>,
     chat_template: bool,
     text: &str,
 ) -> anyhow::Result<Score> {
-    let (ids, _) = model.tokenizer.encode(text)?;
-    ensure!(!ids.is_empty(), "the text to score is empty");
-    let first = match question {
-        Some(q) => Some(feed(
-            model,
-            &mut state,
-            &question_tokens(model, q, chat_template)?,
-        )?),
-        None => None,
-    };
-    let rows = advance(
-        model,
-        &mut [(
-            &mut state,
-            Chunk {
-                tokens: &ids,
-                close: false,
-            },
-        )],
-        true,
-    )?
-    .context("logits requested")?;
-    // Row j predicts ids[j + 1]; `first` (after the question) predicts ids[0].
-    let (predictors, targets) = match first {
-        Some(f) => (
-            Tensor::cat(&[&f.unsqueeze(0)?, &rows.narrow(0, 0, ids.len() - 1)?], 0)?,
-            &ids[..],
-        ),
+    let question = question
+        .map(|q| text_segments(model, &question_text(model, q, chat_template)?))
+        .transpose()?;
+    let segments = text_segments(model, text)?;
+    score_segments(model, state, question.as_deref(), &segments, &never)
+}
+
+fn score_segments(
+    model: &GistModel,
+    mut state: GistState,
+    question: Option<&[Segment]>,
+    segments: &[Segment],
+    cancelled: &Cancel,
+) -> anyhow::Result<Score> {
+    let total: usize = segments.iter().map(|s| s.tokens.len()).sum();
+    ensure!(total > 0, "the text to score is empty");
+    // The row predicting the next regular token.
+    let mut prev = match question {
+        Some(q) => Some(feed(model, &mut state, q, cancelled)?),
         None => {
             ensure!(
-                ids.len() > 1,
+                total > 1,
                 "without a question, the text must have at least two tokens"
             );
-            (rows.narrow(0, 0, ids.len() - 1)?, &ids[1..])
+            None
         }
     };
-    let logp = candle_nn::ops::log_softmax(&predictors.to_dtype(DType::F32)?, D::Minus1)?;
-    let idx = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
-    let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-    let logprob: f64 = picked.iter().map(|&x| x as f64).sum();
+    let (mut logprob, mut scored) = (0f64, 0usize);
+    for s in segments {
+        check_cancel(cancelled)?;
+        let n = s.tokens.len();
+        if n == 0 {
+            continue;
+        }
+        let rows = step(model, &mut state, &s.tokens, s.close)?;
+        // Row j predicts tokens[j + 1]; `prev` predicts tokens[0].
+        let (predictors, targets) = match &prev {
+            Some(p) => (
+                Tensor::cat(&[&p.unsqueeze(0)?, &rows.narrow(0, 0, n - 1)?], 0)?,
+                &s.tokens[..],
+            ),
+            None => (rows.narrow(0, 0, n - 1)?, &s.tokens[1..]),
+        };
+        if !targets.is_empty() {
+            let logp = candle_nn::ops::log_softmax(&predictors.to_dtype(DType::F32)?, D::Minus1)?;
+            let idx = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
+            let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+            logprob += picked.iter().map(|&x| x as f64).sum::<f64>();
+            scored += targets.len();
+        }
+        prev = Some(last_row(&rows)?);
+    }
     Ok(Score {
-        tokens: targets.len(),
+        tokens: scored,
         logprob,
-        perplexity: (-logprob / targets.len() as f64).exp(),
+        perplexity: (-logprob / scored as f64).exp(),
     })
 }

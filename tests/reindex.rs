@@ -238,7 +238,7 @@ fn queries_keep_working_while_a_job_runs_in_the_serving_process() {
     let s = setup(40);
     let new = common::load_model(&s.new);
     let mut server = giststream()
-        .arg("api")
+        .args(["api", "--allow-writes"])
         .arg("--model")
         .arg(&s.old)
         .arg("--store")

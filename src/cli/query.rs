@@ -90,7 +90,10 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
                 let store = crate::store::Store::open_existing(&args.store)?;
                 crate::query::open(&store, &model, req)?
             };
-            q.run(&model, &mut print)?
+            if q.knows_nothing() && !q.is_score() {
+                eprintln!("giststream: warning: {}", crate::query::NOTHING_ENCODED);
+            }
+            q.run(&model, &crate::query::never, &mut print)?
         }
     };
     if let Some(e) = write_err {

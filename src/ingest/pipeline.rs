@@ -194,12 +194,22 @@ pub struct ApiConfig {
     /// Address of the local HTTP API (port 0: any free port; written to
     /// `<store>/api.json`).
     pub listen: String,
+    /// Allow writes (`POST /v1/reindex`), each with the bearer token written to
+    /// `<store>/api.token` (mode 0600). Off: the API only reads.
+    pub allow_writes: bool,
+    /// Queries that use the model at once.
+    pub max_running_queries: usize,
+    /// Queries that may wait for a turn; more are answered 429.
+    pub max_waiting_queries: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:0".into(),
+            allow_writes: false,
+            max_running_queries: 2,
+            max_waiting_queries: 16,
         }
     }
 }

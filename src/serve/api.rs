@@ -11,9 +11,16 @@
 //! - `GET /v1/docs/{id}`: one document's metadata, its state checked.
 //! - `POST /v1/query`: a question (answer streamed as JSON lines) or `score`.
 //! - `POST /v1/reindex`: a re-index job in this process: 202 with the job's id and URL (a
-//!   dry run answers its plan at once).
+//!   dry run answers its plan at once). Writes are off unless the process was started to
+//!   allow them, and then need `Authorization: Bearer <token>`, the token being in
+//!   `<store>/api.token` (mode 0600, readable by the store's owner only).
 //! - `GET /v1/jobs`: every job's progress; `GET /v1/jobs/{id}`: one job's.
 //! - `GET /metrics`: Prometheus text.
+//!
+//! Bounds: at most `max_running` queries use the model at once and `max_waiting` wait for
+//! a turn; more are answered 429 (503 while the process stops). A query stops between two
+//! steps once its client is gone or the process is stopping, so a hung-up client or a
+//! SIGTERM frees the model within a step.
 
 use crate::model::GistModel;
 use crate::query::{self, Answer, Outcome};
@@ -21,17 +28,20 @@ use crate::service::Service;
 use crate::store::{DocMeta, StoreError};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Name of the file, in the store directory, that tells clients where the API listens.
 pub const ENDPOINT_FILE: &str = "api.json";
+/// Name of the file, beside it, holding the bearer token for writes (when allowed).
+pub const TOKEN_FILE: &str = "api.token";
 
 /// What `api.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +49,11 @@ pub struct Endpoint {
     /// `host:port` on loopback.
     pub address: String,
     pub pid: u32,
+    /// A random id of this run, which `/v1/health` repeats: a client talks only to the
+    /// process that wrote the file (not to whatever listens on a stale file's port). The
+    /// file is readable by the store's owner only.
+    #[serde(default)]
+    pub instance: String,
     /// Bootstrap address of the embedded Kafka broker, when the process runs one (so
     /// `produce` can find it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +68,12 @@ pub struct Health {
     pub model_fingerprint: String,
     pub num_gists: usize,
     pub uptime_seconds: f64,
+    /// This run's id, as `api.json` gives it.
+    #[serde(default)]
+    pub instance: String,
+    /// Whether `POST /v1/reindex` is allowed (with the token).
+    #[serde(default)]
+    pub writes: bool,
     /// What is failing, by component; empty when `status` is ok.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub problems: std::collections::BTreeMap<String, String>,
@@ -71,6 +92,8 @@ pub use crate::query::Request as QueryRequest;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QueryEvent {
+    /// Something the asker should know before the answer (e.g. the document is empty).
+    Warning(String),
     Text(String),
     Answer(Answer),
     Error(String),
@@ -96,6 +119,7 @@ impl From<anyhow::Error> for ApiError {
             Some(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             Some(StoreError::OtherModel { .. }) => StatusCode::CONFLICT,
             None if e.is::<crate::query::BadRequest>() => StatusCode::BAD_REQUEST,
+            None if e.is::<crate::query::Cancelled>() => StatusCode::SERVICE_UNAVAILABLE,
             // Damaged records and the like: the request was fine, the data is not.
             None => StatusCode::UNPROCESSABLE_ENTITY,
         };
@@ -103,7 +127,145 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-pub fn router(svc: Arc<Service>) -> Router {
+/// How the API behaves: writes, and the bounds on concurrent queries.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Allow `POST /v1/reindex` (with the bearer token).
+    pub allow_writes: bool,
+    /// Queries using the model at once.
+    pub max_running: usize,
+    /// Queries waiting for a turn; more are refused with 429.
+    pub max_waiting: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            allow_writes: false,
+            max_running: 2,
+            max_waiting: 16,
+        }
+    }
+}
+
+/// The handlers' shared state: the service, the settings, this run's secrets, and the
+/// admission of queries.
+pub struct Api {
+    svc: Arc<Service>,
+    settings: Settings,
+    /// The bearer token writes need (None: writes are off).
+    token: Option<String>,
+    instance: String,
+    turns: Arc<tokio::sync::Semaphore>,
+    waiting: AtomicUsize,
+    /// Set when the process starts stopping: queries end at their next step.
+    stopping: AtomicBool,
+}
+
+impl Api {
+    /// The API over `svc`; with writes allowed, a fresh random token.
+    pub fn new(svc: Arc<Service>, settings: Settings) -> anyhow::Result<Arc<Self>> {
+        let token = settings.allow_writes.then(random_hex).transpose()?;
+        Ok(Arc::new(Self {
+            svc,
+            turns: Arc::new(tokio::sync::Semaphore::new(settings.max_running.max(1))),
+            settings,
+            token,
+            instance: random_hex()?,
+            waiting: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Why a running query should stop now, if it should.
+    fn stop_reason(&self) -> Option<&'static str> {
+        self.stopping
+            .load(Ordering::Relaxed)
+            .then_some("the server is stopping")
+    }
+
+    /// A turn with the model: at once, after waiting in line, or refused (429 when the line
+    /// is full, 503 while stopping).
+    async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let busy = |why: String| ApiError(StatusCode::TOO_MANY_REQUESTS, why);
+        if let Some(why) = self.stop_reason() {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why.into()));
+        }
+        if let Ok(p) = self.turns.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.settings.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.svc.metrics.add(
+                "giststream_queries_refused_total",
+                "Queries refused because every turn was taken and the line was full.",
+                1.0,
+            );
+            return Err(busy(format!(
+                "busy: {} queries running and {} waiting; try again later",
+                self.settings.max_running, self.settings.max_waiting
+            )));
+        }
+        // Dropped with the request if the client goes away while waiting.
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _leave = Leave(&self.waiting);
+        self.turns.clone().acquire_owned().await.map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is stopping".into(),
+            )
+        })
+    }
+
+    /// Refuses a write without the token (401), or when writes are off (403).
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.token else {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "writes are off: this process was started without --allow-writes (pipeline: \
+                 api.allow_writes = true)"
+                    .into(),
+            ));
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compared in constant time: the answer's timing says nothing about the token.
+        let same = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "a write needs Authorization: Bearer <the token in {TOKEN_FILE} beside \
+                     the store's {ENDPOINT_FILE}>"
+                ),
+            ))
+        }
+    }
+}
+
+/// 32 random bytes as hex, from the operating system's generator.
+fn random_hex() -> anyhow::Result<String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("the system's random generator: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/docs", get(docs))
@@ -113,12 +275,19 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/metrics", get(metrics))
-        .with_state(svc)
+        // Every body is JSON of a question or a job: a megabyte is plenty, and the bound
+        // holds before any parsing.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
 }
+
+/// The largest request body accepted (413 above).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// 200 with status ok, or 503 with status degraded and what is failing (a load balancer or
 /// orchestrator reads the code; a person reads `problems`).
-async fn health(State(svc): State<Arc<Service>>) -> (StatusCode, Json<Health>) {
+async fn health(State(api): State<Arc<Api>>) -> (StatusCode, Json<Health>) {
+    let svc = &api.svc;
     let problems = svc.problems();
     let (code, status) = if problems.is_empty() {
         (StatusCode::OK, "ok")
@@ -135,13 +304,15 @@ async fn health(State(svc): State<Arc<Service>>) -> (StatusCode, Json<Health>) {
             model_fingerprint: format!("{:016x}", svc.model.fingerprint),
             num_gists: svc.model.gist.num_gist_tokens,
             uptime_seconds: svc.started.elapsed().as_secs_f64(),
+            instance: api.instance.clone(),
+            writes: api.token.is_some(),
         }),
     )
 }
 
-async fn docs(State(svc): State<Arc<Service>>) -> Json<DocList> {
+async fn docs(State(api): State<Arc<Api>>) -> Json<DocList> {
     let (mut documents, mut damaged) = (Vec::new(), Vec::new());
-    for entry in svc.store.list() {
+    for entry in api.svc.store.list() {
         match entry {
             Ok(m) => documents.push(m),
             Err(e) => damaged.push(e),
@@ -151,17 +322,28 @@ async fn docs(State(svc): State<Arc<Service>>) -> Json<DocList> {
 }
 
 async fn doc(
-    State(svc): State<Arc<Service>>,
+    State(api): State<Arc<Api>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<DocMeta>, ApiError> {
-    Ok(Json(svc.store.check(&id)?))
+    Ok(Json(api.svc.store.check(&id)?))
 }
 
-async fn metrics(State(svc): State<Arc<Service>>) -> impl IntoResponse {
+async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
+    let svc = &api.svc;
     svc.metrics.gauge(
         "giststream_documents",
         "Documents in the store.",
         svc.store.len() as f64,
+    );
+    svc.metrics.gauge(
+        "giststream_queries_running",
+        "Queries using the model now.",
+        (api.settings.max_running.max(1) - api.turns.available_permits()) as f64,
+    );
+    svc.metrics.gauge(
+        "giststream_queries_waiting",
+        "Queries waiting for a turn with the model.",
+        api.waiting.load(Ordering::SeqCst) as f64,
     );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -170,14 +352,15 @@ async fn metrics(State(svc): State<Arc<Service>>) -> impl IntoResponse {
 }
 
 async fn query(
-    State(svc): State<Arc<Service>>,
+    State(api): State<Arc<Api>>,
     Json(req): Json<QueryRequest>,
 ) -> Result<Response, ApiError> {
-    svc.metrics
+    api.svc
+        .metrics
         .add("giststream_queries_total", "Queries received.", 1.0);
-    let result = run_query(svc.clone(), req).await;
+    let result = run_query(api.clone(), req).await;
     if result.is_err() {
-        svc.metrics.add(
+        api.svc.metrics.add(
             "giststream_query_errors_total",
             "Queries refused or failed.",
             1.0,
@@ -200,9 +383,17 @@ pub struct ReindexRequest {
 }
 
 async fn reindex(
-    State(svc): State<Arc<Service>>,
-    Json(req): Json<ReindexRequest>,
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
+    // Authorized before the body is even parsed.
+    api.authorize(&headers)?;
+    let req: ReindexRequest = match Json::from_bytes(&body) {
+        Ok(Json(r)) => r,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
+    let svc = api.svc.clone();
     let serving = svc.clone();
     let model = blocking(move || {
         let svc_device = serving.model.llama.device();
@@ -221,7 +412,17 @@ async fn reindex(
                 ..crate::model::LoadOptions::default()
             },
         )
-        .map_err(|e| e.context(format!("loading model {}", dir.display())))?;
+        .map_err(|e| {
+            // The reason (which may say whether a path exists, and what is in it) goes to
+            // the serving process's log, not to the caller.
+            eprintln!(
+                "giststream: re-index request: loading model {}: {e:#}",
+                dir.display()
+            );
+            anyhow::anyhow!(
+                "the model given could not be loaded (the serving process's log says why)"
+            )
+        })?;
         Ok((m, req.spec))
     })
     .await
@@ -277,40 +478,92 @@ pub struct JobAccepted {
 }
 
 async fn job(
-    State(svc): State<Arc<Service>>,
+    State(api): State<Arc<Api>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    match svc.store.job(&id)? {
+    match api.svc.store.job(&id)? {
         Some(p) => Ok(Json(p)),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id:?}"))),
     }
 }
 
-async fn jobs(State(svc): State<Arc<Service>>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    Ok(Json(svc.store.jobs()?))
+async fn jobs(State(api): State<Arc<Api>>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    Ok(Json(api.svc.store.jobs()?))
 }
 
-async fn run_query(svc: Arc<Service>, req: QueryRequest) -> Result<Response, ApiError> {
-    let loader = svc.clone();
-    let q = blocking(move || query::open(&loader.store, &loader.model, req)).await?;
+/// Set when the request's handler or its response stream is dropped (the client went away).
+struct Gone(Arc<AtomicBool>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn run_query(api: Arc<Api>, req: QueryRequest) -> Result<Response, ApiError> {
+    let turn = api.turn().await?;
+    let svc = api.svc.clone();
+    let q = {
+        let svc = svc.clone();
+        blocking(move || query::open(&svc.store, &svc.model, req)).await?
+    };
+    let gone = Arc::new(AtomicBool::new(false));
+    let guard = Gone(gone.clone());
+    let cancel = {
+        let api = api.clone();
+        move || {
+            if gone.load(Ordering::Relaxed) {
+                Some("the client went away")
+            } else {
+                api.stop_reason()
+            }
+        }
+    };
+    let note_cancel = |svc: &Service, e: &anyhow::Error| {
+        if e.is::<query::Cancelled>() {
+            svc.metrics.add(
+                "giststream_queries_cancelled_total",
+                "Queries stopped early: the client went away or the server stopped.",
+                1.0,
+            );
+        }
+    };
     if q.is_score() {
         let s = svc.clone();
-        return match blocking(move || q.run(&s.model, |_| {})).await? {
+        // `guard` lives in this future: if the client goes away, axum drops it, and the
+        // scoring stops at its next sentence.
+        let result = blocking(move || {
+            let _turn = turn;
+            let r = q.run(&s.model, &cancel, |_| {});
+            if let Err(e) = &r {
+                note_cancel(&s, e);
+            }
+            r
+        })
+        .await;
+        drop(guard);
+        return match result? {
             Outcome::Score(r) => Ok(Json(r).into_response()),
             Outcome::Answer(_) => unreachable!("a score query scores"),
         };
     }
     // The answer streams as JSON lines while the model generates it on a blocking thread.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+    let warn = q.knows_nothing();
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let send = |e: &QueryEvent| {
             let mut line = serde_json::to_vec(e).expect("events serialize");
             line.push(b'\n');
-            // A client that hung up stops nothing but its own stream.
+            // A client that hung up drops the stream (and `guard` with it): the next
+            // cancellation check stops the generation.
             let _ = tx.blocking_send(Ok(Bytes::from(line)));
         };
+        if warn {
+            send(&QueryEvent::Warning(query::NOTHING_ENCODED.into()));
+        }
         let started = Instant::now();
-        let result = q.run(&svc.model, |piece| {
+        let result = q.run(&svc.model, &cancel, |piece| {
             send(&QueryEvent::Text(piece.to_string()))
         });
         match result {
@@ -323,7 +576,10 @@ async fn run_query(svc: Arc<Service>, req: QueryRequest) -> Result<Response, Api
                 send(&QueryEvent::Answer(a));
             }
             Ok(Outcome::Score(_)) => unreachable!("an answer query answers"),
-            Err(e) => send(&QueryEvent::Error(format!("{e:#}"))),
+            Err(e) => {
+                note_cancel(&svc, &e);
+                send(&QueryEvent::Error(format!("{e:#}")))
+            }
         }
         svc.metrics.add(
             "giststream_query_seconds_total",
@@ -331,11 +587,18 @@ async fn run_query(svc: Arc<Service>, req: QueryRequest) -> Result<Response, Api
             started.elapsed().as_secs_f64(),
         );
     });
+    // The stream owns `guard`: when hyper drops the body (the connection closed), the
+    // generation learns of it.
+    let stream = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        move |item| {
+            let _ = &guard;
+            item
+        },
+    );
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        .body(Body::from_stream(stream))
         .expect("static response parts"))
 }
 
@@ -349,10 +612,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// How long, once stopping, the API waits for its connections before it lets them drop
+/// (a query stops at its next step, well within this).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Serves `svc` on `listen` until `shutdown` resolves, with `<store_dir>/api.json` naming
-/// the address while it runs.
+/// the address while it runs (and `api.token` beside it when writes are allowed).
 pub async fn serve(
     svc: Arc<Service>,
+    settings: Settings,
     store_dir: &Path,
     listen: &str,
     kafka_bootstrap: Option<String>,
@@ -360,6 +628,7 @@ pub async fn serve(
     on_ready: impl FnOnce(&str),
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    let api = Api::new(svc, settings)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
@@ -367,32 +636,77 @@ pub async fn serve(
     if !local.ip().is_loopback() {
         eprintln!(
             "giststream: warning: the HTTP API listens on {local}, reachable from other \
-             machines; it has no authentication (keep it on 127.0.0.1 unless a proxy guards it)"
+             machines: anyone who reaches it can read every document's metadata and ask \
+             questions ({}); keep it on 127.0.0.1 unless a proxy guards it",
+            if api.token.is_some() {
+                "writes need the token"
+            } else {
+                "writes are off"
+            }
         );
     }
     let address = local.to_string();
     let endpoint_file = store_dir.join(ENDPOINT_FILE);
-    write_endpoint(
+    let token_file = store_dir.join(TOKEN_FILE);
+    // A token of an earlier run must not outlive it.
+    let _ = std::fs::remove_file(&token_file);
+    if let Some(token) = &api.token {
+        write_private(&token_file, token.as_bytes())?;
+    }
+    write_private(
         &endpoint_file,
-        &Endpoint {
+        &serde_json::to_vec(&Endpoint {
             address: address.clone(),
             pid: std::process::id(),
+            instance: api.instance.clone(),
             kafka_bootstrap,
-        },
+        })?,
     )?;
     on_ready(&address);
-    let served = axum::serve(listener, router(svc))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let stopping = {
+        let api = api.clone();
+        async move {
+            shutdown.await;
+            api.stopping.store(true, Ordering::Relaxed);
+            let _ = stopped_tx.send(true);
+        }
+    };
+    let served = std::future::IntoFuture::into_future(
+        axum::serve(listener, router(api)).with_graceful_shutdown(stopping),
+    );
+    let served = async move {
+        let mut stopped = stopped_rx;
+        tokio::pin!(served);
+        tokio::select! {
+            r = &mut served => r,
+            _ = async {
+                let _ = stopped.wait_for(|s| *s).await;
+                tokio::time::sleep(STOP_GRACE).await;
+            } => Ok(()),
+        }
+    }
+    .await;
     let _ = std::fs::remove_file(&endpoint_file);
+    let _ = std::fs::remove_file(&token_file);
     served.context("serving the HTTP API")
 }
 
-/// Written whole or not at all (temporary file, then rename): a client never reads half.
-fn write_endpoint(path: &Path, e: &Endpoint) -> anyhow::Result<()> {
+/// Written whole or not at all (temporary file, then rename), readable by this user only:
+/// a client never reads half, and no other user reads the address's secrets.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(e)?)
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -4,8 +4,10 @@
 use crate::query::{Answer, Score};
 use crate::serve::api::{
     DocList, Endpoint, ErrorBody, Health, QueryEvent, QueryRequest, ReindexRequest, ENDPOINT_FILE,
+    TOKEN_FILE,
 };
 use crate::store::DocMeta;
+use anyhow::Context;
 use axum::body::Bytes;
 use axum::http::{header, StatusCode};
 use std::path::Path;
@@ -13,6 +15,8 @@ use std::path::Path;
 /// A client of a running process's API.
 pub struct Client {
     address: String,
+    /// The store's folder (where the write token is, when the process allows writes).
+    store_dir: std::path::PathBuf,
     rt: tokio::runtime::Runtime,
 }
 
@@ -25,14 +29,20 @@ impl Client {
         let endpoint = read_endpoint(store_dir)?;
         let client = Client {
             address: endpoint.address,
+            store_dir: store_dir.to_path_buf(),
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .ok()?,
         };
-        // A stale file (the process died) or another program on the port: not ours.
+        // A stale file (the process died) or another program on the port: not ours. The
+        // process that wrote the file (readable by its owner only) names its run; a
+        // program that did not read it cannot repeat the name.
         let health: Health = client.get_json("/v1/health").ok()?;
-        (health.service == "giststream").then_some(client)
+        (health.service == "giststream"
+            && !endpoint.instance.is_empty()
+            && health.instance == endpoint.instance)
+            .then_some(client)
     }
 
     pub fn address(&self) -> &str {
@@ -60,6 +70,13 @@ impl Client {
             Some(serde_json::to_vec(req)?),
             |_| Ok(()),
         )?;
+        if status == StatusCode::FORBIDDEN {
+            // Writes are off there: say how to turn them on, as well as what it said.
+            check(status, &body).context(
+                "the serving process does not take writes: restart it with --allow-writes \
+                 (api.allow_writes in a pipeline), or stop it and re-index offline",
+            )?;
+        }
         check(status, &body)?;
         Ok(serde_json::from_slice(&body)?)
     }
@@ -101,6 +118,7 @@ impl Client {
                 while let Some(n) = pending.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=n).collect();
                     match serde_json::from_slice::<QueryEvent>(&line)? {
+                        QueryEvent::Warning(w) => eprintln!("giststream: warning: {w}"),
                         QueryEvent::Text(t) => on_text(&t),
                         QueryEvent::Answer(a) => done = Some(a),
                         QueryEvent::Error(e) => failure = Some(e),
@@ -145,6 +163,11 @@ impl Client {
         use http_body_util::BodyExt;
         use hyper_util::rt::TokioIo;
         let address = self.address.clone();
+        // Writes carry the token, when this user can read it (the store's owner).
+        let token = (path == "/v1/reindex")
+            .then(|| std::fs::read_to_string(self.store_dir.join(TOKEN_FILE)).ok())
+            .flatten()
+            .map(|t| t.trim().to_string());
         self.rt.block_on(async move {
             let stream = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
@@ -155,14 +178,17 @@ impl Client {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
-            let req = hyper::Request::builder()
+            let mut req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
                 .header(header::HOST, &address)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(http_body_util::Full::new(Bytes::from(
-                    body.unwrap_or_default(),
-                )))?;
+                .header(header::CONTENT_TYPE, "application/json");
+            if let Some(token) = token {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let req = req.body(http_body_util::Full::new(Bytes::from(
+                body.unwrap_or_default(),
+            )))?;
             let resp = sender.send_request(req).await?;
             let status = resp.status();
             let mut body = resp.into_body();

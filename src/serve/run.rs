@@ -55,17 +55,23 @@ pub fn serve(pipeline: &Path) -> anyhow::Result<()> {
     let model = load_model(&p)?;
     let store = crate::store::Store::open(&p.store.path)?;
     let svc = Service::new(store, model);
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let api = {
             let svc = svc.clone();
             let store = p.store.path.clone();
             let listen = p.api.listen.clone();
+            let settings = crate::serve::api::Settings {
+                allow_writes: p.api.allow_writes,
+                max_running: p.api.max_running_queries.max(1),
+                max_waiting: p.api.max_waiting_queries,
+            };
             let bootstrap = broker.embedded.then(|| broker.bootstrap.clone());
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 crate::serve::api::serve(
                     svc,
+                    settings,
                     &store,
                     &listen,
                     bootstrap,
@@ -105,7 +111,11 @@ pub fn serve(pipeline: &Path) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         let served = api.await.context("the API task panicked")?;
         result.and(served)
-    })
+    });
+    // A query still on a blocking thread stops at its next step; the process does not
+    // wait longer than that for it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// `restore`: the store (default: the pipeline's) rebuilt from the pipeline's state topic.
