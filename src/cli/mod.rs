@@ -14,6 +14,7 @@ mod produce;
 mod query;
 mod reindex;
 mod serve;
+mod store;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,9 @@ pub enum Command {
     Docs(docs::DocsArgs),
     /// Show one stored document's metadata (JSON), checking its state record.
     Inspect(docs::InspectArgs),
+    /// A damaged store: `verify` names every damaged document, `salvage` copies the intact
+    /// ones into a new store.
+    Store(store::StoreArgs),
     /// Serve a store over the local HTTP API without ingesting (a query node): `query`,
     /// `docs` and `inspect` on the same store go through it while it runs.
     Api(api::ApiArgs),
@@ -95,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Query(args) => query::run(args),
         Command::Docs(args) => docs::run_docs(args),
         Command::Inspect(args) => docs::run_inspect(args),
+        Command::Store(args) => store::run(args),
         Command::Api(args) => api::run(args),
         Command::Serve(args) => serve::run_serve(args),
         Command::Produce(args) => produce::run(args),

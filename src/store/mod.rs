@@ -17,10 +17,11 @@
 pub mod codec;
 pub mod parts;
 pub mod records;
+pub mod salvage;
 
 use records::{chunk_key, seal, unseal};
 pub use records::{
-    parse_meta, DocMeta, PartAction, SourceOffset, StoreError, Update, RECORD_VERSION,
+    parse_meta, DocMeta, PartAction, RecordRef, SourceOffset, StoreError, Update, RECORD_VERSION,
 };
 
 use crate::engine::state::GistState;
@@ -75,11 +76,26 @@ impl Store {
 
     /// Opens the store in `dir`, creating it if there is none.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let db = sled::open(dir).with_context(|| {
-            format!(
-                "opening the store {} (is another giststream process using it?)",
-                dir.display()
-            )
+        let db = sled::open(dir).map_err(|e| {
+            let why = match &e {
+                sled::Error::Corruption { .. } => format!(
+                    "the store {} is damaged: `giststream store verify {0}` says more, \
+                     `giststream store salvage {0} NEW` copies every intact document into a \
+                     new store, and `giststream restore` rebuilds it from a state topic",
+                    dir.display()
+                ),
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    format!(
+                        "opening the store {} (is another giststream process using it?)",
+                        dir.display()
+                    )
+                }
+                _ => format!("opening the store {}", dir.display()),
+            };
+            anyhow::Error::new(e).context(why)
         })?;
         Ok(Self {
             meta: db.open_tree("meta")?,
@@ -212,6 +228,18 @@ impl Store {
             },
             created_unix_ms: stored.as_ref().map_or(now, |m| m.created_unix_ms),
             updated_unix_ms: now,
+            state_records: base
+                .map(|m| m.state_records.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .chain(record.as_deref().map(RecordRef::of_state))
+                .collect(),
+            text_records: base
+                .map(|m| m.text_records.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .chain([RecordRef::of_sealed(&text_record)])
+                .collect(),
         };
         let meta_record = seal(&serde_json::to_vec(&meta)?);
         // A replacement drops every chunk and part of the old version.
@@ -262,7 +290,11 @@ impl Store {
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
             let meta = parse_meta(&before, id)?;
             let chunks = (0..meta.state_chunks)
-                .map(|n| Ok(self.states.get(chunk_key(id, n))?))
+                .map(|n| {
+                    self.states
+                        .get(chunk_key(id, n))
+                        .with_context(|| format!("reading state chunk {n} of {id:?}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             if self.meta.get(id.as_bytes())?.as_deref() != Some(&*before) {
                 continue;
@@ -322,6 +354,45 @@ impl Store {
             );
         }
         String::from_utf8(raw).with_context(|| format!("the text of {id:?} is not UTF-8"))
+    }
+
+    /// Every document id, in order (an id that is not UTF-8 is an error entry).
+    pub fn ids(&self) -> impl Iterator<Item = anyhow::Result<String>> + '_ {
+        self.meta.iter().map(|kv| {
+            let (k, _) = kv.context("reading the store's metadata tree")?;
+            String::from_utf8(k.to_vec()).map_err(|e| {
+                anyhow::anyhow!(
+                    "a document id is not UTF-8: {:?}",
+                    e.as_bytes().escape_ascii().to_string()
+                )
+            })
+        })
+    }
+
+    /// A document's raw records: metadata, then as many state chunks and text parts as
+    /// are stored under its id, in order (unchecked: see [`salvage::check_records`]).
+    pub fn records(&self, id: &str) -> anyhow::Result<salvage::DocRecords> {
+        let meta = self
+            .meta
+            .get(id.as_bytes())
+            .with_context(|| format!("reading the metadata of {id:?}"))?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?
+            .to_vec();
+        let run = |tree: &sled::Tree, what: &str| -> anyhow::Result<Vec<Vec<u8>>> {
+            tree.scan_prefix(records::doc_prefix(id))
+                .map(|kv| {
+                    Ok(kv
+                        .with_context(|| format!("reading the {what} of {id:?}"))?
+                        .1
+                        .to_vec())
+                })
+                .collect()
+        };
+        Ok(salvage::DocRecords {
+            meta,
+            states: run(&self.states, "state chunks")?,
+            texts: run(&self.texts, "text parts")?,
+        })
     }
 
     /// Documents stored.
@@ -486,6 +557,7 @@ impl Store {
             state_chunks: 1,
             state_bytes: record.len() as u64,
             updated_unix_ms: now_ms(),
+            state_records: vec![RecordRef::of_state(&record)],
             ..old.clone()
         };
         let meta_record = seal(&serde_json::to_vec(&meta)?);

@@ -54,6 +54,45 @@ pub struct DocMeta {
     pub attributes: serde_json::Map<String, serde_json::Value>,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
+    /// Checksum and length of each state chunk, in order: how `store salvage` finds them
+    /// in sled's files when sled itself cannot open the store (empty in stores written
+    /// before it was kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_records: Vec<RecordRef>,
+    /// The same for each text part.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub text_records: Vec<RecordRef>,
+}
+
+/// A record's CRC32 (the one it carries) and its length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecordRef {
+    pub crc32: u32,
+    pub bytes: u64,
+}
+
+impl RecordRef {
+    /// The reference of a state chunk (its CRC32 is its last four bytes).
+    pub fn of_state(chunk: &[u8]) -> Self {
+        let crc = chunk.len().checked_sub(4).map_or(0, |at| {
+            u32::from_le_bytes(chunk[at..].try_into().expect("4 bytes"))
+        });
+        Self {
+            crc32: crc,
+            bytes: chunk.len() as u64,
+        }
+    }
+
+    /// The reference of a sealed record (its CRC32 follows the version).
+    pub fn of_sealed(record: &[u8]) -> Self {
+        let crc = record
+            .get(2..6)
+            .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        Self {
+            crc32: crc,
+            bytes: record.len() as u64,
+        }
+    }
 }
 
 /// What to do with part `part` of version `version` of a document, given what is stored.
@@ -210,6 +249,8 @@ mod tests {
             attributes: Default::default(),
             created_unix_ms: 0,
             updated_unix_ms: 0,
+            state_records: Vec::new(),
+            text_records: Vec::new(),
         }
     }
 
