@@ -85,6 +85,8 @@ pub enum BadRequest {
     EmptyQuestion,
     #[error("max_tokens {0} is over the cap of {MAX_TOKENS}")]
     MaxTokens(usize),
+    #[error("the text to score has {0} token(s): it needs at least one after a question, two without one")]
+    ShortScore(usize),
     #[error(
         "the question and the text to score are {0} tokens, over the cap of {MAX_INPUT_TOKENS}"
     )]
@@ -171,6 +173,12 @@ pub fn open(store: &Store, model: &GistModel, request: Request) -> anyhow::Resul
     let tokens: usize = question.iter().chain(&scored).map(|s| s.tokens.len()).sum();
     if tokens > MAX_INPUT_TOKENS {
         return Err(BadRequest::TooLong(tokens).into());
+    }
+    if request.score.is_some() {
+        let scored_tokens: usize = scored.iter().map(|s| s.tokens.len()).sum();
+        if scored_tokens < if question.is_empty() { 2 } else { 1 } {
+            return Err(BadRequest::ShortScore(scored_tokens).into());
+        }
     }
     let (_, state) = store.load(&request.id, model)?;
     Ok(Query {

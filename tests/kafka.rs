@@ -1133,3 +1133,61 @@ fn a_full_queue_pauses_the_partitions_and_resumes_them_with_nothing_lost() {
     assert!(stop(server).success());
     check_stored(&model, &Store::open(&store_dir).unwrap(), &docs, usize::MAX);
 }
+
+#[test]
+fn health_says_degraded_while_the_broker_is_down_and_ok_once_it_is_back() {
+    // A mock cluster of this test's own, whatever broker the others use: this one is
+    // taken down and brought back.
+    let mock = MockCluster::new(1).unwrap();
+    let b = Broker {
+        bootstrap: mock.bootstrap_servers(),
+        _mock: None,
+    };
+    let s = Setup::new("degraded");
+    for t in [
+        s.topic.clone(),
+        format!("{}.dlq", s.topic),
+        format!("{}.state", s.topic),
+    ] {
+        mock.create_topic(&t, 1, 1).unwrap();
+    }
+    let pipeline = s.pipeline_with(
+        &b,
+        "store",
+        &format!("check_topics = false\n{TEST_PROPERTIES}"),
+        "",
+    );
+    let server = serve(&pipeline);
+    let store = s.store("store");
+    let health = |want: u16, secs: u64| -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            if let Some(c) = Client::discover(&store) {
+                let (status, body) = c.raw("GET", "/v1/health", None).unwrap();
+                if status == want {
+                    return serde_json::from_slice(&body).unwrap();
+                }
+            }
+            assert!(
+                started.elapsed().as_secs() < secs,
+                "health never answered {want}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let ok = health(200, 60);
+    assert_eq!(ok["status"], "ok");
+    mock.broker_down(1).unwrap();
+    let degraded = health(503, 120);
+    assert_eq!(degraded["status"], "degraded", "{degraded}");
+    assert!(
+        degraded["problems"]["kafka"]
+            .as_str()
+            .is_some_and(|p| !p.is_empty()),
+        "{degraded}"
+    );
+    mock.broker_up(1).unwrap();
+    let back = health(200, 120);
+    assert!(back.get("problems").is_none(), "{back}");
+    stop(server);
+}

@@ -212,31 +212,53 @@ pub async fn run(
         let svc = svc.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            // The same error is logged once, then at most every 30 s (a broker that is
-            // down answers every poll with it); /v1/health reports it meanwhile.
-            let mut logged: Option<(String, Instant)> = None;
+            // Each distinct error is logged at most every 30 s (a broker that is down
+            // answers every poll, alternating a few errors); /v1/health reports it
+            // meanwhile. It is healthy again once a message arrives or, with nothing to
+            // read, once the brokers answer a metadata request.
+            let mut logged: BTreeMap<String, Instant> = BTreeMap::new();
+            let mut failing = false;
             loop {
                 let received = tokio::select! {
                     _ = stop.changed() => break,
-                    r = consumer.recv() => r,
+                    r = tokio::time::timeout(Duration::from_secs(2), consumer.recv()) => r,
                 };
                 let m = match received {
-                    Ok(m) => {
-                        if logged.take().is_some() {
+                    Ok(Ok(m)) => {
+                        if std::mem::take(&mut failing) {
                             svc.set_problem("kafka", None);
+                            logged.clear();
                             eprintln!("giststream: receiving from Kafka again");
                         }
                         m.detach()
                     }
-                    Err(e) => {
+                    Err(_idle) => {
+                        if failing {
+                            let c = consumer.clone();
+                            let answered = tokio::task::spawn_blocking(move || {
+                                c.fetch_metadata(None, Duration::from_secs(2)).is_ok()
+                            })
+                            .await
+                            .unwrap_or(false);
+                            if answered {
+                                failing = false;
+                                svc.set_problem("kafka", None);
+                                logged.clear();
+                                eprintln!("giststream: the Kafka brokers answer again");
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => {
                         let why = e.to_string();
-                        let repeat = logged.as_ref().is_some_and(|(w, t)| {
-                            *w == why && t.elapsed() < Duration::from_secs(30)
-                        });
+                        let repeat = logged
+                            .get(&why)
+                            .is_some_and(|t| t.elapsed() < Duration::from_secs(30));
                         if !repeat {
                             eprintln!("giststream: receiving from Kafka: {why}");
-                            logged = Some((why.clone(), Instant::now()));
+                            logged.insert(why.clone(), Instant::now());
                         }
+                        failing = true;
                         svc.set_problem("kafka", Some(format!("receiving: {why}")));
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;

@@ -351,10 +351,8 @@ async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
     )
 }
 
-async fn query(
-    State(api): State<Arc<Api>>,
-    Json(req): Json<QueryRequest>,
-) -> Result<Response, ApiError> {
+async fn query(State(api): State<Arc<Api>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: QueryRequest = parse_body(&body)?;
     api.svc
         .metrics
         .add("giststream_queries_total", "Queries received.", 1.0);
@@ -389,10 +387,7 @@ async fn reindex(
 ) -> Result<Response, ApiError> {
     // Authorized before the body is even parsed.
     api.authorize(&headers)?;
-    let req: ReindexRequest = match Json::from_bytes(&body) {
-        Ok(Json(r)) => r,
-        Err(rejection) => return Ok(rejection.into_response()),
-    };
+    let req: ReindexRequest = parse_body(&body)?;
     let svc = api.svc.clone();
     let serving = svc.clone();
     let model = blocking(move || {
@@ -600,6 +595,17 @@ async fn run_query(api: Arc<Api>, req: QueryRequest) -> Result<Response, ApiErro
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .expect("static response parts"))
+}
+
+/// A JSON body, or 400 in the error schema naming what is wrong with it (axum's own
+/// rejection would answer 422, which this API keeps for damaged records).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not a valid request: {e}"),
+        )
+    })
 }
 
 /// Runs CPU-bound work (decoding a state, the model) off the async threads.

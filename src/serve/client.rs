@@ -38,7 +38,9 @@ impl Client {
         // A stale file (the process died) or another program on the port: not ours. The
         // process that wrote the file (readable by its owner only) names its run; a
         // program that did not read it cannot repeat the name.
-        let health: Health = client.get_json("/v1/health").ok()?;
+        // A degraded process (503, its problems listed) is still the one to talk to.
+        let (_, body) = client.request("GET", "/v1/health", None, |_| Ok(())).ok()?;
+        let health: Health = serde_json::from_slice(&body).ok()?;
         (health.service == "giststream"
             && !endpoint.instance.is_empty()
             && health.instance == endpoint.instance)
