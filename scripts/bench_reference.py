@@ -14,6 +14,13 @@ one JSON object. The reference runs one document at a time (its prefill asserts 
   mode causal:  transformers LlamaForCausalLM (sdpa, causal) on the T tokens, no gists
   mode scrooge: the reference's sentence-by-sentence prefill (scrooge_prefill)
   mode dense:   the reference's SentenceLlamaForCausalLM forward with its dense T x T mask
+  mode train:   one training step of transformers' LlamaForCausalLM (sdpa, causal, no
+                gists) on the T tokens: forward with the loss on every token, backward,
+                AdamW (lr 1e-4), after one warm-up step on 256 tokens (what
+                `giststream bench --paths train-blockwise` is set against)
+
+Shapes also include `smollm2-135m` (hidden 576, 30 layers, 9 / 3 heads, intermediate 1536,
+vocab 49152, tied embeddings, RoPE theta 100000), SmolLM2-135M-Instruct's, f32.
 
 Needs REFERENCE_DIR (a checkout of github.com/mrsndmn/sentence_attention), torch 2.5.1,
 transformers 4.53.0. Nothing of the reference is committed.
@@ -48,6 +55,9 @@ SHAPES = {
                          rope_scaling={"rope_type": "llama3", "factor": 32.0,
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, rope_theta=100000.0),
 }
 
 
@@ -79,7 +89,7 @@ def document(tokens, gists, gen, shape):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["causal", "scrooge", "dense"], required=True)
+    p.add_argument("--mode", choices=["causal", "scrooge", "dense", "train"], required=True)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shape", choices=sorted(SHAPES), default="paper")
@@ -97,10 +107,34 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
-    sys.path.insert(0, os.path.join(os.environ["REFERENCE_DIR"], "src"))
+    if a.mode == "train":
+        from transformers import LlamaForCausalLM
+
+        with dev:
+            model = LlamaForCausalLM(config(a.shape, attn_implementation="sdpa"))
+        model = model.to(dtype).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = document(a.tokens, False, gen, a.shape).to(dev)
+
+        def step(x):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step(ids[:, :256])  # warm-up (allocates the optimizer's state)
+        base, gpu_base = rss_bytes(), gpu_allocated(cuda)
+        sync()
+        t = time.time()
+        step(ids)
+        sync()
+        seconds = time.time() - t
+    sys.path.insert(0, os.path.join(os.environ.get("REFERENCE_DIR", "."), "src"))
     quiet = contextlib.redirect_stdout(io.StringIO())  # the reference prints on every forward
     with torch.no_grad():
-        if a.mode == "causal":
+        if a.mode == "train":
+            pass
+        elif a.mode == "causal":
             from transformers import LlamaForCausalLM
 
             with dev:  # weights initialised where they run
@@ -151,7 +185,7 @@ def main():
                 sync()
                 seconds = time.time() - t
     out = {
-        "path": f"reference-{a.mode}", "tokens": a.tokens, "documents": 1, "seconds": seconds,
+        "path": "torch-train" if a.mode == "train" else f"reference-{a.mode}", "tokens": a.tokens, "documents": 1, "seconds": seconds,
         "tokens_per_second": a.tokens / seconds, "peak_rss": rss_bytes(), "base_rss": base,
         "threads": a.threads, "shape": a.shape, "device": a.device, "dtype": a.dtype,
         "torch": torch.__version__}

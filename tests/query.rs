@@ -171,3 +171,49 @@ fn a_chat_template_in_the_model_directory_wraps_the_question() {
         encode("\n\n Who? ")
     );
 }
+
+#[test]
+fn a_question_about_a_document_with_nothing_encoded_yet_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_random_model(&model_dir, &RandomSpec::default()).unwrap();
+    let model = common::load_model(&model_dir);
+    let store_dir = dir.path().join("store");
+    {
+        let store = Store::open(&store_dir).unwrap();
+        // Part 0 of a document sent in parts, with no sentence end yet: its text waits in
+        // the carry and nothing is encoded.
+        let part = giststream::store::parts::Part {
+            id: "open".into(),
+            version: 1,
+            part: 0,
+            last: false,
+            text: "a first sentence still without its end".into(),
+            source: None,
+            attributes: Default::default(),
+        };
+        giststream::store::parts::apply_parts(&model, &store, &[part], Precision::F32, 1).unwrap();
+        assert_eq!(store.meta("open").unwrap().unwrap().tokens, 0);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_giststream"))
+        .args([
+            "query",
+            "--max-tokens",
+            "2",
+            "--id",
+            "open",
+            "what is it?",
+            "--model",
+        ])
+        .arg(&model_dir)
+        .arg("--store")
+        .arg(&store_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("none of its text is encoded"),
+        "{err}"
+    );
+}
