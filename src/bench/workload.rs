@@ -24,6 +24,12 @@ pub enum Shape {
     #[value(name = "llama-3.2-1b")]
     #[serde(rename = "llama-3.2-1b")]
     Llama32_1b,
+    /// SmolLM2-135M-Instruct: hidden 576, 30 layers, 9/3 heads, intermediate 1536, vocab
+    /// 49152, tied embeddings, RoPE theta 100000, N_g 4, f32 weights: the budget of the
+    /// gist fine-tuning on a CPU.
+    #[value(name = "smollm2-135m")]
+    #[serde(rename = "smollm2-135m")]
+    Smollm2_135m,
 }
 
 impl Shape {
@@ -44,6 +50,17 @@ impl Shape {
                 tie_embeddings: true,
                 init: Init::Uniform,
                 weights_dtype: DType::BF16,
+                ..paper_shape()
+            },
+            Shape::Smollm2_135m => RandomSpec {
+                hidden: 576,
+                layers: 30,
+                heads: 9,
+                kv_heads: 3,
+                intermediate: 1536,
+                vocab: 49_152,
+                rope_theta: 100_000.0,
+                tie_embeddings: true,
                 ..paper_shape()
             },
         }

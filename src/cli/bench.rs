@@ -19,8 +19,9 @@ pub struct BenchArgs {
     /// once each.
     #[arg(long, value_delimiter = ',', default_values_t = [8])]
     pub batch: Vec<usize>,
-    /// Shape of the random model: `paper` (small, f32 weights) or `llama-3.2-1b` (1.24B
-    /// weights in bf16; meant for a GPU with `--dtype bf16`).
+    /// Shape of the random model: `paper` (small, f32 weights), `smollm2-135m`
+    /// (SmolLM2-135M's shape, f32: the gist fine-tuning's budget), or `llama-3.2-1b`
+    /// (1.24B weights in bf16; meant for a GPU with `--dtype bf16`).
     #[arg(long, value_enum, default_value = "paper")]
     pub shape: crate::bench::Shape,
     /// Device: `cpu`, or `cuda`/`cuda:N` in a build with the `cuda` feature.
