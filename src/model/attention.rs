@@ -132,10 +132,18 @@ pub fn attend(
                 scores.slice_set(&own, 2, prefix)?;
                 scores
             }
-            Ops::Differentiable => scores
-                .reshape((hkv, g, l, s))?
-                .broadcast_add(&with_visible_prefix(m, prefix)?)?
-                .reshape((hkv, g * l, s))?,
+            // Added inside the softmax's own node (training): no (Hkv, G·L, S) sum and
+            // gradient buffers in the graph.
+            Ops::Differentiable => {
+                let probs = super::softmax::masked_softmax_trainable(
+                    &scores.reshape((hkv * g, l, s))?,
+                    &with_visible_prefix(m, prefix)?,
+                )?;
+                return probs
+                    .reshape((hkv, g * l, s))?
+                    .matmul(v)?
+                    .reshape((hq, l, d));
+            }
         };
     }
     let probs = match ops {

@@ -1,7 +1,7 @@
 //! The two kinds of ops the forward is made of: candle's fused kernels (fast, no backward
 //! pass) for inference, and composed ops that autograd can follow for training; and RoPE.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// Fused kernels (inference) or composed, differentiable ops (training).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
 pub fn softmax(x: &Tensor, ops: Ops) -> Result<Tensor> {
     match ops {
         Ops::Fused => candle_nn::ops::softmax_last_dim(x),
-        Ops::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+        Ops::Differentiable => super::softmax::softmax_last_dim_trainable(x),
     }
 }
 

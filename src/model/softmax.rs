@@ -237,3 +237,250 @@ mod tests {
         assert!(v.iter().all(|&p| p == 0.0));
     }
 }
+
+/// Softmax over the last dimension that autograd can follow, for training: the forward is
+/// the row kernel above into a new buffer, and the backward is one fused pass per row,
+/// dx = p ⊙ (dy − Σ dy⊙p), instead of the five temporaries each way of candle's composed
+/// softmax (max, sub, exp, sum, div and their gradients). Contiguous f32 CPU tensors only;
+/// anything else goes through candle's composed ops.
+pub fn softmax_last_dim_trainable(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(SoftmaxTrainable)
+    } else {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    }
+}
+
+struct SoftmaxTrainable;
+
+impl candle_core::CustomOp1 for SoftmaxTrainable {
+    fn name(&self) -> &'static str {
+        "softmax-trainable"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("softmax-trainable: f32 only");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-trainable: contiguous tensors only");
+        };
+        let mut out = data[a..b].to_vec();
+        let cols = layout.dims().last().copied().unwrap_or(1).max(1);
+        let per = (65_536 / cols).max(1);
+        out.par_chunks_mut(per * cols)
+            .for_each(|c| c.chunks_exact_mut(cols).for_each(softmax_row));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(&grad, &SoftmaxGrad)?))
+    }
+}
+
+/// dx = p ⊙ (dy − Σ_j dy_j p_j), row by row, from p (the softmax's output) and dy.
+struct SoftmaxGrad;
+
+impl candle_core::CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (p, g) else {
+            candle_core::bail!("softmax-grad: f32 only");
+        };
+        let (Some((pa, pb)), Some((ga, gb))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("softmax-grad: contiguous tensors only");
+        };
+        let (p, g) = (&p[pa..pb], &g[ga..gb]);
+        let cols = pl.dims().last().copied().unwrap_or(1).max(1);
+        let per = (65_536 / cols).max(1);
+        let mut out = vec![0f32; p.len()];
+        out.par_chunks_mut(per * cols)
+            .zip(p.par_chunks(per * cols).zip(g.par_chunks(per * cols)))
+            .for_each(|(o, (p, g))| {
+                for ((o, p), g) in o
+                    .chunks_exact_mut(cols)
+                    .zip(p.chunks_exact(cols))
+                    .zip(g.chunks_exact(cols))
+                {
+                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                    for ((o, p), g) in o.iter_mut().zip(p).zip(g) {
+                        *o = p * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), pl.shape().clone()))
+    }
+}
+
+/// softmax(scores + mask) over the last dimension, trainable, in one node: scores
+/// (B, L, S), mask (L, S) added to each of the B blocks (a constant: no gradient). Saves
+/// the training graph the (B, L, S) sum and its gradient's two buffers per layer (candle
+/// accumulates each gradient into a zeroed buffer). Contiguous f32 CPU tensors; anything
+/// else goes through composed ops.
+pub fn masked_softmax_trainable(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 && mask.dtype() == DType::F32 {
+        scores
+            .contiguous()?
+            .apply_op2(&mask.contiguous()?.detach(), MaskedSoftmax)
+    } else {
+        candle_nn::ops::softmax(&scores.broadcast_add(mask)?, candle_core::D::Minus1)
+    }
+}
+
+struct MaskedSoftmax;
+
+impl candle_core::CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(x), CpuStorage::F32(m)) = (x, m) else {
+            candle_core::bail!("masked-softmax: f32 only");
+        };
+        let (Some((xa, xb)), Some((ma, mb))) = (xl.contiguous_offsets(), ml.contiguous_offsets())
+        else {
+            candle_core::bail!("masked-softmax: contiguous tensors only");
+        };
+        let dims = xl.dims();
+        let (l, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let m = &m[ma..mb];
+        if m.len() != l * s {
+            candle_core::bail!("masked-softmax: a ({l}, {s}) mask is needed");
+        }
+        let mut out = x[xa..xb].to_vec();
+        // One block (L rows) per task: its rows meet the mask's rows in order.
+        out.par_chunks_mut(l * s).for_each(|block| {
+            for (row, mrow) in block.chunks_exact_mut(s).zip(m.chunks_exact(s)) {
+                for (v, mv) in row.iter_mut().zip(mrow) {
+                    *v += mv;
+                }
+                softmax_row(row);
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _m: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_res.contiguous()?;
+        Ok((Some(res.apply_op2_no_bwd(&grad, &SoftmaxGrad)?), None))
+    }
+}
+
+#[cfg(test)]
+mod trainable_tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn the_trainable_softmax_and_its_gradient_match_candles_composed_ones() {
+        let dev = Device::Cpu;
+        // Rows of different scale, and a masked (-1e30) column, as attention has.
+        let mut v: Vec<f32> = (0..6 * 37)
+            .map(|i| ((i * 7919) % 101) as f32 / 9.0 - 5.0)
+            .collect();
+        v[3] = -1e30;
+        let x = Var::from_tensor(&Tensor::from_vec(v, (2, 3, 37), &dev).unwrap()).unwrap();
+        let w = Tensor::from_vec(
+            (0..6 * 37)
+                .map(|i| ((i * 31) % 17) as f32 - 8.0)
+                .collect::<Vec<f32>>(),
+            (2, 3, 37),
+            &dev,
+        )
+        .unwrap();
+        let ours = softmax_last_dim_trainable(x.as_tensor()).unwrap();
+        let theirs = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        assert!(crate::model::simd::max_abs_diff(&ours, &theirs) < 1e-6);
+        let g_ours = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g_ours.get(x.as_tensor()).unwrap(),
+            g_theirs.get(x.as_tensor()).unwrap(),
+        );
+        let diff = crate::model::simd::max_abs_diff(a, b);
+        assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
+
+    #[test]
+    fn the_masked_softmax_matches_adding_the_mask_then_candles_softmax() {
+        let dev = Device::Cpu;
+        let (b, l, s) = (3, 5, 9);
+        let x = Var::from_tensor(
+            &Tensor::from_vec(
+                (0..b * l * s)
+                    .map(|i| ((i * 7919) % 97) as f32 / 11.0 - 4.0)
+                    .collect::<Vec<f32>>(),
+                (b, l, s),
+                &dev,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        // A causal-style mask with a visible prefix: -1e30 where hidden.
+        let mask: Vec<f32> = (0..l * s)
+            .map(|i| if i % s > s - l + i / s { -1e30 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (l, s), &dev).unwrap();
+        let w = Tensor::from_vec(
+            (0..b * l * s)
+                .map(|i| ((i * 31) % 13) as f32 - 6.0)
+                .collect::<Vec<f32>>(),
+            (b, l, s),
+            &dev,
+        )
+        .unwrap();
+        let ours = masked_softmax_trainable(x.as_tensor(), &mask).unwrap();
+        let theirs =
+            candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&mask).unwrap(), D::Minus1)
+                .unwrap();
+        assert!(crate::model::simd::max_abs_diff(&ours, &theirs) < 1e-6);
+        let g_ours = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let diff = crate::model::simd::max_abs_diff(
+            g_ours.get(x.as_tensor()).unwrap(),
+            g_theirs.get(x.as_tensor()).unwrap(),
+        );
+        assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
+}
