@@ -12,6 +12,7 @@
 //! gist.json) that every other command loads, plus `checkpoint/` and `train-log.jsonl`.
 
 pub mod config;
+pub mod cross_entropy;
 pub mod data;
 pub mod eval;
 pub mod optim;
