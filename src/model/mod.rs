@@ -13,6 +13,7 @@ pub mod ops;
 pub mod packed;
 pub mod q4_1;
 pub mod random;
+pub mod rms_norm;
 pub mod simd;
 pub mod softmax;
 pub mod swiglu;
