@@ -25,14 +25,8 @@ fn operands<'a>(
     w: &'a CpuStorage,
     wl: &Layout,
 ) -> Result<(&'a [f32], &'a [f32])> {
-    let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
-        candle_core::bail!("rms-norm: f32 only");
-    };
-    let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        candle_core::bail!("rms-norm: contiguous tensors only");
-    };
-    let (x, w) = (&x[xa..xb], &w[wa..wb]);
+    let x = super::simd::f32s(x, xl, "rms-norm")?;
+    let w = super::simd::f32s(w, wl, "rms-norm")?;
     if w.is_empty() || x.len() % w.len() != 0 {
         candle_core::bail!(
             "rms-norm: rows of {} against a weight of {}",
@@ -110,10 +104,7 @@ impl candle_core::CustomOp3 for RmsNormGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = operands(x, xl, w, wl)?;
-        let (CpuStorage::F32(g), Some((ga, gb))) = (g, gl.contiguous_offsets()) else {
-            candle_core::bail!("rms-norm grad: contiguous f32 gradients only");
-        };
-        let g = &g[ga..gb];
+        let g = super::simd::f32s(g, gl, self.name())?;
         if g.len() != x.len() {
             candle_core::bail!(
                 "rms-norm grad: {} gradients for {} values",

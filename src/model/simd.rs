@@ -38,3 +38,28 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The values a CPU custom op reads: contiguous f32 storage, or an error naming the op.
+/// (Every kernel of ours takes contiguous f32 and falls back to candle otherwise.)
+pub fn f32s<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: contiguous f32 tensors only"),
+    }
+}
+
+/// [`f32s`] for the tensor an in-place op writes.
+pub fn f32s_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{op}: contiguous f32 tensors only"),
+    }
+}

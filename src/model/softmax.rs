@@ -264,13 +264,7 @@ impl candle_core::CustomOp1 for SoftmaxTrainable {
         layout: &Layout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("softmax-trainable: f32 only");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax-trainable: contiguous tensors only");
-        };
-        let mut out = data[a..b].to_vec();
+        let mut out = super::simd::f32s(storage, layout, self.name())?.to_vec();
         let cols = layout.dims().last().copied().unwrap_or(1).max(1);
         let per = (65_536 / cols).max(1);
         out.par_chunks_mut(per * cols)
@@ -300,14 +294,10 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (p, g) else {
-            candle_core::bail!("softmax-grad: f32 only");
-        };
-        let (Some((pa, pb)), Some((ga, gb))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax-grad: contiguous tensors only");
-        };
-        let (p, g) = (&p[pa..pb], &g[ga..gb]);
+        let (p, g) = (
+            super::simd::f32s(p, pl, self.name())?,
+            super::simd::f32s(g, gl, self.name())?,
+        );
         let cols = pl.dims().last().copied().unwrap_or(1).max(1);
         let per = (65_536 / cols).max(1);
         let mut out = vec![0f32; p.len()];
@@ -359,20 +349,16 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
         ml: &Layout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (CpuStorage::F32(x), CpuStorage::F32(m)) = (x, m) else {
-            candle_core::bail!("masked-softmax: f32 only");
-        };
-        let (Some((xa, xb)), Some((ma, mb))) = (xl.contiguous_offsets(), ml.contiguous_offsets())
-        else {
-            candle_core::bail!("masked-softmax: contiguous tensors only");
-        };
+        let (x, m) = (
+            super::simd::f32s(x, xl, self.name())?,
+            super::simd::f32s(m, ml, self.name())?,
+        );
         let dims = xl.dims();
         let (l, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let m = &m[ma..mb];
         if m.len() != l * s {
             candle_core::bail!("masked-softmax: a ({l}, {s}) mask is needed");
         }
-        let mut out = x[xa..xb].to_vec();
+        let mut out = x.to_vec();
         // One block (L rows) per task: its rows meet the mask's rows in order.
         out.par_chunks_mut(l * s).for_each(|block| {
             for (row, mrow) in block.chunks_exact_mut(s).zip(m.chunks_exact(s)) {

@@ -222,16 +222,10 @@ impl candle_core::InplaceOp2 for Moment {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(m), F32(g)) = (s1, s2) else {
-            candle_core::bail!("adamw-moment: f32 only");
-        };
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw-moment: contiguous tensors only");
-        };
+        use crate::model::simd::{f32s, f32s_mut};
+        let (m, g) = (f32s_mut(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let (b, k) = (self.beta as f32, (1.0 - self.beta) as f32);
-        for (m, &g) in m[a1..b1].iter_mut().zip(&g[a2..b2]) {
+        for (m, &g) in m.iter_mut().zip(g) {
             let x = if self.square { g * g } else { g };
             *m = b * *m + k * x;
         }
@@ -262,21 +256,13 @@ impl candle_core::InplaceOp3 for AdamApply {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(theta), F32(m), F32(v)) = (s1, s2, s3) else {
-            candle_core::bail!("adamw-apply: f32 only");
-        };
-        let (Some((a1, b1)), Some((a2, b2)), Some((a3, b3))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("adamw-apply: contiguous tensors only");
-        };
+        use crate::model::simd::{f32s, f32s_mut};
+        let theta = f32s_mut(s1, l1, self.name())?;
+        let (m, v) = (f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
         let keep = (1.0 - self.decay) as f32;
         let (lr, eps) = (self.lr as f32, self.eps as f32);
         let (ic1, ic2) = ((1.0 / self.c1) as f32, (1.0 / self.c2) as f32);
-        for ((t, &m), &v) in theta[a1..b1].iter_mut().zip(&m[a2..b2]).zip(&v[a3..b3]) {
+        for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
             *t = *t * keep - lr * (m * ic1) / ((v * ic2).sqrt() + eps);
         }
         Ok(())
