@@ -212,13 +212,18 @@ fn a_writer_killed_at_any_moment_leaves_each_document_old_or_new() {
     // One run to the end, timed: the kills land at random moments within that span.
     let started = std::time::Instant::now();
     common::succeed(&mut compress_cmd(&model_dir, &store_dir, &versions[0], 1));
-    let span = started.elapsed().as_millis() as u64;
+    // A run that ends before its kill halves the window (see the test below).
+    let mut span = started.elapsed().as_millis() as u64;
     let mut kills = 0;
-    for round in 1..=10 {
+    let mut round = 0;
+    while kills < 6 && round < 40 {
+        round += 1;
         let v = (round % 2 + 1) as u64;
         let mut cmd = compress_cmd(&model_dir, &store_dir, &versions[v as usize - 1], v);
         if kill_at_random(&mut cmd, &mut rng, span) {
             kills += 1;
+        } else {
+            span = (span / 2).max(5);
         }
         // Every stored document is whole, at version 1 or 2.
         let store = Store::open(&store_dir).unwrap();
@@ -284,13 +289,21 @@ fn a_writer_killed_while_appending_parts_leaves_whole_parts_and_resumes() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    let span = started.elapsed().as_millis() as u64;
+    // The first run's time is only a guess at a later run's: it may have shared the cores
+    // with the other tests of this file, and later runs skip what is stored. A run that
+    // ends before its kill halves the window, so the kills keep landing mid-run however
+    // fast the machine gets; rounds go on until enough runs were killed.
+    let mut span = started.elapsed().as_millis() as u64;
     let mut rng = SplitMix(0xface ^ span);
     let mut kills = 0;
-    for round in 1..=10 {
+    let mut round = 0;
+    while kills < 6 && round < 40 {
+        round += 1;
         let v = (round % 2 + 1) as u64;
         if kill_at_random(&mut run(v), &mut rng, span) {
             kills += 1;
+        } else {
+            span = (span / 2).max(5);
         }
         // Every document holds whole parts of one version: its text is exactly those
         // parts, its state decodes to the rows its metadata names, and a complete one
