@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp};
 use giststream::engine::state::{advance, Chunk, GistState};
 use giststream::engine::whole::{self, Layout, Mode};
+use giststream::model::config::{Incremental, PositionScheme};
 use giststream::model::ops::Ops;
 use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
@@ -222,4 +223,130 @@ fn a_state_of_another_model_is_refused() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("another model"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The compressed position scheme
+// ---------------------------------------------------------------------------------------
+
+fn compressed(num_gists: usize) -> RandomSpec {
+    RandomSpec {
+        num_gists,
+        positions: PositionScheme::Compressed,
+        ..RandomSpec::default()
+    }
+}
+
+#[test]
+fn compressed_positions_incremental_equals_parallel() {
+    check(compressed(1), 1, false);
+    check(compressed(2), 3, true);
+    check(compressed(4), 2, true);
+    // Blocks of the parallel path hold many sentences: later sentences of a block read the
+    // stored copies of the earlier ones' gists, and the first of the next block reads them
+    // as its prefix.
+    let spec = RandomSpec {
+        bos_always_visible: true,
+        tie_embeddings: true,
+        ..compressed(2)
+    };
+    check(spec, 2, true);
+}
+
+#[test]
+fn compressed_positions_differ_from_original_and_span_the_state_only() {
+    let (_d1, orig) = common::tiny_model(&RandomSpec {
+        num_gists: 2,
+        ..RandomSpec::default()
+    });
+    let (_d2, comp) = common::tiny_model(&compressed(2));
+    let docs = documents(&comp);
+    // Same weights, other positions: the logits differ past the first sentence.
+    let lo = Layout::new(&orig, &docs, true);
+    let lc = Layout::new(&comp, &docs, true);
+    assert_eq!(lo.ids, lc.ids);
+    let po = whole::forward(&orig, &lo, Mode::Sentence, Ops::Fused).unwrap();
+    let pc = whole::forward(&comp, &lc, Mode::Sentence, Ops::Fused).unwrap();
+    assert!(common::max_diff_regular(&po, &pc, &lo.regular) > 1e-3);
+    // Positions never pass the state's rows: a document ends at N_g per earlier sentence
+    // plus its last sentence, not at its token count.
+    for (d, segs) in lc.docs.iter().zip(&docs) {
+        let max = lc.positions[d.rows.clone()].iter().max().copied().unwrap() as usize;
+        let expected = segs
+            .iter()
+            .enumerate()
+            .map(|(i, seg)| 2 * i + seg.tokens.len() + if seg.close { 2 } else { 0 } - 1)
+            .max()
+            .unwrap();
+        assert_eq!(max, expected, "{} rows", d.rows.len());
+    }
+    let input = docs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| giststream::engine::compress::Document {
+            id: i.to_string(),
+            segments: s.clone(),
+        })
+        .collect();
+    for (state, _) in giststream::engine::compress::compress(&comp, input, 2).unwrap() {
+        assert_eq!(state.next_position as usize, state.kv_len());
+    }
+}
+
+/// Both incremental engines (per-document buffers and the batched slot cache) store the
+/// same keys: the re-rotation of moved gists is done the same way in both.
+#[test]
+fn compressed_positions_slots_equal_per_document_states() {
+    for spec in [
+        compressed(3),
+        RandomSpec {
+            bos_always_visible: true,
+            ..compressed(1)
+        },
+    ] {
+        let (_dir, model) = common::tiny_model(&spec);
+        let docs = documents(&model);
+        let input = |_: ()| {
+            docs.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        giststream::engine::compress::Document {
+                            id: i.to_string(),
+                            segments: s.clone(),
+                        },
+                        GistState::new(&model).unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let per = giststream::engine::compress::compress_with(
+            &model,
+            input(()),
+            3,
+            Incremental::PerDocument,
+        )
+        .unwrap();
+        let slots =
+            giststream::engine::compress::compress_with(&model, input(()), 3, Incremental::Slots)
+                .unwrap();
+        for ((a, _), (b, _)) in per.iter().zip(&slots) {
+            assert_eq!(a.next_position, b.next_position);
+            assert_eq!(a.kv_len(), b.kv_len());
+            for (la, lb) in a.layers.iter().zip(&b.layers) {
+                let ((ka, va), (kb, vb)) = (la.view().unwrap(), lb.view().unwrap());
+                for (x, y) in [(ka, kb), (va, vb)] {
+                    let diff = (x - y)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(diff < 1e-4, "{diff}");
+                }
+            }
+        }
+    }
 }

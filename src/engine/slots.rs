@@ -16,8 +16,9 @@
 
 use crate::engine::state::{step_rows, Chunk, GistState, KvBuffer, StepRows};
 use crate::model::attention::{padded_mask, AttentionPlan};
+use crate::model::config::PositionScheme;
 use crate::model::llama::Logits;
-use crate::model::ops::Ops;
+use crate::model::ops::{rope, rope_shift_angles, Ops};
 use crate::model::GistModel;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -204,6 +205,19 @@ pub fn advance_slots(
     let write = spread(write)?;
     let limit = Tensor::from_vec(limit, (slots, 1, lmax, 1), &dev)?;
     let mask = padded_mask(&limit, t, cache.dtype)?; // (S, 1, Lmax, T)
+                                                     // The compressed position scheme re-rotates each moved key by how far it moves.
+    let shift = match (from.is_empty(), model.gist.positions) {
+        (false, PositionScheme::Compressed) => {
+            let deltas: Vec<i64> = from
+                .iter()
+                .zip(&to)
+                .map(|(&f, &t)| t as i64 - f as i64)
+                .collect();
+            let (c, s) = rope_shift_angles(&deltas, model.llama.inv_freq(), cache.dtype)?;
+            Some((c, s))
+        }
+        _ => None,
+    };
     let compact = if from.is_empty() {
         None
     } else {
@@ -216,6 +230,7 @@ pub fn advance_slots(
         unpad: Tensor::new(unpad, &dev)?,
         mask,
         compact,
+        shift,
         lmax,
         t,
     };
@@ -234,6 +249,9 @@ pub fn advance_slots(
             let tail_start = held - state.tail_kept.len();
             let kept_rows = state.tail_kept.iter().chain(kept).filter(|&&k| k).count();
             cache.len[*slot] = tail_start + kept_rows;
+            if model.gist.positions == PositionScheme::Compressed {
+                state.next_position = (tail_start + kept_rows) as u32;
+            }
             state.tail_kept.clear();
             state.sentences += 1;
             state.gist_tokens += gist_ids.len() as u64;
@@ -258,6 +276,8 @@ struct SlotPlan<'a> {
     /// Rows kept by closing sentences: the cache rows they come from (M,), and where they
     /// go, spread over (Hkv, M, D).
     compact: Option<(Tensor, Tensor)>,
+    /// cos and sin (M, D/2) re-rotating the moved keys (compressed positions).
+    shift: Option<(Tensor, Tensor)>,
     lmax: usize,
     t: usize,
 }
@@ -275,8 +295,14 @@ impl SlotPlan<'_> {
         let Some((from, to)) = &self.compact else {
             return Ok(());
         };
-        for t in [&self.cache.k[layer], &self.cache.v[layer]] {
-            let rows = t.index_select(from, 1)?; // a copy: safe to write back
+        for (i, t) in [&self.cache.k[layer], &self.cache.v[layer]]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rows = t.index_select(from, 1)?; // a copy: safe to write back
+            if let (0, Some((cos, sin))) = (i, &self.shift) {
+                rows = rope(&rows, cos, sin, Ops::Fused)?;
+            }
             t.scatter_set(to, &rows, 1)?;
         }
         Ok(())

@@ -3,17 +3,20 @@
 //! A [`GistState`] holds, per layer, the keys and values a later token may still attend to:
 //! the gist tokens of every finished sentence (and BOS when the model keeps it visible),
 //! followed by the tokens of the unfinished last sentence (the *tail*). Keys are stored
-//! after RoPE, at their absolute positions, so nothing is ever re-rotated. When a sentence
-//! closes, its regular tokens are dropped and only its gists stay: the KV size is
-//! N_g × sentences + tail instead of the token count.
+//! after RoPE. In the `original` position scheme they sit at their absolute positions and
+//! are never re-rotated; in the `compressed` one a row is a position, so a closing
+//! sentence's gists are re-rotated as they move down over its dropped tokens. When a
+//! sentence closes, its regular tokens are dropped and only its gists stay: the KV size
+//! is N_g × sentences + tail instead of the token count.
 //!
 //! [`advance`] feeds one chunk of each of several documents through the model at once: the
 //! flat batch holds all their tokens (no padding), and attention runs per document against
 //! its own cache. This is what `compress`, ingestion and queries use.
 
 use crate::model::attention::{attend, causal_mask_tensor, AttentionPlan};
+use crate::model::config::PositionScheme;
 use crate::model::llama::Logits;
-use crate::model::ops::Ops;
+use crate::model::ops::{rope, rope_shift_angles, Ops};
 use crate::model::GistModel;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -88,14 +91,24 @@ impl KvBuffer {
     }
 
     /// Keeps rows `..start` and then only `rows` (absolute indices ≥ start, ascending)
-    /// of the rest: how a closed sentence's regular tokens are dropped.
-    fn compact(&mut self, start: usize, rows: &[u32]) -> Result<()> {
+    /// of the rest: how a closed sentence's regular tokens are dropped. `shift`: cos and
+    /// sin (rows, D/2) that re-rotate each kept key to its new row (the compressed
+    /// position scheme, where a row is a position).
+    fn compact(
+        &mut self,
+        start: usize,
+        rows: &[u32],
+        shift: Option<&(Tensor, Tensor)>,
+    ) -> Result<()> {
         if rows.is_empty() {
             self.len = start;
             return Ok(());
         }
         let idx = Tensor::new(rows, self.k.device())?;
-        let k = self.k.index_select(&idx, 1)?; // a copy, safe to write back
+        let mut k = self.k.index_select(&idx, 1)?; // a copy, safe to write back
+        if let Some((cos, sin)) = shift {
+            k = rope(&k, cos, sin, Ops::Fused)?;
+        }
         let v = self.v.index_select(&idx, 1)?;
         self.k.slice_set(&k, 1, start)?;
         self.v.slice_set(&v, 1, start)?;
@@ -121,7 +134,8 @@ pub struct GistState {
     /// One flag per row of the tail (the unfinished sentence, at the end of every layer's
     /// buffer): whether the row stays once the sentence closes (BOS, when kept visible).
     pub tail_kept: Vec<bool>,
-    /// Position of the next token (gists count: positions are gist-augmented indices).
+    /// Position of the next token: its index in the gist-augmented document (`original`),
+    /// or the state's row count (`compressed`).
     pub next_position: u32,
     /// Closed sentences (each followed by N_g gists).
     pub sentences: u64,
@@ -288,8 +302,16 @@ pub fn advance(
                 .filter(|(_, &k)| k)
                 .map(|(i, _)| (tail_start + i) as u32)
                 .collect();
+            let shift = match model.gist.positions {
+                PositionScheme::Original => None,
+                PositionScheme::Compressed => {
+                    // Row = position: the kept rows move down, and so do their keys.
+                    state.next_position = (tail_start + keep.len()) as u32;
+                    Some(moved_angles(model, tail_start, &keep)?)
+                }
+            };
             for layer in state.layers.iter_mut() {
-                layer.compact(tail_start, &keep)?;
+                layer.compact(tail_start, &keep, shift.as_ref())?;
             }
             state.sentences += 1;
             state.gist_tokens += gist_ids.len() as u64;
@@ -298,6 +320,16 @@ pub fn advance(
         }
     }
     Ok(out)
+}
+
+/// The rotation of rows `from` (ascending) moved to `to..`: cos and sin (rows, D/2).
+pub(crate) fn moved_angles(model: &GistModel, to: usize, from: &[u32]) -> Result<(Tensor, Tensor)> {
+    let deltas: Vec<i64> = from
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| (to + i) as i64 - r as i64)
+        .collect();
+    rope_shift_angles(&deltas, model.llama.inv_freq(), model.llama.dtype())
 }
 
 /// Incremental attention: each document's new rows attend to its cache (all visible: kept

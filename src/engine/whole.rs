@@ -3,6 +3,7 @@
 //! blockwise, or plain causal attention for baselines.
 
 use crate::model::attention::{CausalPlan, SentenceDoc, SentencePlan};
+use crate::model::config::PositionScheme;
 use crate::model::llama::Logits;
 use crate::model::ops::Ops;
 use crate::model::GistModel;
@@ -13,8 +14,13 @@ use candle_core::{Result, Tensor};
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub ids: Vec<u32>,
-    /// Absolute position of each token within its document.
+    /// Position of each token within its document, as written (see
+    /// [`crate::model::config::PositionScheme`]).
     pub positions: Vec<u32>,
+    /// In the compressed scheme with gists: where each token is stored (a kept token's
+    /// index among its document's kept tokens; other tokens are never stored and keep
+    /// their written position). None: stored where written.
+    pub stored: Option<Vec<u32>>,
     /// Whether each row is a regular token (not a gist).
     pub regular: Vec<bool>,
     pub docs: Vec<SentenceDoc>,
@@ -26,9 +32,11 @@ impl Layout {
     pub fn new(model: &GistModel, docs: &[Vec<Segment>], gists: bool) -> Self {
         let gist_ids = &model.gist.gist_token_ids;
         let bos = model.kept_bos();
+        let compressed = gists && model.gist.positions == PositionScheme::Compressed;
         let mut l = Layout {
             ids: Vec::new(),
             positions: Vec::new(),
+            stored: compressed.then(Vec::new),
             regular: Vec::new(),
             docs: Vec::new(),
         };
@@ -53,7 +61,24 @@ impl Layout {
                 }
             }
             let end = l.ids.len();
-            l.positions.extend(0..(end - start) as u32);
+            match &mut l.stored {
+                None => l.positions.extend(0..(end - start) as u32),
+                Some(stored) => {
+                    // A segment starts right after the kept tokens before it (`base`); a
+                    // kept token is stored at its index among them.
+                    let (mut kept_seen, mut base, mut offset) = (0u32, 0u32, 0u32);
+                    for i in 0..end - start {
+                        if i > 0 && segment[i] != segment[i - 1] {
+                            (base, offset) = (kept_seen, 0);
+                        }
+                        let written = base + offset;
+                        l.positions.push(written);
+                        stored.push(if kept[i] { kept_seen } else { written });
+                        kept_seen += u32::from(kept[i]);
+                        offset += 1;
+                    }
+                }
+            }
             l.docs.push(SentenceDoc {
                 rows: start..end,
                 segment,
@@ -61,6 +86,41 @@ impl Layout {
             });
         }
         l
+    }
+}
+
+impl Layout {
+    /// The sentence-attention forward of this layout (`ids` its tokens as a tensor), with
+    /// the plan its position scheme needs.
+    pub fn sentence_forward(
+        &self,
+        model: &GistModel,
+        ids: &Tensor,
+        ops: Ops,
+        logits: &Logits,
+    ) -> Result<Option<Tensor>> {
+        let dev = model.llama.device();
+        let dtype = model.llama.dtype();
+        match &self.stored {
+            None => {
+                let mut plan = SentencePlan::new(&self.docs, dtype, dev, ops)?;
+                model
+                    .llama
+                    .forward(ids, &self.positions, &mut plan, ops, logits)
+            }
+            Some(stored) => {
+                let n = self.ids.len();
+                let mut plan = SentencePlan::compressed(&self.docs, n, dtype, dev, ops)?;
+                model.llama.forward_stored(
+                    ids,
+                    &self.positions,
+                    Some(stored),
+                    &mut plan,
+                    ops,
+                    logits,
+                )
+            }
+        }
     }
 }
 
@@ -92,12 +152,7 @@ pub fn forward_rows(
     let dtype = model.llama.dtype();
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
     match mode {
-        Mode::Sentence => {
-            let mut plan = SentencePlan::new(&layout.docs, dtype, dev, ops)?;
-            model
-                .llama
-                .forward(&ids, &layout.positions, &mut plan, ops, logits)
-        }
+        Mode::Sentence => layout.sentence_forward(model, &ids, ops, logits),
         Mode::Causal => {
             let rows: Vec<_> = layout.docs.iter().map(|d| d.rows.clone()).collect();
             let mut plan = CausalPlan::new(&rows, dtype, dev, ops)?;

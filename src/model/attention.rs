@@ -100,8 +100,9 @@ pub fn padded_mask(limit: &Tensor, keys: usize, dtype: DType) -> Result<Tensor> 
 // ---------------------------------------------------------------------------------------
 
 /// AttentionPlan of one group: L queries over the S keys the group may see, of which the
-/// first S - L (kept gists, earlier tokens) are all visible and the last L are the group's
-/// own, under `inner` (L, L) additive (None: all visible).
+/// last M are masked by `inner` (L, M) additive and the first S - M (kept gists, earlier
+/// tokens) are all visible (None: all visible). M is L, the group's own rows, except in
+/// the compressed position scheme's parallel path (see [`SentencePlan::compressed`]).
 /// q (Hq, L, D), already scaled by 1/sqrt(D); k, v (Hkv, S, D), rows may be strided (a view
 /// into a cache). Returns (Hq, L, D).
 /// GQA without copying K/V per query head: the G query heads that share a key head are
@@ -119,16 +120,17 @@ pub fn attend(
     let q = q.contiguous()?.reshape((hkv, g * l, d))?;
     let mut scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
     if let Some(m) = inner {
-        let prefix = s - l;
+        let cols = m.dim(1)?;
+        let prefix = s - cols;
         scores = match ops {
-            // Mask only the last L columns, in place: the prefix needs no mask, and this
-            // keeps the work O(L²) instead of O(L·S). No autograd through slice_set.
+            // Mask only the last M columns, in place: the prefix needs no mask, and this
+            // keeps the work O(L·M) instead of O(L·S). No autograd through slice_set.
             Ops::Fused => {
                 let own = scores
-                    .narrow(2, prefix, l)?
-                    .reshape((hkv, g, l, l))?
+                    .narrow(2, prefix, cols)?
+                    .reshape((hkv, g, l, cols))?
                     .broadcast_add(m)?
-                    .reshape((hkv, g * l, l))?;
+                    .reshape((hkv, g * l, cols))?;
                 scores.slice_set(&own, 2, prefix)?;
                 scores
             }
@@ -240,10 +242,35 @@ pub struct SentencePlan {
 
 struct SentenceGroup {
     rows: Range<usize>,
-    /// Flat rows of the keys: kept tokens before the block, then the block.
+    /// Flat rows of the keys: kept tokens before the block, then the block. In the
+    /// compressed scheme, rows of the doubled keys (N.. for stored copies).
     keys: Tensor, // (S,) u32
-    /// The block's own part of the mask (L, L); the kept prefix is all visible.
+    /// Flat rows of the values (the same rows, never doubled).
+    values: Tensor, // (S,) u32
+    /// The mask of the last M keys (L, M); the kept prefix before them is all visible.
     inner: Tensor,
+}
+
+/// Splits a document's local rows `a..` into a block of whole segments, up to [`BLOCK`]
+/// rows (at least one segment). Returns the block's end.
+fn block_end(segment: &[u32], a: usize) -> usize {
+    let n = segment.len();
+    let mut b = a;
+    loop {
+        let seg = segment[b];
+        let mut e = b;
+        while e < n && segment[e] == seg {
+            e += 1;
+        }
+        if b > a && e - a > BLOCK {
+            break;
+        }
+        b = e;
+        if b >= n || b - a >= BLOCK {
+            break;
+        }
+    }
+    b
 }
 
 impl SentencePlan {
@@ -254,29 +281,16 @@ impl SentencePlan {
             let mut kept_before: Vec<u32> = Vec::new();
             let mut a = 0;
             while a < n {
-                // Extend the block by whole segments up to BLOCK rows (at least one segment).
-                let mut b = a;
-                loop {
-                    let seg = doc.segment[b];
-                    let mut e = b;
-                    while e < n && doc.segment[e] == seg {
-                        e += 1;
-                    }
-                    if b > a && e - a > BLOCK {
-                        break;
-                    }
-                    b = e;
-                    if b >= n || b - a >= BLOCK {
-                        break;
-                    }
-                }
+                let b = block_end(&doc.segment, a);
                 let block: Vec<usize> = (a..b).collect();
                 let inner = sentence_mask(&block, &block, &doc.segment, &doc.kept);
                 let mut keys = kept_before.clone();
                 keys.extend((a..b).map(|i| (doc.rows.start + i) as u32));
+                let keys = Tensor::new(keys, device)?;
                 groups.push(SentenceGroup {
                     rows: doc.rows.start + a..doc.rows.start + b,
-                    keys: Tensor::new(keys, device)?,
+                    values: keys.clone(),
+                    keys,
                     inner: mask_tensor(inner, b - a, b - a, dtype, device)?,
                 });
                 kept_before.extend(
@@ -284,6 +298,60 @@ impl SentencePlan {
                         .filter(|&i| doc.kept[i])
                         .map(|i| (doc.rows.start + i) as u32),
                 );
+                a = b;
+            }
+        }
+        Ok(Self { groups, ops })
+    }
+
+    /// The plan for the compressed position scheme, whose forward doubles the keys
+    /// (`Llama::forward_stored`): rows `..n` rotated where each token was written, rows
+    /// `n..2n` where it is stored (`n` the forward's row count). A query reads its own
+    /// sentence at written positions, as the incremental path does before the sentence
+    /// closes, and every earlier gist at its stored position, as the incremental path does
+    /// after re-rotating it. So a block's keys are: the stored copies of the kept tokens
+    /// before it, the stored copies of its own kept tokens (visible to later segments of the
+    /// block), then its rows as written (visible within their segment, causally).
+    pub fn compressed(
+        docs: &[SentenceDoc],
+        n: usize,
+        dtype: DType,
+        device: &Device,
+        ops: Ops,
+    ) -> Result<Self> {
+        let mut groups = Vec::new();
+        for doc in docs {
+            let len = doc.rows.len();
+            let flat = |i: usize| (doc.rows.start + i) as u32;
+            let mut kept_before: Vec<usize> = Vec::new(); // local rows
+            let mut a = 0;
+            while a < len {
+                let b = block_end(&doc.segment, a);
+                let kept_here: Vec<usize> = (a..b).filter(|&i| doc.kept[i]).collect();
+                let cols = kept_here.len() + (b - a);
+                let mut inner = Vec::with_capacity((b - a) * cols);
+                for i in a..b {
+                    for &j in &kept_here {
+                        let visible = doc.segment[j] < doc.segment[i];
+                        inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                    }
+                    for j in a..b {
+                        let visible = j <= i && doc.segment[j] == doc.segment[i];
+                        inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                    }
+                }
+                let stored_rows = kept_before.iter().chain(&kept_here);
+                let mut keys: Vec<u32> = stored_rows.clone().map(|&i| n as u32 + flat(i)).collect();
+                let mut values: Vec<u32> = stored_rows.map(|&i| flat(i)).collect();
+                keys.extend((a..b).map(flat));
+                values.extend((a..b).map(flat));
+                groups.push(SentenceGroup {
+                    rows: doc.rows.start + a..doc.rows.start + b,
+                    keys: Tensor::new(keys, device)?,
+                    values: Tensor::new(values, device)?,
+                    inner: mask_tensor(inner, b - a, cols, dtype, device)?,
+                });
+                kept_before.extend(kept_here);
                 a = b;
             }
         }
@@ -297,8 +365,8 @@ impl AttentionPlan for SentencePlan {
         for g in &self.groups {
             let l = g.rows.len();
             let qb = q.narrow(1, g.rows.start, l)?;
-            let kb = k.index_select(&g.keys, 1)?; // (Hkv, P + L, D)
-            let vb = v.index_select(&g.keys, 1)?;
+            let kb = k.index_select(&g.keys, 1)?; // (Hkv, P + M, D)
+            let vb = v.index_select(&g.values, 1)?;
             outs.push(attend(&qb, &kb, &vb, Some(&g.inner), self.ops)?);
         }
         Tensor::cat(&outs, 1)

@@ -161,6 +161,38 @@ pub struct GistConfig {
     /// Prepend BOS to every document.
     #[serde(default = "yes")]
     pub add_bos: bool,
+    /// Where tokens sit for RoPE (see [`PositionScheme`]). Left out of the file when
+    /// `original`, so the checkpoints (and stored states) of before this field keep their
+    /// fingerprints.
+    #[serde(default, skip_serializing_if = "PositionScheme::is_original")]
+    pub positions: PositionScheme,
+}
+
+/// How tokens are numbered for RoPE.
+///
+/// `original` (the paper's): every token, gists included, at its index in the
+/// gist-augmented document, so a document of T tokens spans T + N_g · sentences positions,
+/// and a model reads positions it never saw in training once a document outgrows its
+/// context.
+///
+/// `compressed`: a token's position is its row in the document's state. The stored entries
+/// (BOS when kept, then every gist) are numbered 0, 1, 2, ... and the open sentence follows
+/// right after them; when the sentence closes, its gists move down over its dropped tokens
+/// and their keys are re-rotated to their new rows (RoPE is a rotation by position, so
+/// rotating by the difference gives exactly the key written there). A document spans about
+/// T / R_c positions: a 200,000-token book at R_c 8 fits in a model trained on 32k.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PositionScheme {
+    #[default]
+    Original,
+    Compressed,
+}
+
+impl PositionScheme {
+    pub fn is_original(&self) -> bool {
+        *self == PositionScheme::Original
+    }
 }
 
 fn yes() -> bool {

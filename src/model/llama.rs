@@ -173,15 +173,10 @@ impl Block {
         }))
     }
 
-    /// Rotated keys and values of h (N, H): each (Hkv, N, D).
-    fn kv(
-        &self,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cfg: &Config,
-        ops: Ops,
-    ) -> Result<(Tensor, Tensor)> {
+    /// Rotated keys and values of h (N, H): k (Hkv, N, D), or (Hkv, 2N, D) with `stored`
+    /// angles (the compressed position scheme's second copy of every key, rotated where
+    /// the token is stored; see [`Angles`]); v (Hkv, N, D).
+    fn kv(&self, h: &Tensor, rot: &Angles, cfg: &Config, ops: Ops) -> Result<(Tensor, Tensor)> {
         let n = h.dim(0)?;
         let k = linear(h, &self.k_proj)?
             .reshape((n, cfg.kv_heads, cfg.head_dim))?
@@ -190,13 +185,18 @@ impl Block {
             .reshape((n, cfg.kv_heads, cfg.head_dim))?
             .transpose(0, 1)?
             .contiguous()?;
-        Ok((rope(&k, cos, sin, ops)?, v))
+        let written = rope(&k, &rot.cos, &rot.sin, ops)?;
+        let k = match &rot.stored {
+            None => written,
+            Some((cos, sin)) => Tensor::cat(&[&written, &rope(&k, cos, sin, ops)?], 1)?,
+        };
+        Ok((k, v))
     }
 
     fn forward(
         &self,
         x: &Tensor, // (N, H)
-        (cos, sin): (&Tensor, &Tensor),
+        rot: &Angles,
         (layer, attn): (usize, &mut dyn AttentionPlan),
         cfg: &Config,
         ops: Ops,
@@ -206,8 +206,8 @@ impl Block {
         let q = linear(&h, &self.q_proj)?
             .reshape((n, cfg.heads, cfg.head_dim))?
             .transpose(0, 1)?; // (Hq, N, D)
-        let q = (rope(&q, cos, sin, ops)? * (1.0 / (cfg.head_dim as f64).sqrt()))?;
-        let (k, v) = self.kv(&h, cos, sin, cfg, ops)?;
+        let q = (rope(&q, &rot.cos, &rot.sin, ops)? * (1.0 / (cfg.head_dim as f64).sqrt()))?;
+        let (k, v) = self.kv(&h, rot, cfg, ops)?;
         let y = attn.attend(layer, &q, &k, &v)?; // (Hq, N, D)
         let y = y.transpose(0, 1)?.reshape((n, cfg.heads * cfg.head_dim))?;
         let x = (x + linear(&y, &self.o_proj)?)?;
@@ -220,6 +220,16 @@ impl Block {
         };
         x + linear(&act, &self.down_proj)?
     }
+}
+
+/// RoPE angles of a forward's tokens, each (N, D/2): where each token is written (its
+/// queries and the keys its own sentence reads), and, in the compressed position scheme's
+/// parallel path, where it is stored (the keys later sentences read: a gist written after
+/// its sentence is stored right after the earlier gists).
+struct Angles {
+    cos: Tensor,
+    sin: Tensor,
+    stored: Option<(Tensor, Tensor)>,
 }
 
 /// Which rows of the final hidden state become logits.
@@ -362,8 +372,14 @@ impl Llama {
         matches!(self.embed_tokens, Embedding::Quantized { .. })
     }
 
-    /// The forward over N flat tokens. `ids` (N,) u32; `positions` one per token (absolute
-    /// index in the gist-augmented document). Returns logits (R, V) unless `logits` is Skip.
+    /// RoPE inverse frequencies (D/2) f32: what re-rotates a stored key.
+    pub fn inv_freq(&self) -> &Tensor {
+        &self.inv_freq
+    }
+
+    /// The forward over N flat tokens. `ids` (N,) u32; `positions` one per token (where it
+    /// sits for RoPE, see [`super::config::PositionScheme`]). Returns logits (R, V) unless
+    /// `logits` is Skip.
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -372,17 +388,36 @@ impl Llama {
         ops: Ops,
         logits: &Logits,
     ) -> Result<Option<Tensor>> {
+        self.forward_stored(ids, positions, None, attn, ops, logits)
+    }
+
+    /// [`Self::forward`] where each token also has a stored position: the plan then gets
+    /// keys (Hkv, 2N, D), rows N.. rotated at the stored positions.
+    pub fn forward_stored(
+        &self,
+        ids: &Tensor,
+        positions: &[u32],
+        stored: Option<&[u32]>,
+        attn: &mut dyn AttentionPlan,
+        ops: Ops,
+        logits: &Logits,
+    ) -> Result<Option<Tensor>> {
         let (cos, sin) = rope_angles(positions, &self.inv_freq, self.dtype())?; // (N, D/2)
+        let stored = match stored {
+            Some(p) => Some(rope_angles(p, &self.inv_freq, self.dtype())?),
+            None => None,
+        };
+        let rot = Angles { cos, sin, stored };
         let mut x = self.embed_tokens.lookup(ids)?; // (N, H)
         let last = self.layers.len().saturating_sub(1);
         for (i, block) in self.layers.iter().enumerate() {
             if i == last && matches!(logits, Logits::Skip) {
                 let h = rms_norm(&x, &block.input_layernorm, self.cfg.rms_eps, ops)?;
-                let (k, v) = block.kv(&h, &cos, &sin, &self.cfg, ops)?;
+                let (k, v) = block.kv(&h, &rot, &self.cfg, ops)?;
                 attn.store(i, &k, &v)?;
                 return Ok(None);
             }
-            x = block.forward(&x, (&cos, &sin), (i, &mut *attn), &self.cfg, ops)?;
+            x = block.forward(&x, &rot, (i, &mut *attn), &self.cfg, ops)?;
         }
         let x = match logits {
             Logits::Skip => return Ok(None), // no layers at all

@@ -293,6 +293,7 @@ fn resolve_gist(
         segmentation: opts.segmentation.clone(),
         bos_always_visible: false,
         add_bos,
+        positions: Default::default(),
     };
     gist.validate()?;
     Ok(gist)
@@ -349,6 +350,7 @@ impl ReferenceKeys {
             segmentation: SegmentConfig::reference(),
             bos_always_visible: self.bos_visible,
             add_bos: true,
+            positions: Default::default(),
         };
         gist.validate()?;
         Ok(gist)

@@ -47,3 +47,59 @@ pub fn rope_angles(positions: &[u32], inv_freq: &Tensor, dtype: DType) -> Result
         angles.sin()?.to_dtype(dtype)?,
     ))
 }
+
+/// cos and sin of signed position shifts, each (M, D/2): the rotation that moves a key
+/// written at position p to p + delta (RoPE composes: rotating by p and then by delta is
+/// rotating by p + delta). How the compressed position scheme re-numbers a closed
+/// sentence's gists.
+pub fn rope_shift_angles(
+    deltas: &[i64],
+    inv_freq: &Tensor,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let m = deltas.len();
+    let d: Vec<f32> = deltas.iter().map(|&x| x as f32).collect();
+    let d = Tensor::from_vec(d, (m, 1), inv_freq.device())?; // (M, 1)
+    let angles = d.broadcast_mul(&inv_freq.unsqueeze(0)?)?; // (M, D/2)
+    Ok((
+        angles.cos()?.to_dtype(dtype)?,
+        angles.sin()?.to_dtype(dtype)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_shift_moves_a_rotated_key_to_its_new_position() {
+        let dev = Device::Cpu;
+        let inv: Vec<f32> = (0..4)
+            .map(|i| 1.0 / 10_000f32.powf(i as f32 / 4.0))
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap(); // (heads, M, D)
+        let (written, stored) = ([40u32, 17, 9], [3u32, 17, 0]);
+        let (c, s) = rope_angles(&written, &inv, DType::F32).unwrap();
+        let at_written = rope(&x, &c, &s, Ops::Fused).unwrap();
+        let deltas: Vec<i64> = stored
+            .iter()
+            .zip(&written)
+            .map(|(&a, &b)| a as i64 - b as i64)
+            .collect();
+        let (c, s) = rope_shift_angles(&deltas, &inv, DType::F32).unwrap();
+        let moved = rope(&at_written, &c, &s, Ops::Fused).unwrap();
+        let (c, s) = rope_angles(&stored, &inv, DType::F32).unwrap();
+        let direct = rope(&x, &c, &s, Ops::Fused).unwrap();
+        let diff = (moved - direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+}

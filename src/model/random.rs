@@ -29,6 +29,8 @@ pub struct RandomSpec {
     pub tie_embeddings: bool,
     pub segmentation: SegmentConfig,
     pub bos_always_visible: bool,
+    /// gist.json's position scheme.
+    pub positions: crate::model::config::PositionScheme,
     /// Standard deviation of the random projection weights.
     pub scale: f32,
     /// Standard deviation of the embedding rows.
@@ -70,6 +72,7 @@ impl Default for RandomSpec {
             tie_embeddings: false,
             segmentation: SegmentConfig::default(),
             bos_always_visible: false,
+            positions: Default::default(),
             scale: 0.2,
             embed_scale: 1.0,
             norm_noise: 0.1,
@@ -249,6 +252,7 @@ pub fn write_random_model(dir: &Path, spec: &RandomSpec) -> anyhow::Result<()> {
             segmentation: spec.segmentation.clone(),
             bos_always_visible: spec.bos_always_visible,
             add_bos: true,
+            positions: spec.positions,
         };
         std::fs::write(dir.join("gist.json"), serde_json::to_string_pretty(&gist)?)?;
     }

@@ -3,7 +3,7 @@
 use super::config::{Attention, TrainConfig, Trainable};
 use super::trainee::Trainee;
 use crate::engine::whole::Layout;
-use crate::model::attention::{CausalPlan, SentencePlan};
+use crate::model::attention::CausalPlan;
 use crate::model::llama::Logits;
 use crate::model::ops::Ops;
 use crate::model::GistModel;
@@ -43,12 +43,7 @@ pub fn loss(
     let logits_rows = Logits::Rows(Tensor::new(rows.as_slice(), dev)?);
     let dtype = model.llama.dtype();
     let logits = match attention {
-        Attention::Gist => {
-            let mut plan = SentencePlan::new(&layout.docs, dtype, dev, ops)?;
-            model
-                .llama
-                .forward(&ids, &layout.positions, &mut plan, ops, &logits_rows)?
-        }
+        Attention::Gist => layout.sentence_forward(model, &ids, ops, &logits_rows)?,
         Attention::Full => {
             let docs: Vec<_> = layout.docs.iter().map(|d| d.rows.clone()).collect();
             let mut plan = CausalPlan::new(&docs, dtype, dev, ops)?;
@@ -57,6 +52,11 @@ pub fn loss(
                 .forward(&ids, &layout.positions, &mut plan, ops, &logits_rows)?
         }
         Attention::GistDense => {
+            ensure!(
+                layout.stored.is_none(),
+                "the dense-mask path has one key per token, so it cannot train the compressed \
+                 position scheme: use the blockwise sentence attention"
+            );
             let mut plan = crate::model::attention::DensePlan::new(&layout.docs, dtype, dev, ops)?;
             model
                 .llama

@@ -224,6 +224,7 @@ pub fn trainee_from_dir(dir: &Path, num_gists: usize, device: &Device) -> anyhow
                 segmentation: Default::default(),
                 bos_always_visible: false,
                 add_bos: true,
+                positions: Default::default(),
             }
         }
     };
@@ -262,6 +263,7 @@ pub fn trainee_from_scratch(
         segmentation: spec.segmentation.clone(),
         bos_always_visible: false,
         add_bos: true,
+        positions: Default::default(),
     };
     let model_config = crate::model::random::config_json(spec, vocab, bos, eos);
     let weights = crate::model::random::random_weights(spec, vocab)?;
