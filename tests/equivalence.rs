@@ -336,14 +336,7 @@ fn compressed_positions_slots_equal_per_document_states() {
             for (la, lb) in a.layers.iter().zip(&b.layers) {
                 let ((ka, va), (kb, vb)) = (la.view().unwrap(), lb.view().unwrap());
                 for (x, y) in [(ka, kb), (va, vb)] {
-                    let diff = (x - y)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = common::max_abs_diff(&x, &y);
                     assert!(diff < 1e-4, "{diff}");
                 }
             }

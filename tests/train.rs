@@ -41,7 +41,7 @@ fn data(t: &Trainee, seq_tokens: usize) -> Vec<Vec<Segment>> {
         .into_iter()
         .map(|t| t.chars().take(60_000).collect())
         .collect();
-    let bos = t.model.bos_token_id().unwrap();
+    let bos = t.model.bos_token_id();
     train::sequences(&texts, &t.model.tokenizer, &t.model.gist, bos, seq_tokens).unwrap()
 }
 

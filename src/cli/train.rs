@@ -32,9 +32,29 @@ pub struct TrainArgs {
     /// Continue the checkpoint in --out (its settings win over these flags).
     #[arg(long)]
     pub resume: bool,
-    /// Start from this HF model directory instead of random weights.
-    #[arg(long, value_name = "DIR", conflicts_with = "tokenizer")]
+    /// Start from this HF model directory (or, with --adapter-rank, this GGUF file)
+    /// instead of random weights.
+    #[arg(long, value_name = "PATH", conflicts_with = "tokenizer")]
     pub from: Option<PathBuf>,
+    /// Train a gist adapter of this rank on the frozen --from GGUF base (LoRA on every
+    /// projection plus the gist embeddings; see `models/smollm2-gist/README.md`) instead
+    /// of the whole model. --out then receives the adapter folder.
+    #[arg(long, value_name = "R", requires = "from")]
+    pub adapter_rank: Option<usize>,
+    /// The adapter's scale numerator (a projection adds alpha / r · x·Aᵀ·Bᵀ).
+    #[arg(long, default_value_t = 32.0)]
+    pub adapter_alpha: f64,
+    /// Projections the adapter adapts (comma-separated HF names).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub adapter_targets: Vec<String>,
+    /// Position scheme of the new model (gist.json `positions`): `original` (the paper's)
+    /// or `compressed` (a document spans about T / R_c positions).
+    #[arg(long, value_enum, default_value = "original")]
+    pub positions: crate::model::config::PositionScheme,
     /// tokenizer.json for a model trained from scratch (see train-tokenizer).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -66,6 +86,9 @@ pub struct TrainArgs {
     /// Also score predictions of gist tokens.
     #[arg(long)]
     pub gist_loss: bool,
+    /// Warmup steps of every stage (default: the recipe's, 100).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
@@ -140,11 +163,39 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             c.checkpoint_every = args.checkpoint_every;
             c.seed = args.seed;
             c.max_seconds = args.max_seconds;
+            if let Some(w) = args.warmup_steps {
+                for st in &mut c.stages {
+                    st.warmup_steps = w.min(st.warmup_steps);
+                }
+            }
             c
         };
-        let trainee = match &args.from {
-            Some(dir) => train::trainee_from_dir(dir, args.num_gists, &device)?,
-            None => {
+        let mut trainee = match (&args.from, args.adapter_rank) {
+            (Some(base), Some(rank)) => {
+                let config = crate::model::adapter::AdapterConfig {
+                    rank,
+                    alpha: args.adapter_alpha,
+                    targets: args.adapter_targets.clone(),
+                    base: crate::model::adapter::BaseRef {
+                        file: base
+                            .file_name()
+                            .context("--from names no file")?
+                            .to_string_lossy()
+                            .into_owned(),
+                        sha256: crate::model::adapter::base_digest(base)?,
+                    },
+                };
+                config.validate()?;
+                train::Trainee::adapter(
+                    base,
+                    Err((args.num_gists, args.positions)),
+                    config,
+                    args.seed,
+                    &device,
+                )?
+            }
+            (Some(dir), None) => train::trainee_from_dir(dir, args.num_gists, &device)?,
+            (None, _) => {
                 let tok = args
                     .tokenizer
                     .as_ref()
@@ -167,14 +218,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 train::trainee_from_scratch(tok, &spec, &device)?
             }
         };
+        if trainee.adapter.is_none() {
+            trainee.model.gist.positions = args.positions;
+        }
         (trainee, cfg)
     };
     trainee.save_dtype = save_dtype;
     let texts = train::read_texts(&args.data)?;
-    let bos = trainee
-        .model
-        .bos_token_id()
-        .context("the model has no BOS token (bos_token_id in config.json)")?;
+    let bos = trainee.model.bos_token_id();
     let data = train::sequences(
         &texts,
         &trainee.model.tokenizer,

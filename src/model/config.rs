@@ -181,7 +181,7 @@ pub struct GistConfig {
 /// and their keys are re-rotated to their new rows (RoPE is a rotation by position, so
 /// rotating by the difference gives exactly the key written there). A document spans about
 /// T / R_c positions: a 200,000-token book at R_c 8 fits in a model trained on 32k.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum PositionScheme {
     #[default]

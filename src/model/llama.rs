@@ -38,6 +38,20 @@ pub enum Linear {
     Q41(super::q4_1::Q41Matrix),
     /// f32 packed once for our AVX2 kernel (inference only: no autograd through it).
     Packed(super::packed::PackedMatrix),
+    /// A frozen f32 weight that autograd passes through to the input only (a base under
+    /// adapter training).
+    Frozen(Arc<super::packed::Frozen>),
+    /// A base projection plus a low-rank adapter (see [`super::adapter`]).
+    Adapted(Box<Adapted>),
+}
+
+/// x · Wᵀ + scale · (x · Aᵀ) · Bᵀ: LoRA on any base projection (dense, frozen, packed or
+/// quantized: the QLoRA arrangement when the base is quantized).
+pub struct Adapted {
+    pub base: Linear,
+    pub a: Tensor, // (r, in)
+    pub b: Tensor, // (out, r)
+    pub scale: f64,
 }
 
 impl Linear {
@@ -48,12 +62,20 @@ impl Linear {
             Linear::Quantized(q) => q.forward(x),
             Linear::Q41(q) => q.forward(x),
             Linear::Packed(p) => p.forward(x),
+            Linear::Frozen(f) => f.forward(x),
+            Linear::Adapted(ad) => {
+                let low = x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?; // (N, out)
+                ad.base.forward(x)? + (low * ad.scale)?
+            }
         }
     }
 
     /// Packs a dense f32 CPU weight in place for [`Linear::Packed`]; anything else is
     /// left as it is.
     fn pack(&mut self) -> Result<()> {
+        if let Linear::Adapted(ad) = self {
+            return ad.base.pack();
+        }
         if let Linear::Dense(w) = self {
             if w.device().is_cpu()
                 && w.dtype() == DType::F32
@@ -72,7 +94,32 @@ impl Linear {
             Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count(),
             Linear::Q41(q) => q.shape().0 * q.shape().1,
             Linear::Packed(p) => p.shape().0 * p.shape().1,
+            Linear::Frozen(f) => f.shape().0 * f.shape().1,
+            Linear::Adapted(ad) => ad.base.elem_count() + ad.a.elem_count() + ad.b.elem_count(),
         }
+    }
+
+    /// A dense f32 CPU weight becomes [`Linear::Frozen`] (autograd reaches the input, never
+    /// the weight); anything else is left as it is.
+    pub fn freeze(&mut self) -> Result<()> {
+        if let Linear::Dense(w) = self {
+            if w.device().is_cpu()
+                && w.dtype() == DType::F32
+                && super::packed::PackedMatrix::supported()
+            {
+                *self = Linear::Frozen(Arc::new(super::packed::Frozen::new(&w.detach())?));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a low-rank adapter on this projection.
+    pub fn adapt(&mut self, a: Tensor, b: Tensor, scale: f64) {
+        let base = std::mem::replace(
+            self,
+            Linear::Dense(Tensor::zeros(0, DType::F32, &Device::Cpu).expect("an empty tensor")),
+        );
+        *self = Linear::Adapted(Box::new(Adapted { base, a, b, scale }));
     }
 }
 
@@ -85,33 +132,46 @@ pub enum Embedding {
         table: Arc<QTensor>,
         extra: Option<Tensor>,
     },
+    /// Adapter training: the stored rows frozen (and, tied, packed both ways as the head),
+    /// the gist rows `extra` trained.
+    Split {
+        table: Tensor,
+        head: Arc<super::packed::Frozen>,
+        extra: Tensor,
+    },
 }
 
 impl Embedding {
     /// Rows of `ids` (N,): (N, H).
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
-        match self {
-            Embedding::Dense(w) => w.index_select(ids, 0),
-            Embedding::Quantized { table, extra } => {
-                let stored = table.shape().dims()[0] as u32;
-                let Some(extra) = extra else {
-                    return table.embedding(ids);
-                };
-                // Stored rows through the quantized table, gist rows from `extra`.
-                let host = ids.to_vec1::<u32>()?;
-                let base: Vec<u32> = host.iter().map(|&i| i.min(stored - 1)).collect();
-                let added: Vec<u32> = host.iter().map(|&i| i.saturating_sub(stored)).collect();
-                let is_added: Vec<u8> = host.iter().map(|&i| u8::from(i >= stored)).collect();
-                let dev = ids.device();
-                let x = table.embedding(&Tensor::new(base, dev)?)?;
-                let y = extra.index_select(&Tensor::new(added, dev)?, 0)?;
-                let n = host.len();
-                Tensor::new(is_added, dev)?
-                    .reshape((n, 1))?
-                    .broadcast_as(x.shape())?
-                    .where_cond(&y, &x)
-            }
-        }
+        let (stored, extra) = match self {
+            Embedding::Dense(w) => return w.index_select(ids, 0),
+            Embedding::Quantized { table, extra: None } => return table.embedding(ids),
+            Embedding::Quantized {
+                table,
+                extra: Some(e),
+            } => (table.shape().dims()[0], e),
+            Embedding::Split { table, extra, .. } => (table.dim(0)?, extra),
+        };
+        // Stored rows through the table, gist rows from `extra`.
+        let stored = stored as u32;
+        let host = ids.to_vec1::<u32>()?;
+        let base: Vec<u32> = host.iter().map(|&i| i.min(stored - 1)).collect();
+        let added: Vec<u32> = host.iter().map(|&i| i.saturating_sub(stored)).collect();
+        let is_added: Vec<u8> = host.iter().map(|&i| u8::from(i >= stored)).collect();
+        let dev = ids.device();
+        let base = Tensor::new(base, dev)?;
+        let x = match self {
+            Embedding::Quantized { table, .. } => table.embedding(&base)?,
+            Embedding::Split { table, .. } => table.index_select(&base, 0)?,
+            Embedding::Dense(_) => unreachable!("returned above"),
+        };
+        let y = extra.index_select(&Tensor::new(added, dev)?, 0)?;
+        let n = host.len();
+        Tensor::new(is_added, dev)?
+            .reshape((n, 1))?
+            .broadcast_as(x.shape())?
+            .where_cond(&y, &x)
     }
 
     fn elem_count(&self) -> usize {
@@ -120,6 +180,7 @@ impl Embedding {
             Embedding::Quantized { table, extra } => {
                 table.shape().elem_count() + extra.as_ref().map_or(0, |e| e.elem_count())
             }
+            Embedding::Split { table, extra, .. } => table.elem_count() + extra.elem_count(),
         }
     }
 }
@@ -367,6 +428,77 @@ impl Llama {
         self.dtype
     }
 
+    /// Every projection by layer and HF name (`q_proj`... `down_proj`).
+    pub fn projections_mut(&mut self) -> Vec<(usize, &'static str, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            let w = &mut b.0;
+            out.extend([
+                (i, "q_proj", &mut w.q_proj),
+                (i, "k_proj", &mut w.k_proj),
+                (i, "v_proj", &mut w.v_proj),
+                (i, "o_proj", &mut w.o_proj),
+                (i, "gate_proj", &mut w.gate_proj),
+                (i, "up_proj", &mut w.up_proj),
+                (i, "down_proj", &mut w.down_proj),
+            ]);
+        }
+        out
+    }
+
+    /// Freezes the base for adapter training: dense projections and an untied head become
+    /// [`Linear::Frozen`], and a dense embedding splits into its frozen stored rows and its
+    /// last `gist_rows` rows (see [`Self::set_gist_rows`]).
+    pub fn freeze_base(&mut self, gist_rows: usize) -> Result<()> {
+        for (_, _, l) in self.projections_mut() {
+            l.freeze()?;
+        }
+        if let Some(h) = &mut self.lm_head {
+            h.freeze()?;
+        }
+        if let Embedding::Dense(w) = &self.embed_tokens {
+            if w.device().is_cpu() && w.dtype() == DType::F32 && self.lm_head.is_none() {
+                let v = w.dim(0)?;
+                let table = w.narrow(0, 0, v - gist_rows)?.detach().contiguous()?;
+                let extra = w
+                    .narrow(0, v - gist_rows, gist_rows)?
+                    .detach()
+                    .contiguous()?;
+                let head = Arc::new(super::packed::Frozen::new(&table)?);
+                self.embed_tokens = Embedding::Split { table, head, extra };
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `n` rows of the embedding (the gist tokens'), (n, H).
+    pub fn gist_rows(&self, n: usize) -> Result<Tensor> {
+        match &self.embed_tokens {
+            Embedding::Dense(w) => w.narrow(0, w.dim(0)? - n, n),
+            Embedding::Quantized { extra: Some(e), .. } | Embedding::Split { extra: e, .. } => {
+                e.narrow(0, e.dim(0)? - n, n)
+            }
+            Embedding::Quantized { extra: None, .. } => {
+                candle_core::bail!("the embedding has no gist rows")
+            }
+        }
+    }
+
+    /// Replaces the embedding's last rows (the gist tokens') by `rows` (n, H): a trained
+    /// adapter's gist embeddings. A tied head reads the same rows.
+    pub fn set_gist_rows(&mut self, rows: Tensor) -> Result<()> {
+        let n = rows.dim(0)?;
+        match &mut self.embed_tokens {
+            Embedding::Dense(w) => {
+                let v = w.dim(0)?;
+                *w = Tensor::cat(&[&w.narrow(0, 0, v - n)?, &rows], 0)?;
+            }
+            Embedding::Quantized { extra, .. } => *extra = Some(rows),
+            Embedding::Split { extra, .. } => *extra = rows,
+        }
+        Ok(())
+    }
+
     /// Whether the projections run on quantized blocks.
     pub fn is_quantized(&self) -> bool {
         matches!(self.embed_tokens, Embedding::Quantized { .. })
@@ -428,6 +560,9 @@ impl Llama {
         let logits = match (&self.lm_head, &self.embed_tokens) {
             (Some(head), _) => head.forward(&x)?,
             (None, Embedding::Dense(w)) => x.matmul(&w.t()?)?,
+            (None, Embedding::Split { head, extra, .. }) => {
+                Tensor::cat(&[&head.forward(&x)?, &x.matmul(&extra.t()?)?], 1)?
+            }
             (None, Embedding::Quantized { table, extra }) => {
                 let stored = QMatMul::from_arc(table.clone())?.forward(&x)?;
                 match extra {

@@ -3,6 +3,7 @@
 //! loads too: the reference names `<end_of_sentence_i>` are added to the tokenizer and the
 //! embedding (and head) grow rows initialised to the mean row.
 
+pub mod adapter;
 pub mod attention;
 pub mod config;
 pub mod device;
@@ -80,7 +81,10 @@ impl GistModel {
             );
         }
         if gguf::is_gguf(dir) {
-            return Self::load_gguf(dir, device, dtype, opts);
+            return Self::load_gguf(dir, device, dtype, opts, None, true);
+        }
+        if adapter::is_adapter(dir) {
+            return Self::load_adapter(dir, device, dtype, opts);
         }
         if dir.is_file() {
             bail!(
@@ -88,6 +92,19 @@ impl GistModel {
                 dir.display()
             );
         }
+        Self::load_dir(dir, device, dtype, opts, None, true)
+    }
+
+    /// An HF model directory; `gist_json` instead of its own gist.json (an adapter's);
+    /// `pack`: pack the projections for inference.
+    fn load_dir(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        opts: &LoadOptions,
+        gist_override: Option<&[u8]>,
+        pack: bool,
+    ) -> anyhow::Result<Self> {
         let read = |name: &str| {
             let p = dir.join(name);
             std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
@@ -107,7 +124,9 @@ impl GistModel {
         let mut tokenizer = GistTokenizer::from_file(&tokenizer_path)?;
 
         let gist_path = dir.join("gist.json");
-        let gist_bytes = if gist_path.exists() {
+        let gist_bytes = if let Some(g) = gist_override {
+            Some(g.to_vec())
+        } else if gist_path.exists() {
             Some(read("gist.json")?)
         } else {
             None
@@ -134,7 +153,9 @@ impl GistModel {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
         let mut llama = Llama::load(vb, cfg, file_vocab)
             .with_context(|| format!("loading weights from {}", dir.display()))?;
-        llama.pack_for_inference()?;
+        if pack {
+            llama.pack_for_inference()?;
+        }
         let gist_json = serde_json::to_vec(&gist)?;
         let fingerprint = fingerprint(
             &[&config_bytes, &gist_json, &read("tokenizer.json")?],
@@ -149,11 +170,61 @@ impl GistModel {
 
     /// Loads a GGUF file: config, tokenizer and chat template from its metadata; its
     /// matrices quantized or dequantized as `opts.weights` says.
+    /// A GGUF base with a gist adapter on it (see [`adapter`]): the base as `opts.weights`
+    /// says (quantized: the QLoRA arrangement), the adapter's gist settings, its LoRA
+    /// and gist rows. The fingerprint covers the base and the adapter's files.
+    fn load_adapter(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        opts: &LoadOptions,
+    ) -> anyhow::Result<Self> {
+        let (cfg, gist_json, tensors) = adapter::read(dir)?;
+        let base = adapter::find_base(dir, &cfg.base)?;
+        let mut model = if gguf::is_gguf(&base) {
+            Self::load_gguf(&base, device, dtype, opts, Some(&gist_json), true)
+        } else {
+            Self::load_dir(&base, device, dtype, opts, Some(&gist_json), true)
+        }
+        .with_context(|| format!("loading the adapter's base {}", base.display()))?;
+        adapter::attach(&mut model.llama, &cfg, &tensors)
+            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+        let files = [dir.join("adapter.json"), dir.join("adapter.safetensors")];
+        let own = fingerprint(&[&gist_json], &files)?;
+        model.fingerprint ^= own.rotate_left(17);
+        model.dir = dir.to_path_buf();
+        Ok(model)
+    }
+
+    /// A GGUF file (dequantized to f32) or an HF directory (as f32) as the frozen base of
+    /// adapter training:
+    /// its projections stay dense (not packed for inference) so they can be frozen for
+    /// autograd. `gist_json`: the gist settings to add (None: `opts.num_gists` tokens
+    /// with the reference names, as for any plain checkpoint).
+    pub fn load_base_for_training(
+        path: &Path,
+        device: &Device,
+        opts: &LoadOptions,
+        gist_json: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
+        let opts = LoadOptions {
+            weights: Weights::Dequantized,
+            ..opts.clone()
+        };
+        if gguf::is_gguf(path) {
+            Self::load_gguf(path, device, DType::F32, &opts, gist_json, false)
+        } else {
+            Self::load_dir(path, device, DType::F32, &opts, gist_json, false)
+        }
+    }
+
     fn load_gguf(
         path: &Path,
         device: &Device,
         dtype: DType,
         opts: &LoadOptions,
+        gist_json: Option<&[u8]>,
+        pack: bool,
     ) -> anyhow::Result<Self> {
         let mut g = gguf::Gguf::open(path)?;
         let (config_bytes, file_cfg) = gguf::file_config(&g)?;
@@ -166,12 +237,14 @@ impl GistModel {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("building the tokenizer of {}", path.display()))?;
         let mut tokenizer = GistTokenizer::from_tokenizer(inner);
-        let gist = resolve_gist(&mut tokenizer, None, path, opts, g.add_bos())?;
+        let gist = resolve_gist(&mut tokenizer, gist_json, path, opts, g.add_bos())?;
         cfg.vocab = vocab_with_gists(file_vocab, &gist);
         let extra = cfg.vocab - file_vocab;
         let (embed, layers, norm, head) = g.weights(&cfg, extra, opts.weights, device, dtype)?;
         let mut llama = Llama::from_weights(cfg, embed, layers, norm, head)?;
-        llama.pack_for_inference()?;
+        if pack {
+            llama.pack_for_inference()?;
+        }
         let chat_template = match g.chat_template()? {
             Some((source, bos, eos)) => Some(
                 crate::text::chat::ChatTemplate::new(source, bos, eos)

@@ -140,6 +140,71 @@ impl PackedMatrix {
     }
 }
 
+/// A frozen projection that autograd passes through: x · Wᵀ forward, and only the input's
+/// gradient g · W backward (the weight gets none: candle's own matmul would compute it
+/// whether wanted or not, a third of a frozen model's training FLOPs). Both products run
+/// on packed copies, W for the forward and Wᵀ for the backward. What adapter training
+/// (LoRA on a frozen base) multiplies by.
+pub struct Frozen {
+    fwd: PackedMatrix,
+    bwd: PackedMatrix,
+}
+
+impl Frozen {
+    /// Packs W (out, in) both ways.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        Ok(Self {
+            fwd: PackedMatrix::new(w)?,
+            bwd: PackedMatrix::new(&w.t()?.contiguous()?)?,
+        })
+    }
+
+    /// (out, in).
+    pub fn shape(&self) -> (usize, usize) {
+        self.fwd.shape()
+    }
+
+    /// x (M, in) · Wᵀ, with a backward to x.
+    pub fn forward(self: &std::sync::Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(FrozenOp(self.clone()))
+    }
+}
+
+/// The op node (the packed weights are shared, never copied per call).
+struct FrozenOp(std::sync::Arc<Frozen>);
+
+impl candle_core::CustomOp1 for FrozenOp {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let f = &self.0;
+        let (m, k) = l.shape().dims2()?;
+        if k != f.fwd.cols {
+            candle_core::bail!(
+                "frozen matmul: x has {k} columns, the matrix {}",
+                f.fwd.cols
+            );
+        }
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul: x is not contiguous");
+        };
+        let x = &s.as_slice::<f32>()?[a..b];
+        let mut out = vec![0f32; m * f.fwd.rows];
+        f.fwd.matmul(x, m, &mut out);
+        Ok((candle_core::CpuStorage::F32(out), (m, f.fwd.rows).into()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.bwd.forward(&grad.contiguous()?)?))
+    }
+}
+
 struct SharedOut(*mut f32);
 // SAFETY: threads write disjoint columns (see `matmul`).
 unsafe impl Sync for SharedOut {}

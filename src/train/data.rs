@@ -9,17 +9,17 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 
 /// Training sequences: runs of whole segments of a document, up to `seq_tokens` regular
-/// tokens each, every one starting with BOS.
+/// tokens each, every one starting with BOS when the model uses one (as documents do).
 pub fn sequences(
     texts: &[String],
     tokenizer: &GistTokenizer,
     gist: &GistConfig,
-    bos: u32,
+    bos: Option<u32>,
     seq_tokens: usize,
 ) -> anyhow::Result<Vec<Vec<Segment>>> {
     let mut out = Vec::new();
     for text in texts {
-        let mut enc = DocumentEncoder::new(tokenizer, &gist.segmentation, Some(bos));
+        let mut enc = DocumentEncoder::new(tokenizer, &gist.segmentation, bos);
         let mut segs = enc.push(text)?;
         segs.extend(enc.finish()?);
         let mut cur: Vec<Segment> = Vec::new();
@@ -29,7 +29,7 @@ pub fn sequences(
                 out.push(std::mem::take(&mut cur));
                 n = 0;
             }
-            if cur.is_empty() && seg.tokens.first() != Some(&bos) {
+            if let Some(bos) = bos.filter(|&b| cur.is_empty() && seg.tokens.first() != Some(&b)) {
                 seg.tokens.insert(0, bos);
             }
             seg.tokens.truncate(seq_tokens);

@@ -4,7 +4,8 @@
 use super::config::{TrainConfig, Trainable};
 use super::optim::AdamW;
 use super::TrainProgress;
-use crate::model::config::GistConfig;
+use crate::model::adapter::{self, AdapterConfig};
+use crate::model::config::{GistConfig, PositionScheme};
 use crate::model::llama::Llama;
 use crate::model::GistModel;
 use crate::text::tokenize::GistTokenizer;
@@ -23,6 +24,16 @@ pub(crate) struct CheckpointMeta {
     /// config.json of the model being trained.
     pub(crate) model_config: serde_json::Value,
     pub(crate) gist: GistConfig,
+    /// Adapter training: the adapter's settings and the frozen base it trains on.
+    #[serde(default)]
+    pub(crate) adapter: Option<AdapterRun>,
+}
+
+/// An adapter being trained on a frozen base.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterRun {
+    pub config: AdapterConfig,
+    pub base: std::path::PathBuf,
 }
 
 /// A model being trained: its weights live in a VarMap so candle's autograd sees them.
@@ -32,6 +43,8 @@ pub struct Trainee {
     pub model_config: serde_json::Value,
     /// Precision of the weights written to the model directory (checkpoints stay f32).
     pub save_dtype: DType,
+    /// Adapter training: the varmap holds only the adapter; the base is frozen.
+    pub adapter: Option<AdapterRun>,
 }
 
 impl Trainee {
@@ -66,6 +79,61 @@ impl Trainee {
             varmap,
             model_config,
             save_dtype: DType::F32,
+            adapter: None,
+        })
+    }
+
+    /// A gist adapter on a frozen GGUF base (see [`crate::model::adapter`]): the base
+    /// dequantized to f32 and frozen, the adapter (gist rows and LoRA) the only variables.
+    /// `gist`: the adapter's gist settings, or (a new run) N_g and the position scheme.
+    pub fn adapter(
+        base: &Path,
+        gist: Result<&GistConfig, (usize, PositionScheme)>,
+        config: AdapterConfig,
+        seed: u64,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let (json, opts, positions) = match gist {
+            Ok(g) => (
+                Some(serde_json::to_vec(g)?),
+                Default::default(),
+                g.positions,
+            ),
+            Err((n, p)) => (
+                None,
+                crate::model::LoadOptions {
+                    num_gists: n,
+                    ..Default::default()
+                },
+                p,
+            ),
+        };
+        let mut model = GistModel::load_base_for_training(base, device, &opts, json.as_deref())?;
+        model.gist.positions = positions;
+        let n = model.gist.num_gist_tokens;
+        model.llama.freeze_base(n)?;
+        let fresh = adapter::fresh(&mut model.llama, &config, n, seed)?;
+        let varmap = VarMap::new();
+        let mut tensors = HashMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (name, t) in fresh {
+                let var = Var::from_tensor(&t.to_device(device)?)?;
+                tensors.insert(name.clone(), var.as_tensor().clone());
+                data.insert(name, var);
+            }
+        }
+        adapter::attach(&mut model.llama, &config, &tensors)?;
+        model.fingerprint = 0;
+        Ok(Self {
+            model,
+            varmap,
+            model_config: serde_json::Value::Null,
+            save_dtype: DType::F32,
+            adapter: Some(AdapterRun {
+                config,
+                base: base.to_path_buf(),
+            }),
         })
     }
 
@@ -77,6 +145,7 @@ impl Trainee {
                 trainable == Trainable::All
                     || name.as_str() == "model.embed_tokens.weight"
                     || name.as_str() == "lm_head.weight"
+                    || name.as_str() == adapter::GIST_EMBEDDINGS
             })
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
@@ -95,6 +164,10 @@ impl Trainee {
     /// Writes config.json, gist.json and tokenizer.json (everything but the weights).
     pub fn save_model_files(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
+        if self.adapter.is_some() {
+            // An adapter folder has no config.json or tokenizer: both come from its base.
+            return Ok(());
+        }
         let mut config = self.model_config.clone();
         config["torch_dtype"] = serde_json::json!(match self.save_dtype {
             DType::BF16 => "bfloat16",
@@ -119,6 +192,9 @@ impl Trainee {
 
     /// Writes an HF-format model directory.
     pub fn save_model(&self, dir: &Path) -> anyhow::Result<()> {
+        if let Some(run) = &self.adapter {
+            return adapter::write(dir, &run.config, &self.model.gist, &self.weights());
+        }
         self.save_model_files(dir)?;
         let weights: HashMap<String, Tensor> = self
             .weights()
@@ -180,6 +256,7 @@ pub(crate) fn save_checkpoint(
         progress: progress.clone(),
         model_config: trainee.model_config.clone(),
         gist: trainee.model.gist.clone(),
+        adapter: trainee.adapter.clone(),
     };
     std::fs::write(
         tmp.join("trainer.json"),
@@ -199,6 +276,11 @@ pub fn resume_trainee(out: &Path, device: &Device) -> anyhow::Result<(Trainee, T
     let ckpt = out.join("checkpoint");
     let meta: CheckpointMeta = serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
         .context("reading checkpoint/trainer.json")?;
+    if let Some(run) = meta.adapter {
+        // The variables are set from the checkpoint by `train::run`.
+        let trainee = Trainee::adapter(&run.base, Ok(&meta.gist), run.config, 0, device)?;
+        return Ok((trainee, meta.config));
+    }
     let weights = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu)?;
     let tokenizer = GistTokenizer::from_file(&out.join("tokenizer.json"))?;
     let trainee = Trainee::new(meta.model_config, weights, tokenizer, meta.gist, device)?;

@@ -1,0 +1,180 @@
+//! Gist adapters on a frozen base: training changes only the adapter (the base stays
+//! bit-identical) and its loss falls in the compressed position scheme; the saved folder
+//! loads onto its base and computes what training computed, in parallel and incrementally;
+//! a base that is not the one the adapter names is refused.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp};
+use giststream::engine::whole::{self, Layout, Mode};
+use giststream::model::adapter::{AdapterConfig, BaseRef};
+use giststream::model::config::PositionScheme;
+use giststream::model::ops::Ops;
+use giststream::model::random::{write_random_model, RandomSpec};
+use giststream::model::GistModel;
+use giststream::train::{self, TrainConfig, Trainee};
+use std::path::{Path, PathBuf};
+
+fn texts_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts")
+}
+
+fn spec(tie: bool) -> RandomSpec {
+    RandomSpec {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 128,
+        num_gists: 2,
+        gist_checkpoint: false,
+        tie_embeddings: tie,
+        scale: 0.05,
+        embed_scale: 0.05,
+        norm_noise: 0.0,
+        ..RandomSpec::default()
+    }
+}
+
+fn adapter_config(base: &Path) -> AdapterConfig {
+    AdapterConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: giststream::model::adapter::TARGETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        base: BaseRef {
+            file: base.file_name().unwrap().to_string_lossy().into_owned(),
+            sha256: giststream::model::adapter::base_digest(base).unwrap(),
+        },
+    }
+}
+
+fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
+    let base = root.join("base");
+    write_random_model(&base, &spec(tie)).unwrap();
+    let mut t = Trainee::adapter(
+        &base,
+        Err((2, PositionScheme::Compressed)),
+        adapter_config(&base),
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut cfg = TrainConfig::scratch(64 * 8 * steps, 1e-2, 8);
+    cfg.stages[0].warmup_steps = 3;
+    cfg.seq_tokens = 64;
+    cfg.micro_batch = 4;
+    cfg.checkpoint_every = 1000;
+    let texts: Vec<String> = train::read_texts(&texts_dir())
+        .unwrap()
+        .into_iter()
+        .map(|t| t.chars().take(40_000).collect())
+        .collect();
+    let seqs = train::sequences(
+        &texts,
+        &t.model.tokenizer,
+        &t.model.gist,
+        t.model.bos_token_id(),
+        cfg.seq_tokens,
+    )
+    .unwrap();
+    let mut losses = Vec::new();
+    train::run(&mut t, &cfg, &seqs, &root.join("adapter"), false, |l, _| {
+        losses.push(l.loss)
+    })
+    .unwrap();
+    (t, losses)
+}
+
+#[test]
+fn an_adapter_trains_on_a_frozen_base_and_loads_back_onto_it() {
+    for tie in [true, false] {
+        let root = tempfile::tempdir().unwrap();
+        let (t, losses) = train_adapter(root.path(), tie, 30);
+        assert_eq!(losses.len(), 30);
+        let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
+        let last: f32 = losses[26..].iter().sum::<f32>() / 4.0;
+        assert!(last < first - 0.3, "tie {tie}: loss {first} -> {last}");
+        // Only the adapter was a variable: gist rows and two matrices per projection.
+        let names: Vec<String> = t.weights().keys().cloned().collect();
+        assert_eq!(names.len(), 1 + 2 * 7 * 2, "{names:?}");
+        // The adapter folder holds the adapter only: config and tokenizer are its base's.
+        let base = root.path().join("base");
+        let folder = root.path().join("adapter");
+        for f in ["adapter.json", "gist.json", "adapter.safetensors"] {
+            assert!(folder.join(f).is_file(), "{f}");
+        }
+        assert!(!folder.join("config.json").exists());
+
+        // Loaded onto its base (found beside the folder; packed for inference), the adapter
+        // computes what the trainee computes (frozen base, autograd ops' forward), on the
+        // parallel path and on the incremental path.
+        let loaded =
+            GistModel::load(&folder, &Device::Cpu, DType::F32, &Default::default()).unwrap();
+        assert_eq!(loaded.gist.positions, PositionScheme::Compressed);
+        let docs: Vec<_> = ["One short line. Then another one follows here! And a third?"]
+            .iter()
+            .map(|s| loaded.segments(s).unwrap())
+            .collect();
+        let layout = Layout::new(&loaded, &docs, true);
+        let trained = whole::forward(&t.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+        let par = whole::forward(&loaded, &layout, Mode::Sentence, Ops::Fused).unwrap();
+        assert!(
+            common::max_abs_diff(&trained, &par) < 1e-4,
+            "{}",
+            common::max_abs_diff(&trained, &par)
+        );
+        let inc = common::incremental_logits(&loaded, &docs, 1, true);
+        let regular = &layout.regular;
+        let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
+        assert!(d < 1e-4, "incremental vs parallel: {d}");
+        // And the adapter matters: without it the base computes something else.
+        let plain = Trainee::adapter(
+            &base,
+            Err((2, PositionScheme::Compressed)),
+            adapter_config(&base),
+            7,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let untrained = whole::forward(&plain.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+        assert!(common::max_abs_diff(&untrained, &par) > 1e-2);
+    }
+}
+
+#[test]
+fn an_adapter_refuses_a_base_that_is_not_its_own() {
+    let root = tempfile::tempdir().unwrap();
+    let (_t, _) = train_adapter(root.path(), true, 2);
+    // Another model under the base's name.
+    let base = root.path().join("base");
+    write_random_model(
+        &base,
+        &RandomSpec {
+            seed: 99,
+            ..spec(true)
+        },
+    )
+    .unwrap();
+    let load = || {
+        GistModel::load(
+            &root.path().join("adapter"),
+            &Device::Cpu,
+            DType::F32,
+            &Default::default(),
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+    };
+    let msg = load().expect("a foreign base is refused");
+    assert!(
+        msg.contains("is not the base this adapter was trained on"),
+        "{msg}"
+    );
+    // No base at all: the error says how to get one.
+    std::fs::remove_dir_all(&base).unwrap();
+    let msg = load().expect("a missing base is refused");
+    assert!(msg.contains("needs its base"), "{msg}");
+}
