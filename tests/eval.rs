@@ -54,3 +54,34 @@ fn incremental_nll_matches_the_parallel_path_and_reports_add_up() {
     assert_eq!(full.tokens, r.tokens);
     assert_eq!(full.kv_bytes_per_token, full.full_kv_bytes_per_token);
 }
+
+/// The floor reads each sentence alone: it scores the same tokens, and each sentence's
+/// scores are those of a document holding only that sentence.
+#[test]
+fn the_floor_scores_every_sentence_alone() {
+    let (_dir, model) = common::tiny_model(&RandomSpec::default());
+    let docs = documents(&model, &[synthetic_text(7, 6, 3)], 0).unwrap();
+    let floor = giststream::train::eval::nll_sentences(&model, &docs).unwrap();
+    let full = giststream::train::eval::nll_full(&model, &docs).unwrap();
+    assert_eq!(floor[0].len(), full[0].len());
+    let bos = model.bos_token_id().unwrap();
+    let second = &docs[0][1];
+    let mut alone = second.clone();
+    alone.tokens.insert(0, bos);
+    let expected = giststream::train::eval::nll_full(&model, &[vec![alone]]).unwrap();
+    // Sentence 0 (after the document's own BOS) covers tokens 1..; sentence 1 follows.
+    let start = docs[0][0].tokens.len() - 1;
+    let got = &floor[0][start..start + second.tokens.len()];
+    for (a, b) in got.iter().zip(&expected[0]) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    // And it is not the full-context score.
+    let diff: f32 = got
+        .iter()
+        .zip(&full[0][start..])
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    assert!(diff > 1e-3);
+    let r = evaluate(&model, "tiny", &docs, Scoring::Sentence, 1).unwrap();
+    assert_eq!(r.tokens as usize, full[0].len());
+}

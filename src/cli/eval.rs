@@ -13,9 +13,17 @@ pub struct EvalArgs {
     /// Gist model directories, scored on the incremental path.
     #[arg(long = "model", value_name = "DIR")]
     pub models: Vec<PathBuf>,
-    /// Full-attention baseline directories, scored with plain causal attention.
+    /// Full-attention baseline directories, scored with plain causal attention (the
+    /// ceiling a gist model approaches).
     #[arg(long = "baseline", value_name = "DIR")]
     pub baselines: Vec<PathBuf>,
+    /// Models scored on each sentence alone, with nothing before it (the floor: a model
+    /// with no memory of the document).
+    #[arg(long = "floor", value_name = "DIR")]
+    pub floors: Vec<PathBuf>,
+    /// A GGUF model's matrices (gist adapters included): `dequantized` or `quantized`.
+    #[arg(long, value_enum, default_value_t = crate::model::gguf::Weights::default())]
+    pub weights: crate::model::gguf::Weights,
     /// Folder of .txt documents.
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
@@ -40,8 +48,8 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     use crate::train::eval::{documents, evaluate, Scoring};
-    if args.models.is_empty() && args.baselines.is_empty() {
-        bail!("nothing to evaluate: give --model and/or --baseline");
+    if args.models.is_empty() && args.baselines.is_empty() && args.floors.is_empty() {
+        bail!("nothing to evaluate: give --model, --baseline or --floor");
     }
     let device = parse_device(&args.device)?;
     let texts = crate::train::read_texts(&args.data)?;
@@ -52,7 +60,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .models
         .iter()
         .map(|m| (m, Scoring::Gist))
-        .chain(args.baselines.iter().map(|m| (m, Scoring::Full)));
+        .chain(args.baselines.iter().map(|m| (m, Scoring::Full)))
+        .chain(args.floors.iter().map(|m| (m, Scoring::Sentence)));
     let mut out = std::io::stdout().lock();
     if !args.json {
         writeln!(
@@ -62,7 +71,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         )?;
     }
     for (dir, scoring) in runs {
-        let model = GistModel::load(dir, &device, DType::F32, &LoadOptions::default())
+        let opts = LoadOptions {
+            weights: args.weights,
+            ..LoadOptions::default()
+        };
+        let model = GistModel::load(dir, &device, DType::F32, &opts)
             .with_context(|| format!("loading {}", dir.display()))?;
         let docs = if args.windows > 0 {
             crate::train::eval::windows(&model, &texts, args.max_tokens, args.windows)?

@@ -27,6 +27,9 @@ pub enum Scoring {
     Gist,
     /// Full causal attention, no gists.
     Full,
+    /// Each sentence alone (after BOS), no gists and nothing before it: what a model
+    /// without any memory of the document scores (the floor a gist state must beat).
+    Sentence,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +138,30 @@ pub fn nll_full(model: &GistModel, docs: &[Vec<Segment>]) -> anyhow::Result<Vec<
     Ok(out)
 }
 
+/// Negative log-likelihoods of the regular tokens of each document with each sentence
+/// read alone: BOS (the config's, even where documents get none), then the sentence.
+pub fn nll_sentences(model: &GistModel, docs: &[Vec<Segment>]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let bos = model.bos_token_id().or(model.llama.cfg.bos_token_id);
+    let mut out = Vec::new();
+    for doc in docs {
+        let alone: Vec<Vec<Segment>> = doc
+            .iter()
+            .map(|seg| {
+                let mut seg = seg.clone();
+                match bos {
+                    Some(b) if seg.tokens.first() != Some(&b) => seg.tokens.insert(0, b),
+                    _ => {}
+                }
+                seg.close = false;
+                vec![seg]
+            })
+            .collect();
+        let nll: Vec<f32> = nll_full(model, &alone)?.concat();
+        out.push(nll);
+    }
+    Ok(out)
+}
+
 fn ppl(nll: &[f32]) -> f64 {
     if nll.is_empty() {
         return f64::NAN;
@@ -166,6 +193,7 @@ pub fn evaluate(
         match scoring {
             Scoring::Gist => nll_gist(model, docs, batch),
             Scoring::Full => Ok((nll_full(model, docs)?, 0)),
+            Scoring::Sentence => Ok((nll_sentences(model, docs)?, 0)),
         }
     };
     let (all, gists) = score(docs)?;
