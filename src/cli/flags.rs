@@ -11,8 +11,11 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// HF-format model directory (config.json, model.safetensors or a sharded index,
-    /// tokenizer.json, and gist.json for a gist checkpoint), or a GGUF file. Default: the
-    /// project's own model, embedded in the binary.
+    /// tokenizer.json, and gist.json for a gist checkpoint), a GGUF file, a gist adapter
+    /// folder (adapter.json; its base GGUF is found by name and checked by hash), or a
+    /// model shipped under `models/` by name (`smollm2-gist`: SmolLM2-135M-Instruct with
+    /// the project's gist adapter, after scripts/get-smollm2.sh). Default: the project's
+    /// own small model, embedded in the binary.
     #[arg(long, value_name = "DIR|FILE")]
     pub model: Option<PathBuf>,
     /// A GGUF model's matrices: `dequantized` (expanded to --dtype: exact, faster prefill)

@@ -213,12 +213,14 @@ pub fn read(dir: &Path) -> anyhow::Result<(AdapterConfig, Vec<u8>, HashMap<Strin
     Ok((cfg, gist, tensors))
 }
 
-/// Writes an adapter folder (atomically per file).
+/// Writes an adapter folder (atomically per file), its tensors in `dtype` (bf16 halves
+/// the file; loading converts back).
 pub fn write(
     dir: &Path,
     cfg: &AdapterConfig,
     gist: &super::config::GistConfig,
     tensors: &HashMap<String, Tensor>,
+    dtype: DType,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let put = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
@@ -234,7 +236,7 @@ pub fn write(
     put("gist.json", serde_json::to_string_pretty(gist)?.as_bytes())?;
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<anyhow::Result<_>>()?;
     let tmp = dir.join(".adapter.safetensors.tmp");
     candle_core::safetensors::save(&cpu, &tmp)?;

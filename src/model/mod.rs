@@ -80,6 +80,8 @@ impl GistModel {
                  kernel): use --dtype f32 or f16 there; bf16 weights load fine as f32"
             );
         }
+        let named = shipped(dir);
+        let dir = named.as_deref().unwrap_or(dir);
         if gguf::is_gguf(dir) {
             return Self::load_gguf(dir, device, dtype, opts, None, true);
         }
@@ -331,6 +333,23 @@ impl GistModel {
         out.extend(enc.finish()?);
         Ok(out)
     }
+}
+
+/// A model shipped with the project, by its bare name (`smollm2-gist`): the folder of
+/// that name under `models/` in the working directory or in the source tree this binary
+/// was built from. None when `name` is a path that exists, or no such folder is found.
+pub fn shipped(name: &Path) -> Option<PathBuf> {
+    if name.exists() || name.components().count() != 1 {
+        return None;
+    }
+    let roots = [
+        PathBuf::from("models"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+    ];
+    roots
+        .iter()
+        .map(|r| r.join(name))
+        .find(|p| p.join("adapter.json").is_file() || p.join("config.json").is_file())
 }
 
 /// The gist settings of a checkpoint: its `gist.json` (checked against the tokenizer), or

@@ -156,7 +156,11 @@ pub fn nll_sentences(model: &GistModel, docs: &[Vec<Segment>]) -> anyhow::Result
                 vec![seg]
             })
             .collect();
-        let nll: Vec<f32> = nll_full(model, &alone)?.concat();
+        let mut nll: Vec<f32> = nll_full(model, &alone)?.concat();
+        if model.bos_token_id().is_none() && bos.is_some() && !nll.is_empty() {
+            // Documents start without BOS, so their first token is never scored: nor here.
+            nll.remove(0);
+        }
         out.push(nll);
     }
     Ok(out)

@@ -193,7 +193,13 @@ impl Trainee {
     /// Writes an HF-format model directory.
     pub fn save_model(&self, dir: &Path) -> anyhow::Result<()> {
         if let Some(run) = &self.adapter {
-            return adapter::write(dir, &run.config, &self.model.gist, &self.weights());
+            return adapter::write(
+                dir,
+                &run.config,
+                &self.model.gist,
+                &self.weights(),
+                self.save_dtype,
+            );
         }
         self.save_model_files(dir)?;
         let weights: HashMap<String, Tensor> = self

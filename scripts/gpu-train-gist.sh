@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The SmolLM2 gist adapter at full scale, on one GPU lease (parts prepared by
+# scripts/gpu-pack-gist.sh; read its header first). Each call stashes the parts it
+# carries; the call that completes the set reassembles the files (checked by sha256),
+# then, in one command under 10 minutes:
+#   1. trains the adapter from the base GGUF: the recipe of models/smollm2-gist, larger
+#      (rank RANK, sequences of SEQ tokens, batches of BATCH, for TRAIN_SECONDS);
+#   2. evaluates it on valid/ against the base (ceiling: full attention; floor: each
+#      sentence alone) at 2k tokens per book;
+#   3. writes to $OUT: the adapter folder's three files (bf16), train-log.jsonl, eval.jsonl
+#      and log.txt.
+# Copy $OUT's files to models/smollm2-gist/ (after checking eval.jsonl) to ship them.
+#
+# A rehearsal on a CPU machine: BIN=target/release/giststream DEVICE=cpu TRAIN_SECONDS=60
+# RANK=4 SEQ=256 BATCH=2 EVAL_TOKENS=256 bash scripts/gpu-train-gist.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out/gist}
+PACK=${PACK:-.gpu/gist}
+STASH=${STASH:-.gpu-stash/gist}
+DEVICE=${DEVICE:-cuda}
+TRAIN_SECONDS=${TRAIN_SECONDS:-420}
+RANK=${RANK:-64}
+SEQ=${SEQ:-4096}
+BATCH=${BATCH:-16}
+NG=${NG:-4}
+EVAL_TOKENS=${EVAL_TOKENS:-2048}
+mkdir -p "$OUT" "$STASH"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+date
+[ -f "$PACK/manifest" ] || { echo "no $PACK/manifest: run scripts/gpu-pack-gist.sh first"; exit 2; }
+for p in "$PACK"/[0-9][0-9]; do [ -e "$p" ] && cp "$p" "$STASH/" && echo "stashed $(basename "$p")"; done
+parts=$(awk '$1 == "parts" {print $2}' "$PACK/manifest")
+have=$(ls "$STASH" | grep -c '^[0-9][0-9]$')
+if [ "$have" -lt "$parts" ]; then
+  echo "have $have of $parts parts: call again with the next one (within the idle release)"
+  exit 0
+fi
+WORK=${WORK:-/tmp/giststream-gist}
+mkdir -p "$WORK"
+# Reassemble: the parts in order are the files one after another.
+cat "$STASH"/[0-9][0-9] > "$WORK/stream"
+offset=0
+while read -r kind name size sha; do
+  [ "$kind" = file ] || continue
+  tail -c +$(( offset + 1 )) "$WORK/stream" | head -c "$size" > "$WORK/$name"
+  echo "$sha  $WORK/$name" | sha256sum --check --status || { echo "$name: sha256 mismatch"; exit 1; }
+  offset=$(( offset + size ))
+done < "$PACK/manifest"
+rm -f "$WORK/stream"
+# The base keeps its own name: the adapter records it, and finds it beside its folder.
+BASE=$WORK/$(awk '$1 == "file" && $2 ~ /\.gguf$/ {print $2}' "$PACK/manifest")
+tar -C "$WORK" -xzf "$WORK/corpus.tar.gz"
+if [ -z "${BIN:-}" ]; then
+  BIN=$WORK/giststream
+  gzip -dc "$WORK/giststream-cuda.gz" > "$BIN" && chmod +x "$BIN"
+  for d in /usr/local/cuda/lib64 \
+    $(python3 -c 'import nvidia,os;print(*[os.path.join(p,"cu13","lib") for p in nvidia.__path__])' 2>/dev/null); do
+    [ -e "$d/libcublas.so.13" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  done
+  ldd "$BIN" | grep -E "cuda|cublas|curand"
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+fi
+
+echo "== training: rank $RANK, N_g $NG, compressed positions, $SEQ-token sequences, ${TRAIN_SECONDS}s"
+"$BIN" train --from "$BASE" --adapter-rank "$RANK" --adapter-alpha $(( 2 * RANK )) \
+  --positions compressed --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
+  --tokens 100000000 --batch "$BATCH" --micro-batch "$BATCH" --seq-tokens "$SEQ" --lr 1e-3 \
+  --warmup-steps 20 --checkpoint-every 50 --max-seconds "$TRAIN_SECONDS" --save-dtype bf16 \
+  --device "$DEVICE"
+echo "-- train exit $?"
+cp "$WORK/adapter/train-log.jsonl" "$OUT/" 2>/dev/null
+for f in adapter.json gist.json adapter.safetensors; do cp "$WORK/adapter/$f" "$OUT/" 2>/dev/null; done
+
+echo "== evaluation on valid/, $EVAL_TOKENS tokens per book"
+"$BIN" eval --model "$WORK/adapter" --baseline "$BASE" --floor "$BASE" \
+  --data "$WORK/corpus/valid" --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json | tee "$OUT/eval.jsonl"
+date
