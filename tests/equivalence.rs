@@ -26,6 +26,17 @@ fn documents(model: &GistModel) -> Vec<Vec<Segment>> {
         .collect()
 }
 
+/// The documents as compression input, named by their index.
+fn numbered(docs: &[Vec<Segment>]) -> Vec<giststream::engine::compress::Document> {
+    docs.iter()
+        .enumerate()
+        .map(|(i, s)| giststream::engine::compress::Document {
+            id: i.to_string(),
+            segments: s.clone(),
+        })
+        .collect()
+}
+
 fn check(spec: RandomSpec, batch: usize, split_tails: bool) {
     let (_dir, model) = common::tiny_model(&spec);
     let docs = documents(&model);
@@ -138,14 +149,7 @@ fn long_sentences_are_cut_at_the_token_limit_and_still_match() {
 fn the_state_keeps_only_gists() {
     let (_dir, model) = common::tiny_model(&RandomSpec::default());
     let docs = documents(&model);
-    let input = docs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| giststream::engine::compress::Document {
-            id: i.to_string(),
-            segments: s.clone(),
-        })
-        .collect();
+    let input = numbered(&docs);
     let results = giststream::engine::compress::compress(&model, input, 3).unwrap();
     for ((state, report), segs) in results.iter().zip(&docs) {
         let tokens: usize = segs.iter().map(|s| s.tokens.len()).sum();
@@ -280,14 +284,7 @@ fn compressed_positions_differ_from_original_and_span_the_state_only() {
             .unwrap();
         assert_eq!(max, expected, "{} rows", d.rows.len());
     }
-    let input = docs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| giststream::engine::compress::Document {
-            id: i.to_string(),
-            segments: s.clone(),
-        })
-        .collect();
+    let input = numbered(&docs);
     for (state, _) in giststream::engine::compress::compress(&comp, input, 2).unwrap() {
         assert_eq!(state.next_position as usize, state.kv_len());
     }
@@ -307,17 +304,9 @@ fn compressed_positions_slots_equal_per_document_states() {
         let (_dir, model) = common::tiny_model(&spec);
         let docs = documents(&model);
         let input = |_: ()| {
-            docs.iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    (
-                        giststream::engine::compress::Document {
-                            id: i.to_string(),
-                            segments: s.clone(),
-                        },
-                        GistState::new(&model).unwrap(),
-                    )
-                })
+            numbered(&docs)
+                .into_iter()
+                .map(|d| (d, GistState::new(&model).unwrap()))
                 .collect::<Vec<_>>()
         };
         let per = giststream::engine::compress::compress_with(
