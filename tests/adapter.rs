@@ -21,18 +21,9 @@ fn texts_dir() -> PathBuf {
 
 fn spec(tie: bool) -> RandomSpec {
     RandomSpec {
-        hidden: 64,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 128,
-        num_gists: 2,
         gist_checkpoint: false,
         tie_embeddings: tie,
-        scale: 0.05,
-        embed_scale: 0.05,
-        norm_noise: 0.0,
-        ..RandomSpec::default()
+        ..common::small_spec()
     }
 }
 

@@ -2,9 +2,11 @@
 //! weight, frozen weights stay bit-identical, and a run killed with SIGKILL resumes onto
 //! the same loss curve.
 
+mod common;
+
 use candle_core::{DType, Device};
 use giststream::model::ops::Ops;
-use giststream::model::random::{write_random_model, RandomSpec};
+use giststream::model::random::write_random_model;
 use giststream::text::tokenize::Segment;
 use giststream::train::{self, Attention, TrainConfig, Trainable, Trainee};
 use std::collections::HashMap;
@@ -15,23 +17,8 @@ fn texts_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts")
 }
 
-fn small_spec() -> RandomSpec {
-    RandomSpec {
-        hidden: 64,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 128,
-        num_gists: 2,
-        scale: 0.05,
-        embed_scale: 0.05,
-        norm_noise: 0.0,
-        ..RandomSpec::default()
-    }
-}
-
 fn trainee(dir: &Path) -> Trainee {
-    write_random_model(dir, &small_spec()).unwrap();
+    write_random_model(dir, &common::small_spec()).unwrap();
     train::trainee_from_dir(dir, 2, &Device::Cpu).unwrap()
 }
 
@@ -205,7 +192,7 @@ fn losses(out: &Path) -> Vec<(usize, f32)> {
 fn a_killed_run_resumes_onto_the_same_loss_curve() {
     let dir = tempfile::tempdir().unwrap();
     let init = dir.path().join("init");
-    write_random_model(&init, &small_spec()).unwrap();
+    write_random_model(&init, &common::small_spec()).unwrap();
 
     let straight = dir.path().join("straight");
     let st = train_cmd(&init, &straight).output().unwrap();

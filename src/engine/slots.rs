@@ -14,11 +14,11 @@
 //! (Hkv, slots · cap, D), slot s owning rows s·cap .. s·cap + cap; rows past a slot's
 //! length hold stale values that the mask hides.
 
-use crate::engine::state::{step_rows, Chunk, GistState, KvBuffer, StepRows};
+use crate::engine::state::{moved_angles, step_rows, Chunk, GistState, KvBuffer, StepRows};
 use crate::model::attention::{padded_mask, AttentionPlan};
 use crate::model::config::PositionScheme;
 use crate::model::llama::Logits;
-use crate::model::ops::{rope, rope_shift_angles, Ops};
+use crate::model::ops::{rope, Ops};
 use crate::model::GistModel;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -207,15 +207,10 @@ pub fn advance_slots(
     let mask = padded_mask(&limit, t, cache.dtype)?; // (S, 1, Lmax, T)
                                                      // The compressed position scheme re-rotates each moved key by how far it moves.
     let shift = match (from.is_empty(), model.gist.positions) {
-        (false, PositionScheme::Compressed) => {
-            let deltas: Vec<i64> = from
-                .iter()
-                .zip(&to)
-                .map(|(&f, &t)| t as i64 - f as i64)
-                .collect();
-            let (c, s) = rope_shift_angles(&deltas, model.llama.inv_freq(), cache.dtype)?;
-            Some((c, s))
-        }
+        (false, PositionScheme::Compressed) => Some(moved_angles(
+            model,
+            from.iter().copied().zip(to.iter().copied()),
+        )?),
         _ => None,
     };
     let compact = if from.is_empty() {

@@ -307,7 +307,8 @@ pub fn advance(
                 PositionScheme::Compressed => {
                     // Row = position: the kept rows move down, and so do their keys.
                     state.next_position = (tail_start + keep.len()) as u32;
-                    Some(moved_angles(model, tail_start, &keep)?)
+                    let to = tail_start as u32..;
+                    Some(moved_angles(model, keep.iter().copied().zip(to))?)
                 }
             };
             for layer in state.layers.iter_mut() {
@@ -322,13 +323,14 @@ pub fn advance(
     Ok(out)
 }
 
-/// The rotation of rows `from` (ascending) moved to `to..`: cos and sin (rows, D/2).
-pub(crate) fn moved_angles(model: &GistModel, to: usize, from: &[u32]) -> Result<(Tensor, Tensor)> {
-    let deltas: Vec<i64> = from
-        .iter()
-        .enumerate()
-        .map(|(i, &r)| (to + i) as i64 - r as i64)
-        .collect();
+/// The re-rotation of keys moved between rows, `(from, to)` each (the compressed position
+/// scheme, where a row is a position): cos and sin (moves, D/2). Both incremental engines
+/// compact through this.
+pub(crate) fn moved_angles(
+    model: &GistModel,
+    moves: impl Iterator<Item = (u32, u32)>,
+) -> Result<(Tensor, Tensor)> {
+    let deltas: Vec<i64> = moves.map(|(f, t)| t as i64 - f as i64).collect();
     rope_shift_angles(&deltas, model.llama.inv_freq(), model.llama.dtype())
 }
 

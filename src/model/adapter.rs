@@ -93,7 +93,7 @@ pub const GIST_EMBEDDINGS: &str = "gist_embeddings";
 /// A fresh adapter for `llama`: A drawn uniformly in ±1/sqrt(in) (LoRA's init), B zero,
 /// and the gist rows as the base has them now (the mean embedding).
 pub fn fresh(
-    llama: &mut Llama,
+    llama: &Llama,
     cfg: &AdapterConfig,
     num_gists: usize,
     seed: u64,

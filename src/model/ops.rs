@@ -92,14 +92,7 @@ mod tests {
         let moved = rope(&at_written, &c, &s, Ops::Fused).unwrap();
         let (c, s) = rope_angles(&stored, &inv, DType::F32).unwrap();
         let direct = rope(&x, &c, &s, Ops::Fused).unwrap();
-        let diff = (moved - direct)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = super::super::simd::max_abs_diff(&moved, &direct);
         assert!(diff < 1e-5, "{diff}");
     }
 }

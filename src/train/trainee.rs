@@ -112,7 +112,7 @@ impl Trainee {
         model.gist.positions = positions;
         let n = model.gist.num_gist_tokens;
         model.llama.freeze_base(n)?;
-        let fresh = adapter::fresh(&mut model.llama, &config, n, seed)?;
+        let fresh = adapter::fresh(&model.llama, &config, n, seed)?;
         let varmap = VarMap::new();
         let mut tensors = HashMap::new();
         {

@@ -9,6 +9,22 @@ use giststream::model::random::{write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
 use giststream::text::tokenize::Segment;
 
+/// A small random model that trains in seconds (the training tests' shape).
+pub fn small_spec() -> RandomSpec {
+    RandomSpec {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 128,
+        num_gists: 2,
+        scale: 0.05,
+        embed_scale: 0.05,
+        norm_noise: 0.0,
+        ..RandomSpec::default()
+    }
+}
+
 /// The model in `dir`, loaded f32 on the CPU.
 pub fn load_model(dir: &std::path::Path) -> GistModel {
     GistModel::load(dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap()
