@@ -279,6 +279,11 @@ fn step(
     advance(model, &mut [(state, Chunk { tokens, close })], true)?.context("logits requested")
 }
 
+/// Width of a logits row: the vocabulary, gist tokens included.
+fn logits_width(model: &GistModel) -> usize {
+    model.llama.cfg.vocab
+}
+
 /// The last row of `logits` (V,).
 fn last_row(logits: &Tensor) -> anyhow::Result<Tensor> {
     Ok(logits.get(logits.dim(0)? - 1)?)
@@ -303,7 +308,11 @@ fn feed(
 /// one and `chat_template` asks for it; otherwise a paragraph break, then the question
 /// (the document's last sentence is closed; the question starts a new paragraph as in the
 /// training text).
-fn question_text(model: &GistModel, question: &str, chat_template: bool) -> anyhow::Result<String> {
+pub fn question_text(
+    model: &GistModel,
+    question: &str,
+    chat_template: bool,
+) -> anyhow::Result<String> {
     ensure!(!question.trim().is_empty(), "the question is empty");
     Ok(match &model.chat_template {
         Some(t) if chat_template => t.render_question(question)?,
@@ -340,6 +349,32 @@ pub fn answer(
     generate(model, state, &q, sampling, started, &never, on_text)
 }
 
+/// Continues from a state that keeps every token (`passkey`'s full-attention reading):
+/// `text` goes in without closing a sentence and the answer never writes gists, so
+/// attention stays plain causal over everything.
+pub fn continuation_open(
+    model: &GistModel,
+    state: GistState,
+    text: &str,
+    sampling: &Sampling,
+) -> anyhow::Result<Answer> {
+    let started = std::time::Instant::now();
+    let mut segments = text_segments(model, text)?;
+    for s in &mut segments {
+        s.close = false;
+    }
+    generate_with(
+        model,
+        state,
+        &segments,
+        sampling,
+        started,
+        &never,
+        true,
+        |_| {},
+    )
+}
+
 /// Continues the document: `text` is fed as its next words (no question framing) and the
 /// model writes on from there.
 pub fn continuation(
@@ -357,14 +392,40 @@ pub fn continuation(
 
 fn generate(
     model: &GistModel,
+    state: GistState,
+    prompt: &[Segment],
+    sampling: &Sampling,
+    started: std::time::Instant,
+    cancelled: &Cancel,
+    on_text: impl FnMut(&str),
+) -> anyhow::Result<Answer> {
+    generate_with(
+        model, state, prompt, sampling, started, cancelled, false, on_text,
+    )
+}
+
+/// `open`: never write gists (they are masked out of the choice), so nothing is dropped.
+#[allow(clippy::too_many_arguments)]
+fn generate_with(
+    model: &GistModel,
     mut state: GistState,
     prompt: &[Segment],
     sampling: &Sampling,
     started: std::time::Instant,
     cancelled: &Cancel,
+    open: bool,
     mut on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
+    let no_gists = if open {
+        let mut m = vec![0f32; logits_width(model)];
+        for &g in &model.gist.gist_token_ids {
+            m[g as usize] = f32::NEG_INFINITY;
+        }
+        Some(Tensor::new(m.as_slice(), model.llama.device())?)
+    } else {
+        None
+    };
     let mut logits = feed(model, &mut state, prompt, cancelled)?;
     let temperature = (sampling.temperature > 0.0).then_some(sampling.temperature);
     let mut processor = LogitsProcessor::new(sampling.seed, temperature, sampling.top_p);
@@ -374,6 +435,9 @@ fn generate(
     let mut ttft = None;
     while ids.len() < sampling.max_tokens {
         check_cancel(cancelled)?;
+        if let Some(m) = &no_gists {
+            logits = logits.to_dtype(candle_core::DType::F32)?.broadcast_add(m)?;
+        }
         let next = processor.sample(&logits)?;
         if Some(next) == eos {
             break;

@@ -10,6 +10,7 @@ mod demo;
 mod docs;
 mod eval;
 pub mod flags;
+mod passkey;
 mod produce;
 mod query;
 mod reindex;
@@ -45,6 +46,10 @@ pub enum Command {
     /// get), baselines with full attention; R_c, stored bytes per token, and a long-range
     /// check (second halves scored after their compressed first half vs alone).
     Eval(eval::EvalArgs),
+    /// Passkey retrieval: a five-digit key at a random depth in filler text, asked for
+    /// through the chat template; gist models answer from the gist state, baselines with
+    /// full attention. Prints each trial and the accuracy per length.
+    Passkey(passkey::PasskeyArgs),
     /// Ask a stored document a question: resumes from its gist state (not its text) and
     /// generates the answer token by token; `--score TEXT` gives the log-likelihood of a
     /// continuation instead.
@@ -96,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainTokenizer(args) => train::run_tokenizer(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Passkey(args) => passkey::run(args),
         Command::Query(args) => query::run(args),
         Command::Docs(args) => docs::run_docs(args),
         Command::Inspect(args) => docs::run_inspect(args),

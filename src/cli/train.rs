@@ -41,6 +41,21 @@ pub struct TrainArgs {
     /// of the whole model. --out then receives the adapter folder.
     #[arg(long, value_name = "R", requires = "from")]
     pub adapter_rank: Option<usize>,
+    /// Start the adapter from this trained adapter folder (its rank, targets and gist
+    /// settings) with a new schedule: more training for a run whose schedule has ended.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "from",
+        conflicts_with = "adapter_rank"
+    )]
+    pub init_adapter: Option<PathBuf>,
+    /// Prepend the base's BOS to every document and keep it visible to every later token
+    /// (gist.json `add_bos`, `bos_always_visible`). Models without BOS, like SmolLM2,
+    /// otherwise lose their first token (the attention sink) when the first sentence
+    /// closes.
+    #[arg(long)]
+    pub keep_bos: bool,
     /// The adapter's scale numerator (a projection adds alpha / r · x·Aᵀ·Bᵀ).
     #[arg(long, default_value_t = 32.0)]
     pub adapter_alpha: f64,
@@ -171,6 +186,29 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             c
         };
         let mut trainee = match (&args.from, args.adapter_rank) {
+            (Some(base), None) if args.init_adapter.is_some() => {
+                let dir = args.init_adapter.as_ref().expect("checked");
+                let (config, gist, tensors) = crate::model::adapter::read(dir)?;
+                let digest = crate::model::adapter::base_digest(base)?;
+                anyhow::ensure!(
+                    config.base.sha256 == digest,
+                    "{} was trained on {} (sha256 {}), not on {}",
+                    dir.display(),
+                    config.base.file,
+                    config.base.sha256,
+                    base.display()
+                );
+                let mut gist: crate::model::config::GistConfig = serde_json::from_slice(&gist)
+                    .with_context(|| format!("parsing {}", dir.join("gist.json").display()))?;
+                if args.keep_bos {
+                    gist.add_bos = true;
+                    gist.bos_always_visible = true;
+                }
+                let mut t = train::Trainee::adapter(base, Ok(&gist), config, args.seed, &device)?;
+                t.init_adapter(&tensors)
+                    .with_context(|| format!("starting from {}", dir.display()))?;
+                t
+            }
             (Some(base), Some(rank)) => {
                 let config = crate::model::adapter::AdapterConfig {
                     rank,
@@ -220,6 +258,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         };
         if trainee.adapter.is_none() {
             trainee.model.gist.positions = args.positions;
+        }
+        if args.keep_bos {
+            anyhow::ensure!(
+                trainee.model.llama.cfg.bos_token_id.is_some(),
+                "--keep-bos: the model names no BOS token"
+            );
+            trainee.model.gist.add_bos = true;
+            trainee.model.gist.bos_always_visible = true;
         }
         (trainee, cfg)
     };

@@ -94,8 +94,12 @@ impl ChatTemplate {
         if text.trim().is_empty() {
             bail!("the chat template renders nothing");
         }
+        // A template that writes `bos_token` itself (Llama's) starts with the BOS the
+        // document already has; one that spells its turns' markers out (SmolLM2's
+        // `<|im_start|>`, which is also its BOS) keeps them.
+        let writes_bos = self.source.contains("bos_token");
         Ok(match text.strip_prefix(&self.bos_token) {
-            Some(rest) if !self.bos_token.is_empty() => rest.to_string(),
+            Some(rest) if writes_bos && !self.bos_token.is_empty() => rest.to_string(),
             _ => text,
         })
     }
@@ -200,6 +204,21 @@ mod tests {
         assert_eq!(
             t.render_question("  Who? ").unwrap(),
             "<|user|>Who?</s><|assistant|>"
+        );
+    }
+
+    #[test]
+    fn a_template_that_spells_out_its_markers_keeps_them_when_they_are_bos() {
+        // SmolLM2: BOS is `<|im_start|>`, which the template writes as a turn marker.
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}".into(),
+            "<|im_start|>".into(),
+            "<|im_end|>".into(),
+        )
+        .unwrap();
+        assert_eq!(
+            t.render_question("Who?").unwrap(),
+            "<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n"
         );
     }
 

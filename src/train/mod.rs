@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod passkey;
 pub mod trainee;
 
 pub use config::{Attention, Schedule, Stage, TrainConfig, Trainable};

@@ -137,6 +137,32 @@ impl Trainee {
         })
     }
 
+    /// Starts from a trained adapter's tensors (`train --init-adapter`): every variable
+    /// takes the stored value of the same name and shape; a missing or extra tensor is
+    /// an error, since it means the two adapters differ in rank or targets.
+    pub fn init_adapter(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        anyhow::ensure!(
+            tensors.len() == data.len(),
+            "the initial adapter has {} tensors, but this run trains {}",
+            tensors.len(),
+            data.len()
+        );
+        for (name, var) in data.iter() {
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("the initial adapter has no tensor {name}"))?;
+            anyhow::ensure!(
+                t.dims() == var.dims(),
+                "the initial adapter's {name} is {:?}, but this run's is {:?}",
+                t.dims(),
+                var.dims()
+            );
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn vars(&self, trainable: Trainable) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut vars: Vec<(String, Var)> = data
