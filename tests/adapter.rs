@@ -169,3 +169,46 @@ fn an_adapter_refuses_a_base_that_is_not_its_own() {
     let msg = load().expect("a missing base is refused");
     assert!(msg.contains("needs its base"), "{msg}");
 }
+
+#[test]
+fn a_trained_adapter_starts_a_new_run_with_a_kept_bos() {
+    let root = tempfile::tempdir().unwrap();
+    let (first, _) = train_adapter(root.path(), true, 6);
+    let base = root.path().join("base");
+    let folder = root.path().join("adapter");
+    let (config, gist, tensors) = giststream::model::adapter::read(&folder).unwrap();
+    let mut gist: giststream::model::config::GistConfig = serde_json::from_slice(&gist).unwrap();
+    assert!(!gist.bos_always_visible);
+    // `train --init-adapter DIR --keep-bos`: the adapter's weights, BOS kept visible.
+    gist.add_bos = true;
+    gist.bos_always_visible = true;
+    let mut next = Trainee::adapter(&base, Ok(&gist), config.clone(), 99, &Device::Cpu).unwrap();
+    next.init_adapter(&tensors).unwrap();
+    let (a, b) = (first.weights(), next.weights());
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let d = common::max_abs_diff(t, &b[name]);
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    let bos = next.model.kept_bos().expect("BOS kept");
+    let docs = vec![next.model.segments("One line. Another line here.").unwrap()];
+    assert_eq!(docs[0][0].tokens[0], bos);
+    // The kept BOS is stored like a gist: the incremental path still equals the
+    // parallel one.
+    let layout = Layout::new(&next.model, &docs, true);
+    let par = whole::forward(&next.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+    let inc = common::incremental_logits(&next.model, &docs, 1, true);
+    let regular = &layout.regular;
+    let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
+    assert!(d < 1e-4, "incremental vs parallel with a kept BOS: {d}");
+    // An adapter of another rank does not fit.
+    let other = Trainee::adapter(
+        &base,
+        Ok(&gist),
+        AdapterConfig { rank: 2, ..config },
+        1,
+        &Device::Cpu,
+    );
+    let msg = format!("{:#}", other.unwrap().init_adapter(&tensors).unwrap_err());
+    assert!(msg.contains("is [") || msg.contains("tensors"), "{msg}");
+}

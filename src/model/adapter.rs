@@ -198,15 +198,23 @@ pub fn attach(
     Ok(())
 }
 
+/// The adapter's `adapter.json` alone (no tensors).
+pub fn read_config(dir: &Path) -> anyhow::Result<AdapterConfig> {
+    let p = dir.join("adapter.json");
+    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    let cfg: AdapterConfig =
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 /// Reads an adapter folder: its config, gist.json's bytes and its tensors (on the CPU).
 pub fn read(dir: &Path) -> anyhow::Result<(AdapterConfig, Vec<u8>, HashMap<String, Tensor>)> {
     let read = |name: &str| {
         let p = dir.join(name);
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
     };
-    let cfg: AdapterConfig = serde_json::from_slice(&read("adapter.json")?)
-        .with_context(|| format!("parsing {}", dir.join("adapter.json").display()))?;
-    cfg.validate()?;
+    let cfg = read_config(dir)?;
     let gist = read("gist.json")?;
     let tensors = candle_core::safetensors::load(dir.join("adapter.safetensors"), &Device::Cpu)
         .with_context(|| format!("reading {}", dir.join("adapter.safetensors").display()))?;
