@@ -62,9 +62,9 @@ if [ -z "${BIN:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv
 fi
 
-echo "== training: rank $RANK, N_g $NG, compressed positions, $SEQ-token sequences, ${TRAIN_SECONDS}s"
+echo "== training: rank $RANK, N_g $NG, compressed positions, kept BOS, $SEQ-token sequences, ${TRAIN_SECONDS}s"
 "$BIN" train --from "$BASE" --adapter-rank "$RANK" --adapter-alpha $(( 2 * RANK )) \
-  --positions compressed --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
+  --positions compressed --keep-bos --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
   --tokens 100000000 --batch "$BATCH" --micro-batch "$BATCH" --seq-tokens "$SEQ" --lr 1e-3 \
   --warmup-steps 20 --checkpoint-every 50 --max-seconds "$TRAIN_SECONDS" --save-dtype bf16 \
   --device "$DEVICE"

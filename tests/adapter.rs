@@ -212,3 +212,70 @@ fn a_trained_adapter_starts_a_new_run_with_a_kept_bos() {
     let msg = format!("{:#}", other.unwrap().init_adapter(&tensors).unwrap_err());
     assert!(msg.contains("is [") || msg.contains("tensors"), "{msg}");
 }
+
+#[test]
+fn the_paper_recipes_first_stage_trains_only_the_gist_rows_of_an_adapter() {
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    write_random_model(&base, &spec(true)).unwrap();
+    let mut t = Trainee::adapter(
+        &base,
+        Err((2, PositionScheme::Compressed)),
+        adapter_config(&base),
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    // LoRA B starts at zero; give it values so that a change would show.
+    t.init_adapter(
+        &t.weights()
+            .into_iter()
+            .map(|(n, w)| {
+                let w = if n.ends_with("lora_b") {
+                    (w.ones_like().unwrap() * 0.01).unwrap()
+                } else {
+                    w.copy().unwrap()
+                };
+                (n, w)
+            })
+            .collect(),
+    )
+    .unwrap();
+    // Copies: weights() shares the variables' storage, which training updates in place.
+    let before: std::collections::HashMap<_, _> = t
+        .weights()
+        .into_iter()
+        .map(|(n, w)| (n, w.copy().unwrap()))
+        .collect();
+    // Stage 1 gets 1/41 of the tokens: three steps of 4 x 64.
+    let mut cfg = TrainConfig::paper(41 * 64 * 4 * 3, 1e-2, 4);
+    cfg.stages.truncate(1); // "embeddings": the gist rows only
+    cfg.stages[0].warmup_steps = 1;
+    cfg.seq_tokens = 64;
+    cfg.micro_batch = 4;
+    cfg.checkpoint_every = 1000;
+    let texts: Vec<String> = train::read_texts(&texts_dir())
+        .unwrap()
+        .into_iter()
+        .map(|t| t.chars().take(20_000).collect())
+        .collect();
+    let seqs = train::sequences(&texts, &t.model.tokenizer, &t.model.gist, None, 64).unwrap();
+    train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &root.path().join("a"),
+        false,
+        |_, _| {},
+    )
+    .unwrap();
+    let after = t.weights();
+    for (name, w) in &before {
+        let d = common::max_abs_diff(w, &after[name]);
+        if name == giststream::model::adapter::GIST_EMBEDDINGS {
+            assert!(d > 1e-4, "the gist rows did not train: {d}");
+        } else {
+            assert_eq!(d, 0.0, "{name} changed in the embeddings stage");
+        }
+    }
+}
