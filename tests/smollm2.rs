@@ -320,3 +320,57 @@ fn other_architectures_are_refused_by_name() {
     );
     assert!(msg.contains("not a GGUF file"), "{msg}");
 }
+
+/// The adapter shipped under models/: it loads onto the GGUF (found by hash), the demo
+/// picks it, and its compressed state helps: a book's opening scored on the incremental
+/// gist path beats the base reading each sentence alone (the floor) by a wide margin.
+#[test]
+fn the_shipped_gist_adapter_loads_onto_the_gguf_and_its_state_helps() {
+    use giststream::train::eval::{documents, evaluate, Scoring};
+    gguf(); // fetched into the cache (or named by the variable) where the adapter looks
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-gist");
+    let m = GistModel::load(&dir, &Device::Cpu, DType::F32, &LoadOptions::default()).unwrap();
+    assert_eq!(m.gist.num_gist_tokens, 4);
+    assert_eq!(
+        m.gist.positions,
+        giststream::model::config::PositionScheme::Compressed
+    );
+    assert!(m.kept_bos().is_some());
+    let (picked, why) = giststream::bench::demo::default_model();
+    let picked = picked.unwrap_or_else(|| panic!("the demo did not pick it: {why}"));
+    assert_eq!(picked.canonicalize().unwrap(), dir.canonicalize().unwrap());
+
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/texts/twain-alonzo-fitz.txt"),
+    )
+    .unwrap();
+    let gist = evaluate(
+        &m,
+        "adapter",
+        &documents(&m, std::slice::from_ref(&text), 1024).unwrap(),
+        Scoring::Gist,
+        1,
+    )
+    .unwrap();
+    let base = load(Weights::Dequantized, 1);
+    let floor = evaluate(
+        &base,
+        "floor",
+        &documents(&base, std::slice::from_ref(&text), 1024).unwrap(),
+        Scoring::Sentence,
+        1,
+    )
+    .unwrap();
+    eprintln!(
+        "gist {:.2} (R_c {:.2}) vs floor {:.2} over {} tokens",
+        gist.perplexity, gist.compression_ratio, floor.perplexity, gist.tokens
+    );
+    assert!(gist.tokens > 900, "{}", gist.tokens);
+    assert!(
+        gist.perplexity < 0.8 * floor.perplexity,
+        "gist {} vs floor {}",
+        gist.perplexity,
+        floor.perplexity
+    );
+    assert!(gist.compression_ratio > 4.0, "{}", gist.compression_ratio);
+}
