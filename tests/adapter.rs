@@ -42,17 +42,22 @@ fn adapter_config(base: &Path) -> AdapterConfig {
     }
 }
 
-fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
-    let base = root.join("base");
-    write_random_model(&base, &spec(tie)).unwrap();
-    let mut t = Trainee::adapter(
-        &base,
+/// A new adapter (N_g 2, compressed positions, seed 7) on the frozen model at `base`.
+fn fresh_adapter(base: &Path) -> Trainee {
+    Trainee::adapter(
+        base,
         Err((2, PositionScheme::Compressed)),
-        adapter_config(&base),
+        adapter_config(base),
         7,
         &Device::Cpu,
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
+    let base = root.join("base");
+    write_random_model(&base, &spec(tie)).unwrap();
+    let mut t = fresh_adapter(&base);
     let mut cfg = TrainConfig::scratch(64 * 8 * steps, 1e-2, 8);
     cfg.stages[0].warmup_steps = 3;
     cfg.seq_tokens = 64;
@@ -122,14 +127,7 @@ fn an_adapter_trains_on_a_frozen_base_and_loads_back_onto_it() {
         let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
         assert!(d < 1e-4, "incremental vs parallel: {d}");
         // And the adapter matters: without it the base computes something else.
-        let plain = Trainee::adapter(
-            &base,
-            Err((2, PositionScheme::Compressed)),
-            adapter_config(&base),
-            7,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let plain = fresh_adapter(&base);
         let untrained = whole::forward(&plain.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
         assert!(common::max_abs_diff(&untrained, &par) > 1e-2);
     }
@@ -218,14 +216,7 @@ fn the_paper_recipes_first_stage_trains_only_the_gist_rows_of_an_adapter() {
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("base");
     write_random_model(&base, &spec(true)).unwrap();
-    let mut t = Trainee::adapter(
-        &base,
-        Err((2, PositionScheme::Compressed)),
-        adapter_config(&base),
-        7,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut t = fresh_adapter(&base);
     // LoRA B starts at zero; give it values so that a change would show.
     t.init_adapter(
         &t.weights()
