@@ -63,12 +63,17 @@ if [ -z "${BIN:-}" ]; then
 fi
 
 echo "== training: rank $RANK, N_g $NG, compressed positions, kept BOS, $SEQ-token sequences, ${TRAIN_SECONDS}s"
+# A rerun on the same warm machine trains afresh: an earlier call's checkpoint would make
+# `train` refuse, and its adapter would be evaluated and returned as if new.
+rm -rf "$WORK/adapter"
 "$BIN" train --from "$BASE" --adapter-rank "$RANK" --adapter-alpha $(( 2 * RANK )) \
   --positions compressed --keep-bos --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
   --tokens 100000000 --batch "$BATCH" --micro-batch "$BATCH" --seq-tokens "$SEQ" --lr 1e-3 \
   --warmup-steps 20 --checkpoint-every 50 --max-seconds "$TRAIN_SECONDS" --save-dtype bf16 \
   --device "$DEVICE"
-echo "-- train exit $?"
+rc=$?
+echo "-- train exit $rc"
+[ "$rc" = 0 ] || exit "$rc"
 cp "$WORK/adapter/train-log.jsonl" "$OUT/" 2>/dev/null
 for f in adapter.json gist.json adapter.safetensors; do cp "$WORK/adapter/$f" "$OUT/" 2>/dev/null; done
 
