@@ -279,11 +279,6 @@ fn step(
     advance(model, &mut [(state, Chunk { tokens, close })], true)?.context("logits requested")
 }
 
-/// Width of a logits row: the vocabulary, gist tokens included.
-fn logits_width(model: &GistModel) -> usize {
-    model.llama.cfg.vocab
-}
-
 /// The last row of `logits` (V,).
 fn last_row(logits: &Tensor) -> anyhow::Result<Tensor> {
     Ok(logits.get(logits.dim(0)? - 1)?)
@@ -418,7 +413,7 @@ fn generate_with(
 ) -> anyhow::Result<Answer> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
     let no_gists = if open {
-        let mut m = vec![0f32; logits_width(model)];
+        let mut m = vec![0f32; model.llama.cfg.vocab];
         for &g in &model.gist.gist_token_ids {
             m[g as usize] = f32::NEG_INFINITY;
         }

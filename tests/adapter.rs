@@ -12,6 +12,7 @@ use giststream::model::config::PositionScheme;
 use giststream::model::ops::Ops;
 use giststream::model::random::{write_random_model, RandomSpec};
 use giststream::model::GistModel;
+use giststream::text::tokenize::Segment;
 use giststream::train::{self, TrainConfig, Trainee};
 use std::path::{Path, PathBuf};
 
@@ -54,28 +55,31 @@ fn fresh_adapter(base: &Path) -> Trainee {
     .unwrap()
 }
 
+/// What every run here shares: 64-token sequences, micro-batches of 4, no checkpoints.
+fn small(mut cfg: TrainConfig) -> TrainConfig {
+    cfg.seq_tokens = 64;
+    cfg.micro_batch = 4;
+    cfg.checkpoint_every = 1000;
+    cfg
+}
+
+/// The bundled texts, each cut to `chars` characters, as 64-token sequences for `t`.
+fn sequences(t: &Trainee, chars: usize, bos: Option<u32>) -> Vec<Vec<Segment>> {
+    let texts: Vec<String> = train::read_texts(&texts_dir())
+        .unwrap()
+        .into_iter()
+        .map(|t| t.chars().take(chars).collect())
+        .collect();
+    train::sequences(&texts, &t.model.tokenizer, &t.model.gist, bos, 64).unwrap()
+}
+
 fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
     let base = root.join("base");
     write_random_model(&base, &spec(tie)).unwrap();
     let mut t = fresh_adapter(&base);
-    let mut cfg = TrainConfig::scratch(64 * 8 * steps, 1e-2, 8);
+    let mut cfg = small(TrainConfig::scratch(64 * 8 * steps, 1e-2, 8));
     cfg.stages[0].warmup_steps = 3;
-    cfg.seq_tokens = 64;
-    cfg.micro_batch = 4;
-    cfg.checkpoint_every = 1000;
-    let texts: Vec<String> = train::read_texts(&texts_dir())
-        .unwrap()
-        .into_iter()
-        .map(|t| t.chars().take(40_000).collect())
-        .collect();
-    let seqs = train::sequences(
-        &texts,
-        &t.model.tokenizer,
-        &t.model.gist,
-        t.model.bos_token_id(),
-        cfg.seq_tokens,
-    )
-    .unwrap();
+    let seqs = sequences(&t, 40_000, t.model.bos_token_id());
     let mut losses = Vec::new();
     train::run(&mut t, &cfg, &seqs, &root.join("adapter"), false, |l, _| {
         losses.push(l.loss)
@@ -239,18 +243,10 @@ fn the_paper_recipes_first_stage_trains_only_the_gist_rows_of_an_adapter() {
         .map(|(n, w)| (n, w.copy().unwrap()))
         .collect();
     // Stage 1 gets 1/41 of the tokens: three steps of 4 x 64.
-    let mut cfg = TrainConfig::paper(41 * 64 * 4 * 3, 1e-2, 4);
+    let mut cfg = small(TrainConfig::paper(41 * 64 * 4 * 3, 1e-2, 4));
     cfg.stages.truncate(1); // "embeddings": the gist rows only
     cfg.stages[0].warmup_steps = 1;
-    cfg.seq_tokens = 64;
-    cfg.micro_batch = 4;
-    cfg.checkpoint_every = 1000;
-    let texts: Vec<String> = train::read_texts(&texts_dir())
-        .unwrap()
-        .into_iter()
-        .map(|t| t.chars().take(20_000).collect())
-        .collect();
-    let seqs = train::sequences(&texts, &t.model.tokenizer, &t.model.gist, None, 64).unwrap();
+    let seqs = sequences(&t, 20_000, None);
     train::run(
         &mut t,
         &cfg,

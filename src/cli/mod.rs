@@ -47,8 +47,9 @@ pub enum Command {
     /// check (second halves scored after their compressed first half vs alone).
     Eval(eval::EvalArgs),
     /// Passkey retrieval: a five-digit key at a random depth in filler text, asked for
-    /// through the chat template; gist models answer from the gist state, baselines with
-    /// full attention. Prints each trial and the accuracy per length.
+    /// after the document (in a new paragraph, or with --chat through the chat template);
+    /// gist models answer from the gist state, baselines with full attention. Prints each
+    /// trial and the accuracy per length.
     Passkey(passkey::PasskeyArgs),
     /// Ask a stored document a question: resumes from its gist state (not its text) and
     /// generates the answer token by token; `--score TEXT` gives the log-likelihood of a

@@ -189,21 +189,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             (Some(base), None) if args.init_adapter.is_some() => {
                 let dir = args.init_adapter.as_ref().expect("checked");
                 let (config, gist, tensors) = crate::model::adapter::read(dir)?;
-                let digest = crate::model::adapter::base_digest(base)?;
-                anyhow::ensure!(
-                    config.base.sha256 == digest,
-                    "{} was trained on {} (sha256 {}), not on {}",
-                    dir.display(),
-                    config.base.file,
-                    config.base.sha256,
-                    base.display()
-                );
-                let mut gist: crate::model::config::GistConfig = serde_json::from_slice(&gist)
+                crate::model::adapter::check_base(base, &config.base)
+                    .with_context(|| format!("--init-adapter {}", dir.display()))?;
+                // --keep-bos, if given, is applied below like for any run.
+                let gist: crate::model::config::GistConfig = serde_json::from_slice(&gist)
                     .with_context(|| format!("parsing {}", dir.join("gist.json").display()))?;
-                if args.keep_bos {
-                    gist.add_bos = true;
-                    gist.bos_always_visible = true;
-                }
                 let mut t = train::Trainee::adapter(base, Ok(&gist), config, args.seed, &device)?;
                 t.init_adapter(&tensors)
                     .with_context(|| format!("starting from {}", dir.display()))?;

@@ -257,6 +257,18 @@ pub fn is_adapter(dir: &Path) -> bool {
     dir.is_dir() && dir.join("adapter.json").is_file()
 }
 
+/// Refuses `path` unless its digest is the one the adapter was trained on.
+pub fn check_base(path: &Path, base: &BaseRef) -> anyhow::Result<()> {
+    let got = base_digest(path)?;
+    ensure!(
+        got == base.sha256,
+        "{} is not the base this adapter was trained on: sha256 {got}, adapter.json says {}",
+        path.display(),
+        base.sha256
+    );
+    Ok(())
+}
+
 /// Where the adapter's base is: beside the adapter, `$GISTSTREAM_BASE` (a file or a
 /// folder holding it), or the folder `scripts/get-smollm2.sh` fills. Checked by sha256.
 pub fn find_base(dir: &Path, base: &BaseRef) -> anyhow::Result<PathBuf> {
@@ -284,14 +296,7 @@ pub fn find_base(dir: &Path, base: &BaseRef) -> anyhow::Result<PathBuf> {
     }
     for c in &candidates {
         if c.exists() && c.file_name().is_some_and(|n| n == base.file.as_str()) {
-            let got = base_digest(c)?;
-            ensure!(
-                got == base.sha256,
-                "{} is not the base this adapter was trained on: sha256 {got}, adapter.json \
-                 says {}",
-                c.display(),
-                base.sha256
-            );
+            check_base(c, base)?;
             return Ok(c.clone());
         }
     }
