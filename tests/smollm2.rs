@@ -267,19 +267,22 @@ fn the_gist_paths_agree_on_the_real_model() {
             // Quantized matmul rounds each row's activations to 8 bits per block of 32
             // (as llama.cpp does for Q4_1), and SmolLM's few very large activations make
             // that rounding coarse: the two paths see inputs equal to 1e-5, and the
-            // rounding amplifies that over 30 layers (measured: 0.14 of the spread, top-1 91.7%). The
-            // predictions still agree.
+            // rounding amplifies that over 30 layers. Measured: 0.14 of the spread with top-1
+            // 91.7% under composed attention, 0.33 with top-1 90.9% under tiled attention
+            // (`model::flash`, whose summation order differs between the two paths). The
+            // largest difference at one position swings with any change of summation order;
+            // the predictions still agree.
             Weights::Quantized => {
-                assert!(
-                    relative < 0.3,
-                    "parallel vs incremental {relative:.2e} of the spread"
-                );
                 let top1 = |x: &Tensor| -> Vec<u32> { x.argmax(1).unwrap().to_vec1().unwrap() };
                 let (a, b) = (top1(&par), top1(&inc[0]));
                 let rows: Vec<usize> = (0..a.len()).filter(|&r| regular[r]).collect();
                 let same =
                     rows.iter().filter(|&&r| a[r] == b[r]).count() as f64 / rows.len() as f64;
                 eprintln!("quantized: top-1 agreement {same}");
+                assert!(
+                    relative < 0.5,
+                    "parallel vs incremental {relative:.2e} of the spread"
+                );
                 assert!(same >= 0.85, "quantized: top-1 agreement {same}");
             }
         }

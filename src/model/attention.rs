@@ -114,6 +114,11 @@ pub fn attend(
     inner: Option<&Tensor>,
     ops: Ops,
 ) -> Result<Tensor> {
+    if ops == Ops::Fused {
+        if let Some(y) = super::flash::attend(q, k, v, inner)? {
+            return Ok(y);
+        }
+    }
     let (hq, l, d) = q.dims3()?;
     let (hkv, s, _) = k.dims3()?;
     let g = hq / hkv;

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod config;
 pub mod device;
 pub mod embedded;
+pub mod flash;
 pub mod gguf;
 pub mod llama;
 pub mod ops;

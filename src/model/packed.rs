@@ -18,7 +18,7 @@
 use candle_core::{Result, Tensor};
 
 /// Output columns per panel (two AVX registers).
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 /// Activation rows per tile (six broadcasts against the two panel registers: 12 accumulators).
 const MR: usize = 6;
 /// Reduction slice kept in cache.
@@ -37,7 +37,7 @@ pub struct PackedMatrix {
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([f32; NR]);
+pub(super) struct Line(pub(super) [f32; NR]);
 
 impl PackedMatrix {
     /// Whether this CPU runs the kernel (else callers keep candle's matmul).
@@ -216,7 +216,7 @@ unsafe impl Send for SharedOut {}
 /// `a` holds r rows of stride lda with kc columns; `c` points at r rows of stride ldc with
 /// `width` writable columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(
+pub(super) unsafe fn tile(
     r: usize,
     a: &[f32],
     lda: usize,
