@@ -114,10 +114,12 @@ pub fn attend(
     inner: Option<&Tensor>,
     ops: Ops,
 ) -> Result<Tensor> {
-    if ops == Ops::Fused {
-        if let Some(y) = super::flash::attend(q, k, v, inner)? {
-            return Ok(y);
-        }
+    let tiled = match ops {
+        Ops::Fused => super::flash::attend(q, k, v, inner)?,
+        Ops::Differentiable => super::flash::attend_trainable(q, k, v, inner)?,
+    };
+    if let Some(y) = tiled {
+        return Ok(y);
     }
     let (hq, l, d) = q.dims3()?;
     let (hkv, s, _) = k.dims3()?;

@@ -34,6 +34,60 @@ pub fn attend(
     v: &Tensor,
     inner: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    let Some(((hq, l, d), (hkv, s), m)) = applies(q, k, v, inner)? else {
+        return Ok(None);
+    };
+    let q = q.contiguous()?;
+    let inner = inner.map(|t| t.contiguous()).transpose()?;
+    let (q_store, q_lay) = q.storage_and_layout();
+    let (k_store, k_lay) = k.storage_and_layout();
+    let (v_store, v_lay) = v.storage_and_layout();
+    let (qa, qb) = q_lay
+        .contiguous_offsets()
+        .expect("made contiguous just above");
+    let out = with_mask(inner.as_ref(), |mask| {
+        Ok(compute(
+            &slice(&q_store)?[qa..qb],
+            (hq, l, d),
+            (slice(&k_store)?, at(k_lay)),
+            (slice(&v_store)?, at(v_lay)),
+            (hkv, s),
+            mask.map(|mk| (mk, m)),
+        ))
+    })?;
+    drop((q_store, k_store, v_store));
+    Ok(Some(Tensor::from_vec(out, (hq, l, d), q.device())?))
+}
+
+/// The attention as one trainable node, for training (`Ops::Differentiable`): the forward
+/// is [`attend`]'s kernel, and nothing of size L × S is kept for the backward, which
+/// recomputes the probabilities one call's block at a time. The composed path it replaces
+/// (scores, masked softmax, product) kept the scores and probabilities of every block of
+/// every layer until the backward, and candle summed each of their gradients into freshly
+/// zeroed buffers of the same size. None where [`attend`] does not apply.
+pub fn attend_trainable(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    inner: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if applies(q, k, v, inner)?.is_none() {
+        return Ok(None);
+    }
+    let op = Trainable {
+        inner: inner.map(|m| m.detach().contiguous()).transpose()?,
+    };
+    Ok(Some(q.contiguous()?.apply_op3(k, v, op)?))
+}
+
+/// The dimensions ((Hq, L, D), (Hkv, S), M) where the kernel applies, else None.
+#[allow(clippy::type_complexity)]
+fn applies(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    inner: Option<&Tensor>,
+) -> Result<Option<((usize, usize, usize), (usize, usize), usize)>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !super::simd::avx2_fma()
         || ![q, k, v].into_iter().all(f32_cpu)
@@ -61,39 +115,119 @@ pub fn attend(
         }
         None => 0,
     };
-    let q = q.contiguous()?;
-    let inner = inner.map(|t| t.contiguous()).transpose()?;
-    let (q_store, q_lay) = q.storage_and_layout();
-    let (k_store, k_lay) = k.storage_and_layout();
-    let (v_store, v_lay) = v.storage_and_layout();
-    let q_all = slice(&q_store)?;
-    let (qa, qb) = q_lay
-        .contiguous_offsets()
-        .expect("made contiguous just above");
-    let mask_guard = inner.as_ref().map(|t| t.storage_and_layout());
-    let mask = match &mask_guard {
-        Some((st, lay)) => {
-            let (a, b) = lay
-                .contiguous_offsets()
-                .expect("made contiguous just above");
-            Some(&slice(st)?[a..b])
+    Ok(Some(((hq, l, d), (hkv, s), m)))
+}
+
+struct Trainable {
+    /// (L, M), detached.
+    inner: Option<Tensor>,
+}
+
+impl candle_core::CustomOp3 for Trainable {
+    fn name(&self) -> &'static str {
+        "tiled-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &candle_core::CpuStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CpuStorage,
+        kl: &candle_core::Layout,
+        vs: &candle_core::CpuStorage,
+        vl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let q = super::simd::f32s(qs, ql, self.name())?;
+        let (hq, l, d) = ql.shape().dims3()?;
+        let (hkv, s, _) = kl.shape().dims3()?;
+        let out = with_mask(self.inner.as_ref(), |mask| {
+            let m = self.inner.as_ref().map_or(Ok(0), |t| t.dim(1))?;
+            Ok(compute(
+                q,
+                (hq, l, d),
+                (ks.as_slice::<f32>()?, at(kl)),
+                (vs.as_slice::<f32>()?, at(vl)),
+                (hkv, s),
+                mask.map(|mk| (mk, m)),
+            ))
+        })?;
+        Ok((candle_core::CpuStorage::F32(out), (hq, l, d).into()))
+    }
+
+    /// With P = softmax(q·kᵀ + mask) recomputed (GQA rows stacked per key head):
+    /// dV = Pᵀ·dO, dP = dO·vᵀ, dS = P ∘ (dP - rowsum(dO ∘ O)), dq = dS·k, dk = dSᵀ·q.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (hq, l, d) = q.dims3()?;
+        let (hkv, s, _) = k.dims3()?;
+        let g = hq / hkv;
+        let rows = |t: &Tensor| t.detach().contiguous()?.reshape((hkv, g * l, d));
+        let (q, o, go) = (rows(q)?, rows(o)?, rows(grad)?);
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        let scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
+        if let Some(m) = &self.inner {
+            let cols = m.dim(1)?;
+            let own = scores
+                .narrow(2, s - cols, cols)?
+                .reshape((hkv, g, l, cols))?
+                .broadcast_add(m)?
+                .reshape((hkv, g * l, cols))?;
+            scores.slice_set(&own, 2, s - cols)?;
         }
-        None => None,
+        let p = super::softmax::softmax_last_dim_in_place(scores)?;
+        let dv = p.t()?.matmul(&go)?; // (Hkv, S, D)
+        let dp = go.matmul(&v.t()?)?; // (Hkv, G·L, S)
+        let delta = (&go * &o)?.sum_keepdim(2)?; // (Hkv, G·L, 1)
+        let ds = (p * dp.broadcast_sub(&delta)?)?;
+        let dq = ds.matmul(&k)?.reshape((hq, l, d))?;
+        let dk = ds.t()?.matmul(&q)?; // (Hkv, S, D)
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// (start offset, head stride, row stride) of a (H, S, D) layout whose rows are contiguous.
+fn at(l: &candle_core::Layout) -> (usize, usize, usize) {
+    (l.start_offset(), l.stride()[0], l.stride()[1])
+}
+
+/// Runs `f` on the contiguous f32 values of a mask (or None).
+fn with_mask<T>(mask: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<T>) -> Result<T> {
+    let Some(mask) = mask else {
+        return f(None);
     };
-    let (k_all, v_all) = (slice(&k_store)?, slice(&v_store)?);
-    let (k_at, v_at) = (
-        (k_lay.start_offset(), k_lay.stride()[0], k_lay.stride()[1]),
-        (v_lay.start_offset(), v_lay.stride()[0], v_lay.stride()[1]),
-    );
+    let mask = mask.contiguous()?;
+    let (st, lay) = mask.storage_and_layout();
+    let Some((a, b)) = lay.contiguous_offsets() else {
+        candle_core::bail!("tiled attention: the mask is not contiguous");
+    };
+    f(Some(&slice(&st)?[a..b]))
+}
+
+/// The kernel on raw values: q (Hq, L, D) contiguous; k, v (Hkv, S, D) at their strides;
+/// the (L, M) mask with M. Returns (Hq, L, D).
+fn compute(
+    q: &[f32],
+    (hq, l, d): (usize, usize, usize),
+    (k, k_at): (&[f32], (usize, usize, usize)),
+    (v, v_at): (&[f32], (usize, usize, usize)),
+    (hkv, s): (usize, usize),
+    mask: Option<(&[f32], usize)>,
+) -> Vec<f32> {
+    let m = mask.map_or(0, |(_, m)| m);
     let packs: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
-        .map(|h| pack_head(k_all, k_at, v_all, v_at, h, s, d))
+        .map(|h| pack_head(k, k_at, v, v_at, h, s, d))
         .collect();
-    drop((k_store, v_store));
     let src = Source {
-        q: &q_all[qa..qb],
+        q,
         packs,
-        visible: mask.map(|mk| visible_ranges(mk, l, m)),
-        mask,
+        visible: mask.map(|(mk, m)| visible_ranges(mk, l, m)),
+        mask: mask.map(|(mk, _)| mk),
         prefix: s - m,
         g: hq / hkv,
         l,
@@ -116,8 +250,7 @@ pub fn attend(
     } else {
         (0..items).for_each(work);
     }
-    drop((q_store, mask_guard));
-    Ok(Some(Tensor::from_vec(out, (hq, l, d), q.device())?))
+    out
 }
 
 /// Each query row's visible columns of the inner mask, as one range [lo, hi) (empty: none).
@@ -394,10 +527,14 @@ mod tests {
             .unwrap();
             scores = scores.broadcast_add(&full).unwrap();
         }
-        let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-        // Rows that see nothing: zeros, as the kernel and our softmax give.
+        // The composed softmax (differentiable; candle's fused one has no backward).
+        let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
         let seen = p.eq(&p).unwrap(); // NaN is not equal to itself
-        let p = seen.where_cond(&p, &p.zeros_like().unwrap()).unwrap();
+        if seen.min_all().unwrap().to_scalar::<u8>().unwrap() == 0 {
+            // Rows that see nothing: zeros, as the kernel and our softmax give.
+            let p = seen.where_cond(&p, &p.zeros_like().unwrap()).unwrap();
+            return p.matmul(&v).unwrap();
+        }
         p.matmul(&v).unwrap()
     }
 
@@ -471,6 +608,50 @@ mod tests {
         );
         let diff = super::super::simd::max_abs_diff(&ours, &theirs);
         assert!(diff < 2e-5, "{diff}");
+    }
+
+    #[test]
+    fn the_trainable_node_has_the_composed_gradients() {
+        if !super::super::simd::avx2_fma() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for (hq, hkv, l, s, d, m) in [
+            (4, 2, 40, 100, 32, 40),
+            (9, 3, 70, 70, 64, 70),
+            (2, 2, 5, 9, 8, 0),
+        ] {
+            let var = |shape: (usize, usize, usize), scale: f64| {
+                candle_core::Var::from_tensor(
+                    &(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap(),
+                )
+                .unwrap()
+            };
+            let (q, k, v) = (
+                var((hq, l, d), 0.3),
+                var((hkv, s + 3, d), 1.0),
+                var((hkv, s, d), 1.0),
+            );
+            // Keys as a strided view, as the plans pass them.
+            let kv = k.narrow(1, 3, s).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (hq, l, d), &dev).unwrap();
+            let mask = (m > 0).then(|| causal(l).narrow(1, l - m, m).unwrap());
+            let grads = |y: Tensor| {
+                let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                [q.as_tensor(), k.as_tensor(), v.as_tensor()]
+                    .map(|t| g.get(t).expect("a gradient").clone())
+            };
+            let ours = grads(
+                attend_trainable(&q, &kv, &v, mask.as_ref())
+                    .unwrap()
+                    .unwrap(),
+            );
+            let theirs = grads(reference(&q, &kv, &v, mask.as_ref()));
+            for (name, (a, b)) in ["q", "k", "v"].iter().zip(ours.iter().zip(&theirs)) {
+                let diff = super::super::simd::max_abs_diff(a, b);
+                assert!(diff < 1e-4, "d{name} hq={hq} l={l} s={s}: {diff}");
+            }
+        }
     }
 
     #[test]
