@@ -277,7 +277,7 @@ impl Block {
         let up = linear(&h, &self.up_proj)?;
         let act = match ops {
             Ops::Fused => super::swiglu::silu_mul(gate, &up)?,
-            Ops::Differentiable => (gate.silu()? * up)?,
+            Ops::Differentiable => super::swiglu::silu_mul_trainable(&gate, &up)?,
         };
         x + linear(&act, &self.down_proj)?
     }

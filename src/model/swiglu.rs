@@ -60,6 +60,83 @@ impl candle_core::InplaceOp2 for SiluMul {
     }
 }
 
+/// silu(gate) · up as one trainable node (training): the composed ops are two nodes whose
+/// outputs (silu(gate), then the product) and their gradients are each a buffer as large as
+/// the MLP's hidden layer, per layer. Keeps only its inputs. Contiguous f32 CPU tensors of
+/// one shape; anything else goes through candle's ops.
+pub fn silu_mul_trainable(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fits = gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.shape() == up.shape();
+    if fits {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMulNode)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+struct SiluMulNode;
+
+impl candle_core::CustomOp2 for SiluMulNode {
+    fn name(&self) -> &'static str {
+        "silu-mul-trainable"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let gate = super::simd::f32s(s1, l1, self.name())?;
+        let up = super::simd::f32s(s2, l2, self.name())?;
+        let mut out = gate.to_vec();
+        const CHUNK: usize = 16 * 1024;
+        out.par_chunks_mut(CHUNK)
+            .zip(up.par_chunks(CHUNK))
+            .for_each(|(g, u)| silu_mul_slice(g, u));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// With σ = sigmoid(gate): d up = grad · gate · σ, d gate = grad · up · σ · (1 + gate ·
+    /// (1 - σ)).
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (g, u, dy) = (values(gate)?, values(up)?, values(grad)?);
+        let mut d_gate = vec![0f32; g.len()];
+        let mut d_up = vec![0f32; g.len()];
+        const CHUNK: usize = 16 * 1024;
+        d_gate
+            .par_chunks_mut(CHUNK)
+            .zip(d_up.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let at = c * CHUNK;
+                for i in 0..dg.len() {
+                    let (x, y, d) = (g[at + i], u[at + i], dy[at + i]);
+                    let sig = 1.0 / (1.0 + (-x).exp());
+                    du[i] = d * x * sig;
+                    dg[i] = d * y * sig * (1.0 + x * (1.0 - sig));
+                }
+            });
+        let shape = gate.shape();
+        Ok((
+            Some(Tensor::from_vec(d_gate, shape, gate.device())?),
+            Some(Tensor::from_vec(d_up, shape, gate.device())?),
+        ))
+    }
+}
+
 fn silu_mul_slice(gate: &mut [f32], up: &[f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -99,6 +176,34 @@ unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) -> usize {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn the_trainable_node_has_the_composed_values_and_gradients() {
+        let dev = Device::Cpu;
+        for n in [5, 40_000] {
+            let g = candle_core::Var::from_tensor(
+                &(Tensor::randn(0f32, 1.0, (n,), &dev).unwrap() * 4.0).unwrap(),
+            )
+            .unwrap();
+            let u = candle_core::Var::randn(0f32, 1.0, (n,), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n,), &dev).unwrap();
+            let run = |y: Tensor| {
+                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &candle_core::Var| grads.get(v.as_tensor()).unwrap().clone();
+                (y, get(&g), get(&u))
+            };
+            let ours = run(silu_mul_trainable(&g, &u).unwrap());
+            let theirs = run((g.silu().unwrap() * u.as_tensor()).unwrap());
+            for (a, b) in [
+                (&ours.0, &theirs.0),
+                (&ours.1, &theirs.1),
+                (&ours.2, &theirs.2),
+            ] {
+                let diff = super::super::simd::max_abs_diff(a, b);
+                assert!(diff < 1e-4, "n={n}: {diff}");
+            }
+        }
+    }
 
     #[test]
     fn matches_candles_silu_times_up() {
