@@ -161,9 +161,7 @@ pub enum Outcome {
 pub fn open(store: &Store, model: &GistModel, request: Request) -> anyhow::Result<Query> {
     request.check()?;
     let question = match &request.question {
-        Some(q) if !q.trim().is_empty() => {
-            text_segments(model, &question_text(model, q, request.chat_template)?)?
-        }
+        Some(q) if !q.trim().is_empty() => question_segments(model, q, request.chat_template)?,
         _ => Vec::new(),
     };
     let scored = match &request.score {
@@ -269,6 +267,26 @@ fn text_segments(model: &GistModel, text: &str) -> anyhow::Result<Vec<Segment>> 
     Ok(segments)
 }
 
+/// Questions up to this many tokens stay whole in the state while the answer is written.
+pub const OPEN_QUESTION_TOKENS: usize = 512;
+
+/// The question as segments: left open (no sentence closes, so the answer reads every
+/// token of it, not four gists per sentence of it) when it holds at most
+/// [`OPEN_QUESTION_TOKENS`]; a longer one goes in sentence by sentence like a document, so
+/// that memory stays linear in it.
+pub fn question_segments(
+    model: &GistModel,
+    question: &str,
+    chat_template: bool,
+) -> anyhow::Result<Vec<Segment>> {
+    let mut segments = text_segments(model, &question_text(model, question, chat_template)?)?;
+    let tokens: usize = segments.iter().map(|s| s.tokens.len()).sum();
+    if tokens <= OPEN_QUESTION_TOKENS {
+        segments.iter_mut().for_each(|s| s.close = false);
+    }
+    Ok(segments)
+}
+
 /// Feeds one segment; returns its rows' logits (its tokens, then its gists if it closes).
 fn step(
     model: &GistModel,
@@ -315,8 +333,8 @@ pub fn question_text(
     })
 }
 
-/// The question's tokens, whole (see [`question_text`]; a query feeds them sentence by
-/// sentence).
+/// The question's tokens, whole (see [`question_text`]; [`question_segments`] says how a
+/// query feeds them).
 pub fn question_tokens(
     model: &GistModel,
     question: &str,
@@ -337,10 +355,7 @@ pub fn answer(
     on_text: impl FnMut(&str),
 ) -> anyhow::Result<Answer> {
     let started = std::time::Instant::now();
-    let q = text_segments(
-        model,
-        &question_text(model, question, sampling.chat_template)?,
-    )?;
+    let q = question_segments(model, question, sampling.chat_template)?;
     generate(model, state, &q, sampling, started, &never, on_text)
 }
 
@@ -489,7 +504,7 @@ pub fn score(
     text: &str,
 ) -> anyhow::Result<Score> {
     let question = question
-        .map(|q| text_segments(model, &question_text(model, q, chat_template)?))
+        .map(|q| question_segments(model, q, chat_template))
         .transpose()?;
     let segments = text_segments(model, text)?;
     score_segments(model, state, question.as_deref(), &segments, &never)

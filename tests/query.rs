@@ -5,7 +5,9 @@ mod common;
 
 use giststream::engine::compress::{compress, Document};
 use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
-use giststream::query::{answer, question_tokens, score, Sampling};
+use giststream::query::{
+    answer, question_segments, question_tokens, score, Sampling, OPEN_QUESTION_TOKENS,
+};
 use giststream::store::codec::Precision;
 use giststream::store::Store;
 use std::process::Command;
@@ -58,6 +60,31 @@ fn a_resumed_query_equals_the_in_process_one() {
         "without a question the first token is not scored"
     );
     assert!(s1.perplexity.is_finite() && s1.perplexity > 1.0);
+}
+
+#[test]
+fn a_question_stays_whole_for_the_answer_unless_it_is_long() {
+    let (_d, model) = common::tiny_model(&RandomSpec::default());
+    // Three sentences: as a document they would close twice, and the answer would read
+    // only their gists.
+    let q = "Where did the river go? It was here. Now it is gone.";
+    let segments = question_segments(&model, q, true).unwrap();
+    assert!(segments.len() >= 2, "the question is several sentences");
+    assert!(
+        segments.iter().all(|s| !s.close),
+        "every sentence stays open"
+    );
+    let tokens: usize = segments.iter().map(|s| s.tokens.len()).sum();
+    assert_eq!(tokens, question_tokens(&model, q, true).unwrap().len());
+
+    let long = "The river went on and on past the old mill. ".repeat(80);
+    let segments = question_segments(&model, &long, true).unwrap();
+    let tokens: usize = segments.iter().map(|s| s.tokens.len()).sum();
+    assert!(tokens > OPEN_QUESTION_TOKENS);
+    assert!(
+        segments.iter().filter(|s| s.close).count() > 1,
+        "a long question goes in sentence by sentence"
+    );
 }
 
 #[test]
