@@ -122,44 +122,48 @@ pub fn attend(
         return Ok(y);
     }
     let (hq, l, d) = q.dims3()?;
+    if ops == Ops::Fused {
+        return probabilities(q, k, inner)?.matmul(v)?.reshape((hq, l, d)); // (Hkv, G·L, D) -> (Hq, L, D)
+    }
     let (hkv, s, _) = k.dims3()?;
     let g = hq / hkv;
     let q = q.contiguous()?.reshape((hkv, g * l, d))?;
-    let mut scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
-    if let Some(m) = inner {
-        let cols = m.dim(1)?;
-        let prefix = s - cols;
-        scores = match ops {
-            // Mask only the last M columns, in place: the prefix needs no mask, and this
-            // keeps the work O(L·M) instead of O(L·S). No autograd through slice_set.
-            Ops::Fused => {
-                let own = scores
-                    .narrow(2, prefix, cols)?
-                    .reshape((hkv, g, l, cols))?
-                    .broadcast_add(m)?
-                    .reshape((hkv, g * l, cols))?;
-                scores.slice_set(&own, 2, prefix)?;
-                scores
-            }
-            // Added inside the softmax's own node (training): no (Hkv, G·L, S) sum and
-            // gradient buffers in the graph.
-            Ops::Differentiable => {
-                let probs = super::softmax::masked_softmax_trainable(
-                    &scores.reshape((hkv * g, l, s))?,
-                    &with_visible_prefix(m, prefix)?,
-                )?;
-                return probs
-                    .reshape((hkv, g * l, s))?
-                    .matmul(v)?
-                    .reshape((hq, l, d));
-            }
-        };
-    }
-    let probs = match ops {
-        Ops::Fused => super::softmax::softmax_last_dim_in_place(scores)?,
-        Ops::Differentiable => softmax(&scores, ops)?,
+    let scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
+    let probs = match inner {
+        // Added inside the softmax's own node (training): no (Hkv, G·L, S) sum and
+        // gradient buffers in the graph.
+        Some(m) => super::softmax::masked_softmax_trainable(
+            &scores.reshape((hkv * g, l, s))?,
+            &with_visible_prefix(m, s - m.dim(1)?)?,
+        )?
+        .reshape((hkv, g * l, s))?,
+        None => softmax(&scores, ops)?,
     };
     probs.matmul(v)?.reshape((hq, l, d)) // (Hkv, G·L, D) -> (Hq, L, D)
+}
+
+/// softmax(q·kᵀ + mask) without autograd, the GQA heads sharing a key head stacked as rows:
+/// q (Hq, L, D) scaled, k (Hkv, S, D), `inner` as in [`attend`]. Returns (Hkv, G·L, S). The
+/// inference fallback where tiled attention does not apply, and what the trainable tiled
+/// node's backward recomputes.
+pub fn probabilities(q: &Tensor, k: &Tensor, inner: Option<&Tensor>) -> Result<Tensor> {
+    let (hq, l, d) = q.dims3()?;
+    let (hkv, s, _) = k.dims3()?;
+    let g = hq / hkv;
+    let q = q.contiguous()?.reshape((hkv, g * l, d))?;
+    let scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
+    if let Some(m) = inner {
+        // Mask only the last M columns, in place: the prefix needs no mask, and this keeps
+        // the work O(L·M) instead of O(L·S). No autograd through slice_set.
+        let cols = m.dim(1)?;
+        let own = scores
+            .narrow(2, s - cols, cols)?
+            .reshape((hkv, g, l, cols))?
+            .broadcast_add(m)?
+            .reshape((hkv, g * l, cols))?;
+        scores.slice_set(&own, 2, s - cols)?;
+    }
+    super::softmax::softmax_last_dim_in_place(scores)
 }
 
 /// How one forward's attention is grouped, and where each group's keys come from.

@@ -38,14 +38,13 @@ pub fn attend(
         return Ok(None);
     };
     let q = q.contiguous()?;
-    let inner = inner.map(|t| t.contiguous()).transpose()?;
     let (q_store, q_lay) = q.storage_and_layout();
     let (k_store, k_lay) = k.storage_and_layout();
     let (v_store, v_lay) = v.storage_and_layout();
     let (qa, qb) = q_lay
         .contiguous_offsets()
         .expect("made contiguous just above");
-    let out = with_mask(inner.as_ref(), |mask| {
+    let out = with_mask(inner, |mask| {
         Ok(compute(
             &slice(&q_store)?[qa..qb],
             (hq, l, d),
@@ -165,22 +164,12 @@ impl candle_core::CustomOp3 for Trainable {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (hq, l, d) = q.dims3()?;
-        let (hkv, s, _) = k.dims3()?;
+        let hkv = k.dim(0)?;
         let g = hq / hkv;
         let rows = |t: &Tensor| t.detach().contiguous()?.reshape((hkv, g * l, d));
         let (q, o, go) = (rows(q)?, rows(o)?, rows(grad)?);
         let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-        let scores = q.matmul(&k.t()?)?; // (Hkv, G·L, S)
-        if let Some(m) = &self.inner {
-            let cols = m.dim(1)?;
-            let own = scores
-                .narrow(2, s - cols, cols)?
-                .reshape((hkv, g, l, cols))?
-                .broadcast_add(m)?
-                .reshape((hkv, g * l, cols))?;
-            scores.slice_set(&own, 2, s - cols)?;
-        }
-        let p = super::softmax::softmax_last_dim_in_place(scores)?;
+        let p = super::attention::probabilities(&q.reshape((hq, l, d))?, &k, self.inner.as_ref())?;
         let dv = p.t()?.matmul(&go)?; // (Hkv, S, D)
         let dp = go.matmul(&v.t()?)?; // (Hkv, G·L, S)
         let delta = (&go * &o)?.sum_keepdim(2)?; // (Hkv, G·L, 1)

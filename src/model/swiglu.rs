@@ -11,18 +11,20 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 /// silu(gate) · up. `gate` is consumed (its buffer reused when it is a contiguous f32 CPU
 /// tensor that nothing else holds); anything else goes through candle's ops.
 pub fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
-    let fits = gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.is_contiguous()
-        && up.is_contiguous()
-        && gate.shape() == up.shape();
-    if fits {
+    if fits(&gate, up) && gate.is_contiguous() && up.is_contiguous() {
         gate.inplace_op2(up, &SiluMul)?;
         Ok(gate)
     } else {
         gate.silu()? * up
     }
+}
+
+/// Whether our kernels take these: f32 CPU tensors of one shape.
+fn fits(gate: &Tensor, up: &Tensor) -> bool {
+    gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.shape() == up.shape()
 }
 
 struct SiluMul;
@@ -65,11 +67,7 @@ impl candle_core::InplaceOp2 for SiluMul {
 /// the MLP's hidden layer, per layer. Keeps only its inputs. Contiguous f32 CPU tensors of
 /// one shape; anything else goes through candle's ops.
 pub fn silu_mul_trainable(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let fits = gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.shape() == up.shape();
-    if fits {
+    if fits(gate, up) {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMulNode)
     } else {
         gate.silu()? * up
