@@ -15,7 +15,7 @@
 //! (fixed from the first key), never on which other rows share its tile, so a document's
 //! state does not depend on its batch (re-index compares states byte for byte).
 
-use super::packed::{tile, Line, NR};
+use super::packed::{tile, tile_t, Line, NR};
 use candle_core::{DType, Result, Storage, Tensor};
 
 /// Query rows per head in one work item.
@@ -52,7 +52,8 @@ pub fn attend(
             (slice(&v_store)?, at(v_lay)),
             (hkv, s),
             mask.map(|mk| (mk, m)),
-        ))
+        )
+        .0)
     })?;
     drop((q_store, k_store, v_store));
     Ok(Some(Tensor::from_vec(out, (hq, l, d), q.device())?))
@@ -60,7 +61,7 @@ pub fn attend(
 
 /// The attention as one trainable node, for training (`Ops::Differentiable`): the forward
 /// is [`attend`]'s kernel, and nothing of size L × S is kept for the backward, which
-/// recomputes the probabilities one call's block at a time. The composed path it replaces
+/// recomputes the probabilities tile by tile ([`backward`]). The composed path it replaces
 /// (scores, masked softmax, product) kept the scores and probabilities of every block of
 /// every layer until the backward, and candle summed each of their gradients into freshly
 /// zeroed buffers of the same size. None where [`attend`] does not apply.
@@ -75,6 +76,7 @@ pub fn attend_trainable(
     }
     let op = Trainable {
         inner: inner.map(|m| m.detach().contiguous()).transpose()?,
+        lse: std::sync::OnceLock::new(),
     };
     Ok(Some(q.contiguous()?.apply_op3(k, v, op)?))
 }
@@ -120,6 +122,8 @@ fn applies(
 struct Trainable {
     /// (L, M), detached.
     inner: Option<Tensor>,
+    /// The forward's log-sum-exp per row (Hq, L): all the backward keeps of the softmax.
+    lse: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl candle_core::CustomOp3 for Trainable {
@@ -139,7 +143,7 @@ impl candle_core::CustomOp3 for Trainable {
         let q = super::simd::f32s(qs, ql, self.name())?;
         let (hq, l, d) = ql.shape().dims3()?;
         let (hkv, s, _) = kl.shape().dims3()?;
-        let out = with_mask(self.inner.as_ref(), |mask| {
+        let (out, lse) = with_mask(self.inner.as_ref(), |mask| {
             let m = self.inner.as_ref().map_or(Ok(0), |t| t.dim(1))?;
             Ok(compute(
                 q,
@@ -150,11 +154,12 @@ impl candle_core::CustomOp3 for Trainable {
                 mask.map(|mk| (mk, m)),
             ))
         })?;
+        // A node's forward runs once; a second run would compute the same values.
+        let _ = self.lse.set(lse);
         Ok((candle_core::CpuStorage::F32(out), (hq, l, d).into()))
     }
 
-    /// With P = softmax(q·kᵀ + mask) recomputed (GQA rows stacked per key head):
-    /// dV = Pᵀ·dO, dP = dO·vᵀ, dS = P ∘ (dP - rowsum(dO ∘ O)), dq = dS·k, dk = dSᵀ·q.
+    /// In tiles, from the forward's log-sum-exp: see [`backward`].
     fn bwd(
         &self,
         q: &Tensor,
@@ -163,19 +168,33 @@ impl candle_core::CustomOp3 for Trainable {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.lse.get() else {
+            candle_core::bail!("tiled attention: the backward ran before the forward");
+        };
         let (hq, l, d) = q.dims3()?;
-        let hkv = k.dim(0)?;
-        let g = hq / hkv;
-        let rows = |t: &Tensor| t.detach().contiguous()?.reshape((hkv, g * l, d));
-        let (q, o, go) = (rows(q)?, rows(o)?, rows(grad)?);
-        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-        let p = super::attention::probabilities(&q.reshape((hq, l, d))?, &k, self.inner.as_ref())?;
-        let dv = p.t()?.matmul(&go)?; // (Hkv, S, D)
-        let dp = go.matmul(&v.t()?)?; // (Hkv, G·L, S)
-        let delta = (&go * &o)?.sum_keepdim(2)?; // (Hkv, G·L, 1)
-        let ds = (p * dp.broadcast_sub(&delta)?)?;
-        let dq = ds.matmul(&k)?.reshape((hq, l, d))?;
-        let dk = ds.t()?.matmul(&q)?; // (Hkv, S, D)
+        let (hkv, s, _) = k.dims3()?;
+        let (dq, dk, dv) = super::simd::with_f32s([q, k, v, o, grad], self.name(), |x| {
+            with_mask(self.inner.as_ref(), |mask| {
+                let m = self.inner.as_ref().map_or(Ok(0), |t| t.dim(1))?;
+                Ok(backward(
+                    x[0],
+                    (hq, l, d),
+                    x[1],
+                    x[2],
+                    (hkv, s),
+                    mask.map(|mk| (mk, m)),
+                    x[3],
+                    x[4],
+                    lse,
+                ))
+            })
+        })?;
+        let dev = q.device();
+        let (dq, dk, dv) = (
+            Tensor::from_vec(dq, (hq, l, d), dev)?,
+            Tensor::from_vec(dk, (hkv, s, d), dev)?,
+            Tensor::from_vec(dv, (hkv, s, d), dev)?,
+        );
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -199,7 +218,7 @@ fn with_mask<T>(mask: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<
 }
 
 /// The kernel on raw values: q (Hq, L, D) contiguous; k, v (Hkv, S, D) at their strides;
-/// the (L, M) mask with M. Returns (Hq, L, D).
+/// the (L, M) mask with M. Returns (Hq, L, D) and each row's log-sum-exp (Hq, L).
 fn compute(
     q: &[f32],
     (hq, l, d): (usize, usize, usize),
@@ -207,30 +226,20 @@ fn compute(
     (v, v_at): (&[f32], (usize, usize, usize)),
     (hkv, s): (usize, usize),
     mask: Option<(&[f32], usize)>,
-) -> Vec<f32> {
-    let m = mask.map_or(0, |(_, m)| m);
+) -> (Vec<f32>, Vec<f32>) {
     let packs: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
         .map(|h| pack_head(k, k_at, v, v_at, h, s, d))
         .collect();
-    let src = Source {
-        q,
-        packs,
-        visible: mask.map(|(mk, m)| visible_ranges(mk, l, m)),
-        mask: mask.map(|(mk, _)| mk),
-        prefix: s - m,
-        g: hq / hkv,
-        l,
-        s,
-        d,
-    };
+    let src = Source::new(q, packs, (hq, l, d), (hkv, s), mask);
     let mut out = vec![0f32; hq * l * d];
-    let out_ptr = Shared(out.as_mut_ptr());
+    let mut lse = vec![0f32; hq * l];
+    let (out_ptr, lse_ptr) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     let tiles = l.div_ceil(QT);
     let work = |item: usize| {
         let (h, t) = (item / tiles, item % tiles);
         let rows = t * QT..((t + 1) * QT).min(l);
         // SAFETY: item (h, t) writes only the rows `rows` of heads h·G..(h+1)·G.
-        unsafe { src.tile_rows(h, rows, &out_ptr) };
+        unsafe { src.tile_rows(h, rows, &out_ptr, &lse_ptr) };
     };
     let items = hkv * tiles;
     if items > 1 && hq * l * s * d > 1 << 18 {
@@ -239,7 +248,93 @@ fn compute(
     } else {
         (0..items).for_each(work);
     }
-    out
+    (out, lse)
+}
+
+/// Work items of the backward per key head: fixed (not the thread count), so the sums of
+/// the items' key and value gradients, taken in item order, are the same bits on any
+/// machine.
+const BACKWARD_CHUNKS: usize = 4;
+
+/// The gradients of [`compute`] (FlashAttention-2's backward, on the CPU): the
+/// probabilities are recomputed tile by tile from the forward's log-sum-exp, and tiles
+/// the mask hides are skipped as in the forward, so nothing of size L × S is built.
+/// q, o, go (Hq, L, D) contiguous; k, v (Hkv, S, D) contiguous; lse (Hq, L).
+/// Returns (dq (Hq, L, D), dk (Hkv, S, D), dv (Hkv, S, D)).
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    q: &[f32],
+    (hq, l, d): (usize, usize, usize),
+    k: &[f32],
+    v: &[f32],
+    (hkv, s): (usize, usize),
+    mask: Option<(&[f32], usize)>,
+    o: &[f32],
+    go: &[f32],
+    lse: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let head_at = (0, s * d, d);
+    // Keys in key panels (scores) and dim panels (dq); values in key panels (dP).
+    let packs: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
+        .map(|h| pack_head(k, head_at, v, head_at, h, s, d))
+        .collect();
+    let swapped: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
+        .map(|h| pack_head(v, head_at, k, head_at, h, s, d))
+        .collect();
+    let src = Source::new(q, packs, (hq, l, d), (hkv, s), mask);
+    // δ = rowsum(dO ∘ O): the softmax's backward in one number per row.
+    let delta: Vec<f32> = go
+        .chunks_exact(d)
+        .zip(o.chunks_exact(d))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+        .collect();
+    let mut dq = vec![0f32; hq * l * d];
+    let dq_ptr = Shared(dq.as_mut_ptr());
+    let tiles = l.div_ceil(QT);
+    let per = tiles.div_ceil(BACKWARD_CHUNKS);
+    let grads = Grads {
+        go,
+        lse,
+        delta: &delta,
+        swapped: &swapped,
+    };
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..hkv * BACKWARD_CHUNKS)
+        .into_par_iter()
+        .map(|item| {
+            let (h, c) = (item / BACKWARD_CHUNKS, item % BACKWARD_CHUNKS);
+            let mut dk = vec![0f32; s * d];
+            let mut dv = vec![0f32; s * d];
+            for t in c * per..((c + 1) * per).min(tiles) {
+                let rows = t * QT..((t + 1) * QT).min(l);
+                // SAFETY: item (h, c) writes dq only in the rows of its own query tiles
+                // of heads h·G..(h+1)·G, and its own dk, dv.
+                unsafe { src.tile_grads(h, rows, &grads, &dq_ptr, &mut dk, &mut dv) };
+            }
+            (dk, dv)
+        })
+        .collect();
+    let mut dk = vec![0f32; hkv * s * d];
+    let mut dv = vec![0f32; hkv * s * d];
+    for (item, (pk, pv)) in parts.iter().enumerate() {
+        let h = item / BACKWARD_CHUNKS;
+        let (ok, ov) = (&mut dk[h * s * d..][..s * d], &mut dv[h * s * d..][..s * d]);
+        ok.iter_mut().zip(pk).for_each(|(a, b)| *a += b);
+        ov.iter_mut().zip(pv).for_each(|(a, b)| *a += b);
+    }
+    (dq, dk, dv)
+}
+
+/// What the backward's work items read besides [`Source`].
+struct Grads<'a> {
+    /// dO (Hq, L, D).
+    go: &'a [f32],
+    /// (Hq, L), from the forward.
+    lse: &'a [f32],
+    /// rowsum(dO ∘ O), (Hq, L).
+    delta: &'a [f32],
+    /// Per key head: (values in key panels, keys in dim panels).
+    swapped: &'a [(Vec<Line>, Vec<Line>)],
 }
 
 /// Each query row's visible columns of the inner mask, as one range [lo, hi) (empty: none).
@@ -303,7 +398,171 @@ struct Source<'a> {
     d: usize,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    fn new(
+        q: &'a [f32],
+        packs: Vec<(Vec<Line>, Vec<Line>)>,
+        (hq, l, d): (usize, usize, usize),
+        (hkv, s): (usize, usize),
+        mask: Option<(&'a [f32], usize)>,
+    ) -> Self {
+        Source {
+            q,
+            packs,
+            visible: mask.map(|(mk, m)| visible_ranges(mk, l, m)),
+            mask: mask.map(|(mk, _)| mk),
+            prefix: s - mask.map_or(0, |(_, m)| m),
+            g: hq / hkv,
+            l,
+            s,
+            d,
+        }
+    }
+
+    /// The backward of query rows `rows` of the G heads sharing key head `h`: their dq,
+    /// and their share of dk and dv (S, D) for head h.
+    ///
+    /// Per visible key tile j, with the G heads' rows stacked (G·n of them):
+    /// P = exp(q·kⱼᵀ + mask - lse), dP = dO·vⱼᵀ, dS = P ∘ (dP - δ);
+    /// dq += dS·kⱼ, dkⱼ += dSᵀ·q, dvⱼ += Pᵀ·dO.
+    ///
+    /// # Safety
+    /// `dq` points at (Hq, L, D) floats of which no other thread writes these rows.
+    unsafe fn tile_grads(
+        &self,
+        h: usize,
+        rows: std::ops::Range<usize>,
+        gr: &Grads,
+        dq: &Shared,
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let (d, l, n, g) = (self.d, self.l, rows.len(), self.g);
+        let gn = g * n;
+        let d_panels = d.div_ceil(NR);
+        let (kp, _) = &self.packs[h];
+        let (vkp, kdp) = &gr.swapped[h];
+        // q and dO rows of the G heads stacked, in dim panels (line r = row r's dims):
+        // the right factors of dk and dv, read by every key tile.
+        let stack = |x: &[f32]| {
+            let mut out = vec![Line([0.0; NR]); d_panels * gn];
+            for gi in 0..g {
+                let base = ((h * g + gi) * l + rows.start) * d;
+                for r in 0..n {
+                    let row = &x[base + r * d..][..d];
+                    for (p, part) in row.chunks(NR).enumerate() {
+                        out[p * gn + gi * n + r].0[..part.len()].copy_from_slice(part);
+                    }
+                }
+            }
+            out
+        };
+        let (q_dims, go_dims) = (stack(self.q), stack(gr.go));
+        let mut p = vec![0f32; gn * KT];
+        let mut ds = vec![0f32; gn * KT];
+        for j0 in (0..self.s).step_by(KT) {
+            let kt = KT.min(self.s - j0);
+            if !self.tile_visible(&rows, j0, j0 + kt) {
+                continue;
+            }
+            for gi in 0..g {
+                let head = h * g + gi;
+                let q0 = (head * l + rows.start) * d;
+                let (pr, dsr) = (
+                    p.as_mut_ptr().add(gi * n * KT),
+                    ds.as_mut_ptr().add(gi * n * KT),
+                );
+                for pn in 0..kt.div_ceil(NR) {
+                    let keys = &kp[(j0 / NR + pn) * d..][..d];
+                    let values = &vkp[(j0 / NR + pn) * d..][..d];
+                    for r0 in (0..n).step_by(6) {
+                        let (r, at) = (6.min(n - r0), r0 * KT + pn * NR);
+                        tile(
+                            r,
+                            &self.q[q0 + r0 * d..],
+                            d,
+                            keys,
+                            d,
+                            pr.add(at),
+                            KT,
+                            NR,
+                            false,
+                        );
+                        tile(
+                            r,
+                            &gr.go[q0 + r0 * d..],
+                            d,
+                            values,
+                            d,
+                            dsr.add(at),
+                            KT,
+                            NR,
+                            false,
+                        );
+                    }
+                }
+                for r in 0..n {
+                    let prow = &mut p[(gi * n + r) * KT..][..KT];
+                    self.mask_scores(prow, rows.start + r, j0, kt);
+                    let (m, dl) = (
+                        gr.lse[head * l + rows.start + r],
+                        gr.delta[head * l + rows.start + r],
+                    );
+                    let dsrow = &mut ds[(gi * n + r) * KT..][..KT];
+                    probabilities_and_ds(prow, dsrow, m, dl);
+                }
+                // dq rows += dS (n, kt) · kⱼ (kt, D).
+                for pn in 0..d_panels {
+                    let keys = &kdp[pn * self.s + j0..][..kt];
+                    for r0 in (0..n).step_by(6) {
+                        tile(
+                            6.min(n - r0),
+                            &ds[(gi * n + r0) * KT..],
+                            KT,
+                            keys,
+                            kt,
+                            dq.0.add(q0 + r0 * d + pn * NR),
+                            d,
+                            NR.min(d - pn * NR),
+                            true,
+                        );
+                    }
+                }
+            }
+            // dkⱼ (kt, D) += dSᵀ · q and dvⱼ += Pᵀ · dO, over the G·n stacked rows.
+            for pn in 0..d_panels {
+                let width = NR.min(d - pn * NR);
+                for i0 in (0..kt).step_by(6) {
+                    let r = 6.min(kt - i0);
+                    let at = (j0 + i0) * d + pn * NR;
+                    let (qd, gd) = (&q_dims[pn * gn..][..gn], &go_dims[pn * gn..][..gn]);
+                    tile_t(
+                        r,
+                        &ds[i0..],
+                        KT,
+                        qd,
+                        gn,
+                        dk.as_mut_ptr().add(at),
+                        d,
+                        width,
+                        true,
+                    );
+                    tile_t(
+                        r,
+                        &p[i0..],
+                        KT,
+                        gd,
+                        gn,
+                        dv.as_mut_ptr().add(at),
+                        d,
+                        width,
+                        true,
+                    );
+                }
+            }
+        }
+    }
+
     /// Whether any query in `rows` sees a key in j0..j1.
     fn tile_visible(&self, rows: &std::ops::Range<usize>, j0: usize, j1: usize) -> bool {
         let Some(vis) = &self.visible else {
@@ -318,11 +577,27 @@ impl Source<'_> {
             .any(|&(lo, hi)| (lo as usize) < b && (hi as usize) > a && lo < hi)
     }
 
-    /// The output rows `rows` of the G query heads that share key head `h`.
+    /// Adds query row i's mask to its scores of key tile j0..j0+kt (KT lanes), and -∞ to
+    /// the lanes past the tile's keys.
+    fn mask_scores(&self, row: &mut [f32], i: usize, j0: usize, kt: usize) {
+        if let (Some(mask), true) = (self.mask, j0 + kt > self.prefix) {
+            let m = self.s - self.prefix;
+            let from = self.prefix.max(j0);
+            let mrow = &mask[i * m + from - self.prefix..][..j0 + kt - from];
+            for (x, &y) in row[from - j0..kt].iter_mut().zip(mrow) {
+                *x += y;
+            }
+        }
+        row[kt..].fill(f32::NEG_INFINITY);
+    }
+
+    /// The output rows `rows` of the G query heads that share key head `h`, and their
+    /// log-sum-exp.
     ///
     /// # Safety
-    /// `out` points at (Hq, L, D) floats of which no other thread writes these rows.
-    unsafe fn tile_rows(&self, h: usize, rows: std::ops::Range<usize>, out: &Shared) {
+    /// `out` points at (Hq, L, D) floats and `lse` at (Hq, L), of which no other thread
+    /// writes these rows.
+    unsafe fn tile_rows(&self, h: usize, rows: std::ops::Range<usize>, out: &Shared, lse: &Shared) {
         let (d, l, n) = (self.d, self.l, rows.len());
         let v_panels = d.div_ceil(NR);
         let (kp, vp) = &self.packs[h];
@@ -355,16 +630,7 @@ impl Source<'_> {
                 }
                 for r in 0..n {
                     let row = &mut scores[r * KT..(r + 1) * KT];
-                    if let (Some(mask), true) = (self.mask, j0 + kt > self.prefix) {
-                        let i = rows.start + r;
-                        let m = self.s - self.prefix;
-                        let from = self.prefix.max(j0);
-                        let mrow = &mask[i * m + from - self.prefix..][..j0 + kt - from];
-                        for (x, &y) in row[from - j0..kt].iter_mut().zip(mrow) {
-                            *x += y;
-                        }
-                    }
-                    row[kt..].fill(f32::NEG_INFINITY);
+                    self.mask_scores(row, rows.start + r, j0, kt);
                     let at = gi * n + r;
                     let alpha = online_softmax(row, &mut max[at], &mut sum[at]);
                     if alpha != 1.0 {
@@ -393,6 +659,13 @@ impl Source<'_> {
             let head = h * self.g + gi;
             for r in 0..n {
                 let total = sum[gi * n + r];
+                // log Σ exp(scores), the backward's softmax in one number per row; +∞ for
+                // a row that sees nothing (its probabilities are then exp(-∞) = 0).
+                *lse.0.add(head * l + rows.start + r) = if total > 0.0 {
+                    max[gi * n + r] + total.ln()
+                } else {
+                    f32::INFINITY
+                };
                 if total > 0.0 {
                     let orow = std::slice::from_raw_parts_mut(
                         out.0.add((head * l + rows.start + r) * d),
@@ -429,6 +702,31 @@ fn online_softmax(row: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
     *sum = *sum * alpha + tile_sum;
     *max = new_max;
     alpha
+}
+
+/// A row of one key tile in the backward: scores → P = exp(score - lse) in place, and
+/// dP → dS = P ∘ (dP - δ) in place (KT lanes, a multiple of 8).
+///
+/// # Safety
+/// AVX2 and FMA are present (the backward runs only where [`applies`] found them).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn probabilities_and_ds(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32) {
+    use std::arch::x86_64::*;
+    assert!(p.len() == KT && ds.len() == KT);
+    let (lv, dv) = (_mm256_set1_ps(lse), _mm256_set1_ps(delta));
+    for i in (0..KT).step_by(8) {
+        let x = _mm256_loadu_ps(p.as_ptr().add(i));
+        let e = super::softmax::exp256(_mm256_sub_ps(x, lv));
+        _mm256_storeu_ps(p.as_mut_ptr().add(i), e);
+        let d = _mm256_sub_ps(_mm256_loadu_ps(ds.as_ptr().add(i)), dv);
+        _mm256_storeu_ps(ds.as_mut_ptr().add(i), _mm256_mul_ps(e, d));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn probabilities_and_ds(_p: &mut [f32], _ds: &mut [f32], _lse: f32, _delta: f32) {
+    unreachable!("attend_trainable returns None without AVX2")
 }
 
 /// The largest of KT lanes (a multiple of 8).
@@ -576,16 +874,7 @@ mod tests {
         // Segments of 9 rows, the last 2 of each kept: a query sees kept rows of earlier
         // segments and its own segment causally; row 0..8 of the first segment see only
         // themselves; one row sees nothing of the mask (it still sees the prefix).
-        let seg = |i: usize| i / 9;
-        let mut mask = vec![f32::NEG_INFINITY; l * l];
-        for i in 0..l {
-            for j in 0..l {
-                let kept = j % 9 >= 7;
-                if (seg(j) < seg(i) && kept) || (seg(j) == seg(i) && j <= i) {
-                    mask[i * l + j] = 0.0;
-                }
-            }
-        }
+        let mut mask = sentence_mask_with_holes(l, 9, 7);
         mask[45 * l..46 * l].fill(f32::NEG_INFINITY);
         let mask = Tensor::from_vec(mask, (l, l), &dev).unwrap();
         let ours = attend(&q, &k, &v, Some(&mask)).unwrap().unwrap();
@@ -599,48 +888,87 @@ mod tests {
         assert!(diff < 2e-5, "{diff}");
     }
 
+    /// Segments of `seg` rows whose last `seg - kept_from` rows are kept as gists: a query
+    /// sees the kept rows of earlier segments and its own segment causally (the training
+    /// plan's mask, with holes).
+    fn sentence_mask_with_holes(l: usize, seg: usize, kept_from: usize) -> Vec<f32> {
+        let mut mask = vec![f32::NEG_INFINITY; l * l];
+        for i in 0..l {
+            for j in 0..l {
+                let kept = j % seg >= kept_from;
+                if (j / seg < i / seg && kept) || (j / seg == i / seg && j <= i) {
+                    mask[i * l + j] = 0.0;
+                }
+            }
+        }
+        mask
+    }
+
+    /// The trainable node's gradients against the composed attention's, keys a strided
+    /// view (as the plans pass them), every gradient finite.
+    fn assert_gradients_match(
+        (hq, hkv, l, s, d): (usize, usize, usize, usize, usize),
+        mask: Option<&Tensor>,
+    ) {
+        let dev = Device::Cpu;
+        let var = |shape: (usize, usize, usize), scale: f64| {
+            candle_core::Var::from_tensor(
+                &(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap(),
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (
+            var((hq, l, d), 0.3),
+            var((hkv, s + 3, d), 1.0),
+            var((hkv, s, d), 1.0),
+        );
+        let kv = k.narrow(1, 3, s).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (hq, l, d), &dev).unwrap();
+        let grads = |y: Tensor| {
+            let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            [q.as_tensor(), k.as_tensor(), v.as_tensor()]
+                .map(|t| g.get(t).expect("a gradient").clone())
+        };
+        let ours = grads(attend_trainable(&q, &kv, &v, mask).unwrap().unwrap());
+        let theirs = grads(reference(&q, &kv, &v, mask));
+        for (name, (a, b)) in ["q", "k", "v"].iter().zip(ours.iter().zip(&theirs)) {
+            let diff = super::super::simd::max_abs_diff(a, b);
+            assert!(diff < 1e-4, "d{name} hq={hq} l={l} s={s}: {diff}");
+            let values = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(values.iter().all(|x| x.is_finite()), "d{name} is finite");
+        }
+    }
+
     #[test]
     fn the_trainable_node_has_the_composed_gradients() {
         if !super::super::simd::avx2_fma() {
             return;
         }
-        let dev = Device::Cpu;
+        // Several query tiles per backward chunk and key tiles past KT, GQA 1-3, head
+        // dims not a multiple of the panel.
         for (hq, hkv, l, s, d, m) in [
             (4, 2, 40, 100, 32, 40),
             (9, 3, 70, 70, 64, 70),
             (2, 2, 5, 9, 8, 0),
+            (4, 2, 300, 330, 24, 300),
+            (3, 1, 140, 140, 40, 0),
         ] {
-            let var = |shape: (usize, usize, usize), scale: f64| {
-                candle_core::Var::from_tensor(
-                    &(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap(),
-                )
-                .unwrap()
-            };
-            let (q, k, v) = (
-                var((hq, l, d), 0.3),
-                var((hkv, s + 3, d), 1.0),
-                var((hkv, s, d), 1.0),
-            );
-            // Keys as a strided view, as the plans pass them.
-            let kv = k.narrow(1, 3, s).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (hq, l, d), &dev).unwrap();
             let mask = (m > 0).then(|| causal(l).narrow(1, l - m, m).unwrap());
-            let grads = |y: Tensor| {
-                let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                [q.as_tensor(), k.as_tensor(), v.as_tensor()]
-                    .map(|t| g.get(t).expect("a gradient").clone())
-            };
-            let ours = grads(
-                attend_trainable(&q, &kv, &v, mask.as_ref())
-                    .unwrap()
-                    .unwrap(),
-            );
-            let theirs = grads(reference(&q, &kv, &v, mask.as_ref()));
-            for (name, (a, b)) in ["q", "k", "v"].iter().zip(ours.iter().zip(&theirs)) {
-                let diff = super::super::simd::max_abs_diff(a, b);
-                assert!(diff < 1e-4, "d{name} hq={hq} l={l} s={s}: {diff}");
-            }
+            assert_gradients_match((hq, hkv, l, s, d), mask.as_ref());
         }
+    }
+
+    /// A sentence mask with holes and one row that sees nothing at all (no prefix).
+    #[test]
+    fn the_trainable_node_has_the_composed_gradients_under_a_sentence_mask() {
+        if !super::super::simd::avx2_fma() {
+            return;
+        }
+        let l = 170;
+        let mut mask = sentence_mask_with_holes(l, 13, 10);
+        mask[77 * l..78 * l].fill(f32::NEG_INFINITY);
+        let mask = Tensor::from_vec(mask, (l, l), &Device::Cpu).unwrap();
+        assert_gradients_match((4, 2, l, l, 32), Some(&mask));
     }
 
     #[test]

@@ -58,6 +58,11 @@ impl Linear {
     /// x (N, in) · Wᵀ: (N, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            // A trainable (or not yet packed) weight: the packed kernel with its own
+            // backward where it runs; a handful of rows is not worth packing W for.
+            Linear::Dense(w) if x.dim(0)? >= 32 && super::packed::linear_fits(x, w) => {
+                super::packed::linear(x, w)
+            }
             Linear::Dense(w) => x.matmul(&w.t()?),
             Linear::Quantized(q) => q.forward(x),
             Linear::Q41(q) => q.forward(x),

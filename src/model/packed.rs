@@ -52,6 +52,11 @@ impl PackedMatrix {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
+        Ok(Self::from_rows(&data, rows, cols))
+    }
+
+    /// Packs W (rows, cols), row-major in `data`.
+    fn from_rows(data: &[f32], rows: usize, cols: usize) -> Self {
         let n_panels = rows.div_ceil(NR);
         let mut panels = vec![Line([0.0; NR]); n_panels * cols];
         for (r, row) in data.chunks_exact(cols).enumerate() {
@@ -61,7 +66,25 @@ impl PackedMatrix {
                 line.0[j] = v;
             }
         }
-        Ok(Self { rows, cols, panels })
+        Self { rows, cols, panels }
+    }
+
+    /// Packs Mᵀ for M (r, c) row-major in `data`: a matrix of c rows and r columns. The
+    /// cheap direction: a panel's line k is 16 consecutive floats of M's row k, so the
+    /// backward's Wᵀ and xᵀ are packed by copying, never by a gather.
+    fn from_columns(data: &[f32], r: usize, c: usize) -> Self {
+        let n_panels = c.div_ceil(NR);
+        let mut panels = vec![Line([0.0; NR]); n_panels * r];
+        for (k, row) in data.chunks_exact(c).enumerate() {
+            for (p, part) in row.chunks(NR).enumerate() {
+                panels[p * r + k].0[..part.len()].copy_from_slice(part);
+            }
+        }
+        Self {
+            rows: c,
+            cols: r,
+            panels,
+        }
     }
 
     /// (out, in).
@@ -90,8 +113,35 @@ impl PackedMatrix {
         Tensor::from_vec(out, (m, self.rows), x.device())
     }
 
+    /// A custom op's forward: x (M, cols), contiguous f32 storage, times Wᵀ.
+    fn node_forward(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        op: &str,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = super::simd::f32s(s, l, op)?;
+        let (m, k) = l.shape().dims2()?;
+        if k != self.cols {
+            candle_core::bail!("{op}: x has {k} columns, the matrix {}", self.cols);
+        }
+        let mut out = vec![0f32; m * self.rows];
+        self.matmul(x, m, &mut out);
+        Ok((candle_core::CpuStorage::F32(out), (m, self.rows).into()))
+    }
+
     /// out (m, rows) = x (m, cols) · Wᵀ, written whole.
     fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let lhs = Lhs {
+            data: x,
+            ld: self.cols,
+            transposed: false,
+        };
+        self.matmul_lhs(&lhs, m, out)
+    }
+
+    /// out (m, rows) = A (m, cols) · Wᵀ, A as `lhs` describes it, written whole.
+    fn matmul_lhs(&self, lhs: &Lhs, m: usize, out: &mut [f32]) {
         use rayon::prelude::*;
         let n_panels = self.rows.div_ceil(NR);
         let threads = rayon::current_num_threads().clamp(1, n_panels);
@@ -100,7 +150,7 @@ impl PackedMatrix {
         let work = |t: usize| {
             let panels = t * per..((t + 1) * per).min(n_panels);
             // SAFETY: each thread writes only the columns of its own panels.
-            unsafe { self.panels_range(x, m, panels, &out_ptr) };
+            unsafe { self.panels_range(lhs, m, panels, &out_ptr) };
         };
         if threads == 1 || m * self.cols * self.rows < 1 << 16 {
             (0..threads).for_each(work);
@@ -115,7 +165,7 @@ impl PackedMatrix {
     /// `out` points at m × rows floats that no other thread writes in these columns.
     unsafe fn panels_range(
         &self,
-        x: &[f32],
+        lhs: &Lhs,
         m: usize,
         panels: std::ops::Range<usize>,
         out: &SharedOut,
@@ -130,13 +180,97 @@ impl PackedMatrix {
                     let width = NR.min(self.rows - p * NR);
                     for i0 in (m0..m0 + mc).step_by(MR) {
                         let r = MR.min(m0 + mc - i0);
-                        let a = &x[i0 * k_all + k0..];
                         let c = out.0.add(i0 * ldc + p * NR);
-                        tile(r, a, k_all, b, kc, c, ldc, width, k0 > 0);
+                        if lhs.transposed {
+                            let a = &lhs.data[k0 * lhs.ld + i0..];
+                            tile_t(r, a, lhs.ld, b, kc, c, ldc, width, k0 > 0);
+                        } else {
+                            let a = &lhs.data[i0 * lhs.ld + k0..];
+                            tile(r, a, lhs.ld, b, kc, c, ldc, width, k0 > 0);
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// The left factor A (m, k) of a product: row-major with row stride `ld`, or `transposed`
+/// (stored as Aᵀ, (k, m) with row stride `ld`: the backward's gᵀ, read in place).
+struct Lhs<'a> {
+    data: &'a [f32],
+    ld: usize,
+    transposed: bool,
+}
+
+/// x (M, in) · Wᵀ for a trainable W (out, in), with both gradients, on the packed kernel.
+///
+/// Why not candle's matmul: the `gemm` crate packs both factors on every call and hands
+/// work between threads per call; a training step at the benchmark shape spent about a
+/// fifth of its time in those hand-offs and spinning. Here W is packed once per call (a
+/// copy of out × in floats, small beside the M × out × in product), and the backward's
+/// factors are read in place or packed by copying rows:
+/// dx = g · W (Wᵀ packed from W's rows), dW = gᵀ · x (gᵀ read in place, xᵀ packed from
+/// x's rows). Only for contiguous f32 on a CPU with the kernel ([`linear_fits`]).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearNode)
+}
+
+/// Whether [`linear`] takes these tensors.
+pub fn linear_fits(x: &Tensor, w: &Tensor) -> bool {
+    PackedMatrix::supported()
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+        && x.rank() == 2
+}
+
+struct LinearNode;
+
+impl candle_core::CustomOp2 for LinearNode {
+    fn name(&self) -> &'static str {
+        "packed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let w = super::simd::f32s(s2, l2, self.name())?;
+        let (n, k) = l2.shape().dims2()?;
+        PackedMatrix::from_rows(w, n, k).node_forward(s1, l1, self.name())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ((m, k), (n, _)) = (x.dims2()?, w.dims2()?);
+        let (dx, dw) = super::simd::with_f32s([grad, x, w], self.name(), |[g, xv, wv]| {
+            // dx (M, in) = g (M, out) · W: the right factor is Wᵀ's transpose, packed
+            // from W.
+            let mut dx = vec![0f32; m * k];
+            PackedMatrix::from_columns(wv, n, k).matmul(g, m, &mut dx);
+            // dW (out, in) = gᵀ (out, M) · x (M, in): gᵀ read in place, xᵀ packed from x.
+            let mut dw = vec![0f32; n * k];
+            let gt = Lhs {
+                data: g,
+                ld: n,
+                transposed: true,
+            };
+            PackedMatrix::from_columns(xv, m, k).matmul_lhs(&gt, n, &mut dw);
+            Ok((dx, dw))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), x.device())?),
+            Some(Tensor::from_vec(dw, (n, k), x.device())?),
+        ))
     }
 }
 
@@ -183,21 +317,7 @@ impl candle_core::CustomOp1 for FrozenOp {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let f = &self.0;
-        let (m, k) = l.shape().dims2()?;
-        if k != f.fwd.cols {
-            candle_core::bail!(
-                "frozen matmul: x has {k} columns, the matrix {}",
-                f.fwd.cols
-            );
-        }
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen matmul: x is not contiguous");
-        };
-        let x = &s.as_slice::<f32>()?[a..b];
-        let mut out = vec![0f32; m * f.fwd.rows];
-        f.fwd.matmul(x, m, &mut out);
-        Ok((candle_core::CpuStorage::F32(out), (m, f.fwd.rows).into()))
+        self.0.fwd.node_forward(s, l, self.name())
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -227,15 +347,50 @@ pub(super) unsafe fn tile(
     width: usize,
     accumulate: bool,
 ) {
+    tile_any::<false>(r, a, lda, b, kc, c, ldc, width, accumulate)
+}
+
+/// [`tile`] with A stored transposed: `a` holds kc rows of stride lda, and the tile's
+/// row i is its column i.
+///
+/// # Safety
+/// `a` holds kc rows of stride lda with r columns; `c` as in [`tile`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile_t(
+    r: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[Line],
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
+    tile_any::<true>(r, a, lda, b, kc, c, ldc, width, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_any<const T: bool>(
+    r: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[Line],
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         let f = match r {
-            6 => tile_avx2::<6>,
-            5 => tile_avx2::<5>,
-            4 => tile_avx2::<4>,
-            3 => tile_avx2::<3>,
-            2 => tile_avx2::<2>,
-            _ => tile_avx2::<1>,
+            6 => tile_avx2::<6, T>,
+            5 => tile_avx2::<5, T>,
+            4 => tile_avx2::<4, T>,
+            3 => tile_avx2::<3, T>,
+            2 => tile_avx2::<2, T>,
+            _ => tile_avx2::<1, T>,
         };
         f(a, lda, b, kc, c, ldc, width, accumulate)
     }
@@ -249,7 +404,7 @@ pub(super) unsafe fn tile(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx2<const R: usize>(
+unsafe fn tile_avx2<const R: usize, const T: bool>(
     a: &[f32],
     lda: usize,
     b: &[Line],
@@ -260,7 +415,12 @@ unsafe fn tile_avx2<const R: usize>(
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= (R - 1) * lda + kc && b.len() >= kc);
+    debug_assert!(b.len() >= kc);
+    debug_assert!(if T {
+        a.len() >= (kc - 1) * lda + R
+    } else {
+        a.len() >= (R - 1) * lda + kc
+    });
     let (a, b) = (a.as_ptr(), b.as_ptr() as *const f32);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // Every element is summed in the same order (k ascending within each KC slice)
@@ -270,7 +430,8 @@ unsafe fn tile_avx2<const R: usize>(
         let b0 = _mm256_load_ps(b.add(k * NR));
         let b1 = _mm256_load_ps(b.add(k * NR + 8));
         for (i, acc) in acc.iter_mut().enumerate() {
-            let av = _mm256_broadcast_ss(&*a.add(i * lda + k));
+            let at = if T { k * lda + i } else { i * lda + k };
+            let av = _mm256_broadcast_ss(&*a.add(at));
             acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
         }
@@ -348,6 +509,38 @@ mod tests {
     }
 
     #[test]
+    fn the_trainable_linear_matches_candles_values_and_gradients() {
+        if !PackedMatrix::supported() {
+            return;
+        }
+        let dev = Device::Cpu;
+        // Widths around the panel, reductions (in, and M for dW) around KC, rows around
+        // MR and MC.
+        for (m, out, inp) in [(1, 5, 3), (7, 16, 17), (97, 37, 300), (300, 70, 257)] {
+            let x = candle_core::Var::randn(0f32, 1.0, (m, inp), &dev).unwrap();
+            let w = candle_core::Var::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+            let up = Tensor::randn(0f32, 1.0, (m, out), &dev).unwrap();
+            let ours = linear(&x, &w).unwrap();
+            let theirs = x.matmul(&w.t().unwrap()).unwrap();
+            let tol = 1e-5 * ((inp.max(m).max(out)) as f32).sqrt() * 4.0;
+            let diff = super::super::simd::max_abs_diff(&ours, &theirs);
+            assert!(diff < tol, "value m={m} out={out} in={inp}: {diff}");
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", x.as_tensor()), ("w", w.as_tensor())] {
+                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                let diff = super::super::simd::max_abs_diff(a, b);
+                assert!(diff < tol, "d{name} m={m} out={out} in={inp}: {diff}");
+            }
+        }
+    }
+
+    #[test]
     fn strided_input_is_made_contiguous() {
         if !PackedMatrix::supported() {
             return;
@@ -369,6 +562,72 @@ mod tests {
 mod speed {
     use super::*;
     use candle_core::Device;
+
+    /// Each of the trainable linear's three products alone, at the benchmark shape:
+    /// `cargo test --release -- --ignored --nocapture product_gflops`.
+    #[test]
+    #[ignore]
+    fn product_gflops() {
+        let m = 1200;
+        for (n, k) in [(256, 256), (688, 256), (256, 688), (4096, 256)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let g: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32 * 0.1).collect();
+            let reps = (3_000_000_000 / (2 * m * n * k)).max(3);
+            let gf = |t: std::time::Instant| {
+                (2 * m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+            };
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                let mut out = vec![0f32; m * n];
+                PackedMatrix::from_rows(&w, n, k).matmul(&x, m, &mut out);
+            }
+            let fwd = gf(t);
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                let mut dx = vec![0f32; m * k];
+                PackedMatrix::from_columns(&w, n, k).matmul(&g, m, &mut dx);
+            }
+            let dx = gf(t);
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                let mut dw = vec![0f32; n * k];
+                let gt = Lhs {
+                    data: &g,
+                    ld: n,
+                    transposed: true,
+                };
+                PackedMatrix::from_columns(&x, m, k).matmul_lhs(&gt, n, &mut dw);
+            }
+            let dw = gf(t);
+            println!("{n}x{k} m={m}: fwd {fwd:.1} dx {dx:.1} dW {dw:.1} GFLOP/s");
+        }
+    }
+
+    /// The benchmark shape's training products (forward and both gradients) at 1,200
+    /// rows: `cargo test --release -- --ignored --nocapture linear_gflops`.
+    #[test]
+    #[ignore]
+    fn linear_gflops() {
+        let dev = Device::Cpu;
+        for (out, inp) in [(256, 256), (128, 256), (688, 256), (256, 688), (4096, 256)] {
+            let m = 1200;
+            let x = candle_core::Var::randn(0f32, 1.0, (m, inp), &dev).unwrap();
+            let w = candle_core::Var::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+            let reps = (6_000_000_000 / (6 * m * out * inp)).max(3);
+            let flop = (6 * m * out * inp * reps) as f64;
+            let time = |f: &dyn Fn() -> Tensor| {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    f().sum_all().unwrap().backward().unwrap();
+                }
+                flop / t.elapsed().as_secs_f64() / 1e9
+            };
+            let ours = time(&|| linear(&x, &w).unwrap());
+            let theirs = time(&|| x.matmul(&w.t().unwrap()).unwrap());
+            println!("{out}x{inp} m={m} fwd+bwd: packed {ours:.1} GFLOP/s, candle {theirs:.1}");
+        }
+    }
 
     #[test]
     #[ignore]

@@ -63,3 +63,29 @@ pub fn f32s_mut<'a>(
         _ => candle_core::bail!("{op}: contiguous f32 tensors only"),
     }
 }
+
+/// Runs `f` on the values of CPU f32 tensors, made contiguous: how a custom op's backward
+/// reads its operands without copying them into vectors first.
+pub fn with_f32s<const N: usize, R>(
+    ts: [&candle_core::Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let ts = ts.map(|t| t.contiguous());
+    let mut owned = Vec::with_capacity(N);
+    for t in ts {
+        owned.push(t?);
+    }
+    let stores: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(N);
+    for (st, lay) in &stores {
+        let candle_core::Storage::Cpu(cpu) = &**st else {
+            candle_core::bail!("{op}: CPU tensors only");
+        };
+        slices.push(f32s(cpu, lay, op)?);
+    }
+    let slices: [&[f32]; N] = slices
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: {N} operands")))?;
+    f(slices)
+}
