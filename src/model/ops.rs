@@ -77,16 +77,25 @@ impl candle_core::CustomOp1 for RopeNode {
             candle_core::bail!("rope: angles for {n} rows of {half} pairs are needed");
         }
         let mut out = vec![0f32; x.len()];
-        for (row, (src, dst)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let t = row % n;
-            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-            let (x1, x2) = src.split_at(half);
-            let (y1, y2) = dst.split_at_mut(half);
-            for i in 0..half {
-                y1[i] = x1[i] * c[i] - x2[i] * s[i];
-                y2[i] = x2[i] * c[i] + x1[i] * s[i];
-            }
-        }
+        use rayon::prelude::*;
+        // Blocks of rows on both cores (element-wise: the split changes no bit).
+        const ROWS: usize = 256;
+        out.par_chunks_mut(ROWS * d)
+            .zip(x.par_chunks(ROWS * d))
+            .enumerate()
+            .for_each(|(b, (dst, src))| {
+                let rows = src.chunks_exact(d).zip(dst.chunks_exact_mut(d));
+                for (i, (src, dst)) in rows.enumerate() {
+                    let t = (b * ROWS + i) % n;
+                    let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                    let (x1, x2) = src.split_at(half);
+                    let (y1, y2) = dst.split_at_mut(half);
+                    for i in 0..half {
+                        y1[i] = x1[i] * c[i] - x2[i] * s[i];
+                        y2[i] = x2[i] * c[i] + x1[i] * s[i];
+                    }
+                }
+            });
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 

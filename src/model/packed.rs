@@ -59,13 +59,18 @@ impl PackedMatrix {
     fn from_rows(data: &[f32], rows: usize, cols: usize) -> Self {
         let n_panels = rows.div_ceil(NR);
         let mut panels = vec![Line([0.0; NR]); n_panels * cols];
-        for (r, row) in data.chunks_exact(cols).enumerate() {
-            let (p, j) = (r / NR, r % NR);
-            let panel = &mut panels[p * cols..(p + 1) * cols];
-            for (line, &v) in panel.iter_mut().zip(row) {
-                line.0[j] = v;
+        let fill = |p: usize, panel: &mut [Line]| {
+            for (j, row) in data[p * NR * cols..]
+                .chunks_exact(cols)
+                .take(NR)
+                .enumerate()
+            {
+                for (line, &v) in panel.iter_mut().zip(row) {
+                    line.0[j] = v;
+                }
             }
-        }
+        };
+        for_each_panel(&mut panels, cols, rows * cols, fill);
         Self { rows, cols, panels }
     }
 
@@ -75,11 +80,13 @@ impl PackedMatrix {
     fn from_columns(data: &[f32], r: usize, c: usize) -> Self {
         let n_panels = c.div_ceil(NR);
         let mut panels = vec![Line([0.0; NR]); n_panels * r];
-        for (k, row) in data.chunks_exact(c).enumerate() {
-            for (p, part) in row.chunks(NR).enumerate() {
-                panels[p * r + k].0[..part.len()].copy_from_slice(part);
+        let fill = |p: usize, panel: &mut [Line]| {
+            let width = NR.min(c - p * NR);
+            for (k, line) in panel.iter_mut().enumerate() {
+                line.0[..width].copy_from_slice(&data[k * c + p * NR..][..width]);
             }
-        }
+        };
+        for_each_panel(&mut panels, r, r * c, fill);
         Self {
             rows: c,
             cols: r,
@@ -192,6 +199,32 @@ impl PackedMatrix {
                 }
             }
         }
+    }
+}
+
+/// Runs `fill(p, panel)` for every panel of `len` lines, on both cores when the matrix
+/// (`size` floats) is large enough to pay for the hand-off: the training step packs its
+/// weights on every call, and a serial pack leaves the other core idle.
+fn for_each_panel(
+    panels: &mut [Line],
+    len: usize,
+    size: usize,
+    fill: impl Fn(usize, &mut [Line]) + Sync,
+) {
+    use rayon::prelude::*;
+    if len == 0 {
+        return;
+    }
+    if size < 1 << 16 {
+        panels
+            .chunks_mut(len)
+            .enumerate()
+            .for_each(|(p, x)| fill(p, x));
+    } else {
+        panels
+            .par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(p, x)| fill(p, x));
     }
 }
 

@@ -54,8 +54,55 @@ impl candle_core::InplaceOp1 for SoftmaxInPlace {
     }
 }
 
+/// log Σ exp(row), stable (the max taken out first); -∞ for an empty or fully masked row.
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::simd::avx2_fma() {
+            // SAFETY: the features were just detected.
+            return unsafe { log_sum_exp_avx2(row) };
+        }
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+    max + sum.ln()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn log_sum_exp_avx2(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (n, p) = (row.len(), row.as_ptr());
+    let body = n / 8 * 8;
+    let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..body).step_by(8) {
+        vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+    let max = row[body..]
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let m = _mm256_set1_ps(max);
+    let mut vsum = _mm256_setzero_ps();
+    for i in (0..body).step_by(8) {
+        vsum = _mm256_add_ps(vsum, exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m)));
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), vsum);
+    let sum: f32 =
+        lanes.iter().sum::<f32>() + row[body..].iter().map(|&v| (v - max).exp()).sum::<f32>();
+    max + sum.ln()
+}
+
 /// One row, in place.
-fn softmax_row(row: &mut [f32]) {
+pub(crate) fn softmax_row(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if super::simd::avx2_fma() {
@@ -226,6 +273,31 @@ mod tests {
             }
             assert!(worst < 5e-7, "relative error {worst}");
         }
+    }
+
+    #[test]
+    fn log_sum_exp_matches_the_f64_sum_at_every_width() {
+        for n in [1, 7, 8, 9, 53, 4096] {
+            let row: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 211) as f32 / 7.0 - 15.0)
+                .collect();
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let want = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let got = log_sum_exp(&row) as f64;
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "n={n}: {got} vs {want}"
+            );
+        }
+        let mut masked = vec![f32::NEG_INFINITY; 19];
+        assert_eq!(log_sum_exp(&masked), f32::NEG_INFINITY);
+        masked[17] = 3.0;
+        assert!((log_sum_exp(&masked) - 3.0).abs() < 1e-6);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! row (log-sum-exp) and the backward writes one buffer, softmax minus the one-hot target,
 //! scaled by the incoming gradient over the row count.
 
+use crate::model::softmax::{log_sum_exp, softmax_row};
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 
 /// Mean over rows of −log softmax(logits)[target]: logits (R, V), targets (R,) u32.
@@ -51,13 +52,6 @@ fn rows<'a>(
         candle_core::bail!("cross-entropy: target {bad} is outside the vocabulary of {v}");
     }
     Ok((x, t, v))
-}
-
-/// log Σ exp(row), stable.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-    max + sum.ln()
 }
 
 impl candle_core::CustomOp2 for CrossEntropy {
@@ -122,10 +116,9 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
         out.par_chunks_mut(v)
             .zip(x.par_chunks(v).zip(t.par_iter()))
             .for_each(|(o, (row, &id))| {
-                let lse = log_sum_exp(row);
-                for (o, &z) in o.iter_mut().zip(row) {
-                    *o = (z - lse).exp() * k;
-                }
+                o.copy_from_slice(row);
+                softmax_row(o);
+                o.iter_mut().for_each(|x| *x *= k);
                 o[id as usize] -= k;
             });
         Ok((CpuStorage::F32(out), ll.shape().clone()))
