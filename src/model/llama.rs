@@ -68,6 +68,13 @@ impl Linear {
             Linear::Q41(q) => q.forward(x),
             Linear::Packed(p) => p.forward(x),
             Linear::Frozen(f) => f.forward(x),
+            // Training (a frozen f32 base): the whole adapted projection as one node.
+            Linear::Adapted(ad) if matches!(ad.base, Linear::Frozen(_)) && x.rank() == 2 => {
+                let Linear::Frozen(f) = &ad.base else {
+                    unreachable!("matched just above")
+                };
+                f.forward_adapted(x, &ad.a, &ad.b, ad.scale)
+            }
             Linear::Adapted(ad) => {
                 let low = x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?; // (N, out)
                 ad.base.forward(x)? + (low * ad.scale)?
