@@ -19,7 +19,7 @@
 
 use super::attention::AttentionPlan;
 use super::config::Config;
-use super::ops::{rms_norm, rope, rope_angles, Ops};
+use super::ops::{rms_norm, rope_angles, rope_heads, Ops};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Result, Tensor};
@@ -251,17 +251,18 @@ impl Block {
     /// the token is stored; see [`Angles`]); v (Hkv, N, D).
     fn kv(&self, h: &Tensor, rot: &Angles, cfg: &Config, ops: Ops) -> Result<(Tensor, Tensor)> {
         let n = h.dim(0)?;
-        let k = linear(h, &self.k_proj)?
-            .reshape((n, cfg.kv_heads, cfg.head_dim))?
-            .transpose(0, 1)?; // (Hkv, N, D)
+        let k = linear(h, &self.k_proj)?; // (N, Hkv·D)
         let v = linear(h, &self.v_proj)?
             .reshape((n, cfg.kv_heads, cfg.head_dim))?
             .transpose(0, 1)?
             .contiguous()?;
-        let written = rope(&k, &rot.cos, &rot.sin, ops)?;
+        let written = rope_heads(&k, cfg.kv_heads, &rot.cos, &rot.sin, 1.0, ops)?; // (Hkv, N, D)
         let k = match &rot.stored {
             None => written,
-            Some((cos, sin)) => Tensor::cat(&[&written, &rope(&k, cos, sin, ops)?], 1)?,
+            Some((cos, sin)) => {
+                let stored = rope_heads(&k, cfg.kv_heads, cos, sin, 1.0, ops)?;
+                Tensor::cat(&[&written, &stored], 1)?
+            }
         };
         Ok((k, v))
     }
@@ -276,10 +277,15 @@ impl Block {
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_eps, ops)?;
-        let q = linear(&h, &self.q_proj)?
-            .reshape((n, cfg.heads, cfg.head_dim))?
-            .transpose(0, 1)?; // (Hq, N, D)
-        let q = (rope(&q, &rot.cos, &rot.sin, ops)? * (1.0 / (cfg.head_dim as f64).sqrt()))?;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let q = rope_heads(
+            &linear(&h, &self.q_proj)?,
+            cfg.heads,
+            &rot.cos,
+            &rot.sin,
+            scale,
+            ops,
+        )?; // (Hq, N, D)
         let (k, v) = self.kv(&h, rot, cfg, ops)?;
         let y = attn.attend(layer, &q, &k, &v)?; // (Hq, N, D)
         let y = y.transpose(0, 1)?.reshape((n, cfg.heads * cfg.head_dim))?;

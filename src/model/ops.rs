@@ -27,38 +27,93 @@ pub fn softmax(x: &Tensor, ops: Ops) -> Result<Tensor> {
 /// Rotates (heads, N, D) by per-token angles: cos/sin are (N, D/2). Non-interleaved halves,
 /// as in transformers' `rotate_half`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, ops: Ops) -> Result<Tensor> {
-    let x = x.unsqueeze(0)?; // (1, heads, N, D)
-    let y = match ops {
-        Ops::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
-        Ops::Differentiable => return rope_trainable(&x.squeeze(0)?, cos, sin),
-    };
-    y.squeeze(0)
-}
-
-/// [`rope`] as one trainable node: candle's fused rope has no backward, and its composed
-/// one (`rope_slow`) is eight nodes, each a buffer and a gradient buffer per layer. The
-/// backward is the inverse rotation (sin negated). Contiguous f32 CPU tensors; anything
-/// else goes through the composed op.
-fn rope_trainable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(cpu_f32(x) && cpu_f32(cos) && cpu_f32(sin)) {
-        let y = candle_nn::rotary_emb::rope_slow(&x.unsqueeze(0)?, cos, sin)?;
-        return y.squeeze(0);
+    match ops {
+        Ops::Fused => {
+            let x = x.unsqueeze(0)?.contiguous()?; // (1, heads, N, D)
+            candle_nn::rotary_emb::rope(&x, cos, sin)?.squeeze(0)
+        }
+        Ops::Differentiable => {
+            let (h, n, d) = x.dims3()?;
+            let flat = x.transpose(0, 1)?.reshape((n, h * d))?;
+            rope_heads(&flat, h, cos, sin, 1.0, ops)
+        }
     }
-    x.contiguous()?.apply_op1(RopeNode {
-        cos: cos.detach().contiguous()?,
-        sin: sin.detach().contiguous()?,
-    })
 }
 
+/// A projection's output x (N, heads·D) split into heads, rotated and scaled: (heads, N,
+/// D) = scale · rope(x as (heads, N, D)). What the attention reads as queries (scale
+/// 1/√D) and keys (scale 1).
+///
+/// Training takes it as one node straight from the projection: the split into heads (a
+/// reshape, a transpose and a copy), the rotation and the scaling were five nodes of
+/// candle's graph, each a buffer, a zeroed gradient buffer and a serial pass, one of them
+/// a strided add.
+pub fn rope_heads(
+    x: &Tensor,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    scale: f64,
+    ops: Ops,
+) -> Result<Tensor> {
+    let (n, hd) = x.dims2()?;
+    let d = hd / heads.max(1);
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let split = |x: &Tensor| x.reshape((n, heads, d))?.transpose(0, 1);
+    match ops {
+        Ops::Differentiable if cpu_f32(x) && cpu_f32(cos) && cpu_f32(sin) => {
+            x.contiguous()?.apply_op1(RopeNode {
+                heads,
+                scale: scale as f32,
+                cos: cos.detach().contiguous()?,
+                sin: sin.detach().contiguous()?,
+            })
+        }
+        Ops::Differentiable => {
+            let y = candle_nn::rotary_emb::rope_slow(&split(x)?.unsqueeze(0)?, cos, sin)?;
+            y.squeeze(0)? * scale
+        }
+        Ops::Fused => {
+            let y = rope(&split(x)?, cos, sin, ops)?;
+            if scale == 1.0 {
+                Ok(y)
+            } else {
+                y * scale
+            }
+        }
+    }
+}
+
+/// [`rope_heads`]' node: candle's fused rope has no backward, and its composed one
+/// (`rope_slow`) is eight nodes. The backward is the inverse rotation, scaled, written
+/// back in the projection's (N, heads·D) layout.
 struct RopeNode {
+    heads: usize,
+    scale: f32,
     cos: Tensor,
     sin: Tensor,
 }
 
+impl RopeNode {
+    /// The angles as slices, checked against N rows of D/2 pairs.
+    fn angles<R>(
+        &self,
+        n: usize,
+        d: usize,
+        f: impl FnOnce(&[f32], &[f32]) -> Result<R>,
+    ) -> Result<R> {
+        super::simd::with_f32s([&self.cos, &self.sin], "rope", |[cos, sin]| {
+            if d % 2 != 0 || cos.len() != n * (d / 2) || sin.len() != n * (d / 2) {
+                candle_core::bail!("rope: angles for {n} rows of {} pairs are needed", d / 2);
+            }
+            f(cos, sin)
+        })
+    }
+}
+
 impl candle_core::CustomOp1 for RopeNode {
     fn name(&self) -> &'static str {
-        "rope-trainable"
+        "rope-heads-trainable"
     }
 
     fn cpu_fwd(
@@ -66,43 +121,66 @@ impl candle_core::CustomOp1 for RopeNode {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = super::simd::f32s(s, l, self.name())?;
-        let (_, n, d) = l.shape().dims3()?;
-        let half = d / 2;
-        let (cos, sin) = (
-            self.cos.flatten_all()?.to_vec1::<f32>()?,
-            self.sin.flatten_all()?.to_vec1::<f32>()?,
-        );
-        if d % 2 != 0 || cos.len() != n * half || sin.len() != n * half {
-            candle_core::bail!("rope: angles for {n} rows of {half} pairs are needed");
-        }
-        let mut out = vec![0f32; x.len()];
         use rayon::prelude::*;
-        // Blocks of rows on both cores (element-wise: the split changes no bit).
-        const ROWS: usize = 256;
-        out.par_chunks_mut(ROWS * d)
-            .zip(x.par_chunks(ROWS * d))
-            .enumerate()
-            .for_each(|(b, (dst, src))| {
-                let rows = src.chunks_exact(d).zip(dst.chunks_exact_mut(d));
-                for (i, (src, dst)) in rows.enumerate() {
-                    let t = (b * ROWS + i) % n;
-                    let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-                    let (x1, x2) = src.split_at(half);
-                    let (y1, y2) = dst.split_at_mut(half);
-                    for i in 0..half {
-                        y1[i] = x1[i] * c[i] - x2[i] * s[i];
-                        y2[i] = x2[i] * c[i] + x1[i] * s[i];
+        let x = super::simd::f32s(s, l, self.name())?;
+        let (n, hd) = l.shape().dims2()?;
+        let (h, k) = (self.heads, self.scale);
+        let d = hd / h;
+        let mut out = vec![0f32; x.len()];
+        self.angles(n, d, |cos, sin| {
+            let half = d / 2;
+            // One head per work item: its (N, D) block of the output is contiguous.
+            out.par_chunks_mut(n * d)
+                .enumerate()
+                .for_each(|(head, dst)| {
+                    for (t, y) in dst.chunks_exact_mut(d).enumerate() {
+                        let src = &x[t * hd + head * d..][..d];
+                        let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                        let (x1, x2) = src.split_at(half);
+                        let (y1, y2) = y.split_at_mut(half);
+                        for i in 0..half {
+                            y1[i] = (x1[i] * c[i] - x2[i] * s[i]) * k;
+                            y2[i] = (x2[i] * c[i] + x1[i] * s[i]) * k;
+                        }
                     }
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+                });
+            Ok(())
+        })?;
+        Ok((candle_core::CpuStorage::F32(out), (h, n, d).into()))
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.contiguous()?.unsqueeze(0)?;
-        let back = candle_nn::rotary_emb::rope(&g, &self.cos, &self.sin.neg()?)?;
-        Ok(Some(back.squeeze(0)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (n, hd) = x.dims2()?;
+        let (h, k) = (self.heads, self.scale);
+        let d = hd / h;
+        let half = d / 2;
+        let mut dx = vec![0f32; n * hd];
+        super::simd::with_f32s([grad], self.name(), |[g]| {
+            self.angles(n, d, |cos, sin| {
+                // Rows of x per work item: each writes its own rows, all heads.
+                const ROWS: usize = 64;
+                dx.par_chunks_mut(ROWS * hd)
+                    .enumerate()
+                    .for_each(|(b, rows)| {
+                        for (i, row) in rows.chunks_exact_mut(hd).enumerate() {
+                            let t = b * ROWS + i;
+                            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                            for (head, dxh) in row.chunks_exact_mut(d).enumerate() {
+                                let gh = &g[(head * n + t) * d..][..d];
+                                let (g1, g2) = gh.split_at(half);
+                                let (d1, d2) = dxh.split_at_mut(half);
+                                for i in 0..half {
+                                    d1[i] = (g1[i] * c[i] + g2[i] * s[i]) * k;
+                                    d2[i] = (g2[i] * c[i] - g1[i] * s[i]) * k;
+                                }
+                            }
+                        }
+                    });
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (n, hd), x.device())?))
     }
 }
 
@@ -166,6 +244,33 @@ mod tests {
         let slow = candle_nn::rotary_emb::rope_slow(&xt.unsqueeze(0).unwrap(), &c, &s).unwrap();
         let (theirs, d_theirs) = run(slow.squeeze(0).unwrap());
         let fused = rope(&xt, &c, &s, Ops::Fused).unwrap();
+        for (a, b) in [(&ours, &theirs), (&ours, &fused), (&d_ours, &d_theirs)] {
+            let diff = super::super::simd::max_abs_diff(a, b);
+            assert!(diff < 1e-5, "{diff}");
+        }
+    }
+
+    #[test]
+    fn heads_split_rotated_and_scaled_in_one_node_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let inv: Vec<f32> = (0..6)
+            .map(|i| 1.0 / 10_000f32.powf(i as f32 / 6.0))
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), &dev).unwrap();
+        let (n, h, d) = (150, 3, 12); // more rows than one backward work item
+        let positions: Vec<u32> = (0..n as u32).map(|i| i * 7 % 101).collect();
+        let (c, s) = rope_angles(&positions, &inv, DType::F32).unwrap();
+        let x = candle_core::Var::randn(0f32, 1.0, (n, h * d), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (h, n, d), &dev).unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(x.as_tensor()).unwrap().clone())
+        };
+        let split = x.reshape((n, h, d)).unwrap().transpose(0, 1).unwrap();
+        let slow = candle_nn::rotary_emb::rope_slow(&split.unsqueeze(0).unwrap(), &c, &s).unwrap();
+        let (theirs, d_theirs) = run((slow.squeeze(0).unwrap() * 0.25).unwrap());
+        let (ours, d_ours) = run(rope_heads(&x, h, &c, &s, 0.25, Ops::Differentiable).unwrap());
+        let fused = rope_heads(&x, h, &c, &s, 0.25, Ops::Fused).unwrap();
         for (a, b) in [(&ours, &theirs), (&ours, &fused), (&d_ours, &d_theirs)] {
             let diff = super::super::simd::max_abs_diff(a, b);
             assert!(diff < 1e-5, "{diff}");
