@@ -103,7 +103,7 @@ impl RopeNode {
         f: impl FnOnce(&[f32], &[f32]) -> Result<R>,
     ) -> Result<R> {
         super::simd::with_f32s([&self.cos, &self.sin], "rope", |[cos, sin]| {
-            if d % 2 != 0 || cos.len() != n * (d / 2) || sin.len() != n * (d / 2) {
+            if !d.is_multiple_of(2) || cos.len() != n * (d / 2) || sin.len() != n * (d / 2) {
                 candle_core::bail!("rope: angles for {n} rows of {} pairs are needed", d / 2);
             }
             f(cos, sin)
