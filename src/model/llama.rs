@@ -59,10 +59,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             // A trainable (or not yet packed) weight: the packed kernel with its own
-            // backward where it runs; a handful of rows is not worth packing W for.
-            Linear::Dense(w) if x.dim(0)? >= 32 && super::packed::linear_fits(x, w) => {
-                super::packed::linear(x, w)
-            }
+            // backward where it runs, whatever the row count, so that a row's bits never
+            // depend on how many rows share the call.
+            Linear::Dense(w) if super::packed::linear_fits(x, w) => super::packed::linear(x, w),
             Linear::Dense(w) => x.matmul(&w.t()?),
             Linear::Quantized(q) => q.forward(x),
             Linear::Q41(q) => q.forward(x),
