@@ -2,7 +2,7 @@
 //! [`super::compute`] from the forward's log-sum-exp, tile by tile, skipping the tiles the
 //! mask hides, as the forward does. Nothing of size L × S is built.
 
-use super::{pack_head, Line, Shared, Source, KT, NR, QT};
+use super::{dim_panels, key_panels, Line, Shared, Source, KT, NR, QT};
 use crate::model::packed::{tile, tile_t};
 
 /// Work items of the backward per key head: fixed (not the thread count), so the sums of
@@ -31,10 +31,13 @@ pub(super) fn backward(
     let head_at = (0, s * d, d);
     // Keys in key panels (scores) and dim panels (dq); values in key panels (dP).
     let packs: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
-        .map(|h| pack_head(k, head_at, v, head_at, h, s, d))
+        .map(|h| (key_panels((k, head_at), h, s, d), Vec::new())) // values: below
         .collect();
     let swapped: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
-        .map(|h| pack_head(v, head_at, k, head_at, h, s, d))
+        .map(|h| {
+            let values = key_panels((v, head_at), h, s, d);
+            (values, dim_panels((k, head_at), h, s, d))
+        })
         .collect();
     let src = Source::new(q, packs, (hq, l, d), (hkv, s), mask);
     // δ = rowsum(dO ∘ O): the softmax's backward in one number per row.

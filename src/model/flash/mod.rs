@@ -228,7 +228,7 @@ fn compute(
     mask: Option<(&[f32], usize)>,
 ) -> (Vec<f32>, Vec<f32>) {
     let packs: Vec<(Vec<Line>, Vec<Line>)> = (0..hkv)
-        .map(|h| pack_head(k, k_at, v, v_at, h, s, d))
+        .map(|h| pack_head((k, k_at), (v, v_at), h, s, d))
         .collect();
     let src = Source::new(q, packs, (hq, l, d), (hkv, s), mask);
     let mut out = vec![0f32; hq * l * d];
@@ -269,32 +269,53 @@ fn visible_ranges(mask: &[f32], l: usize, m: usize) -> Vec<(u32, u32)> {
 }
 
 /// One key head's keys and values laid out for the micro-kernel, once per call (every
-/// query tile reads them): keys in panels of [`NR`] keys (panel p holds D lines, line c =
-/// dim c of keys 16p..16p+16, zero past S), values in panels of [`NR`] dims (panel p holds S
-/// lines, line j = dims 16p..16p+16 of key j, zero past D).
+/// query tile reads them): keys in key panels, values in dim panels.
 fn pack_head(
-    k: &[f32],
-    (ko, ks0, ks1): (usize, usize, usize),
-    v: &[f32],
-    (vo, vs0, vs1): (usize, usize, usize),
+    k: (&[f32], (usize, usize, usize)),
+    v: (&[f32], (usize, usize, usize)),
     h: usize,
     s: usize,
     d: usize,
 ) -> (Vec<Line>, Vec<Line>) {
-    let mut kp = vec![Line([0.0; NR]); s.div_ceil(NR) * d];
-    let mut vp = vec![Line([0.0; NR]); d.div_ceil(NR) * s];
+    (key_panels(k, h, s, d), dim_panels(v, h, s, d))
+}
+
+/// Rows of head h of x (H, S, D) at its (offset, head stride, row stride), in panels of
+/// [`NR`] rows: panel p holds D lines, line c = dim c of rows 16p..16p+16, zero past S
+/// (the right factor of q·kᵀ and dO·vᵀ).
+pub(super) fn key_panels(
+    (x, (o, s0, s1)): (&[f32], (usize, usize, usize)),
+    h: usize,
+    s: usize,
+    d: usize,
+) -> Vec<Line> {
+    let mut out = vec![Line([0.0; NR]); s.div_ceil(NR) * d];
     for j in 0..s {
-        let krow = &k[ko + h * ks0 + j * ks1..][..d];
-        let panel = &mut kp[(j / NR) * d..][..d];
-        for (line, &x) in panel.iter_mut().zip(krow) {
-            line.0[j % NR] = x;
-        }
-        let vrow = &v[vo + h * vs0 + j * vs1..][..d];
-        for (p, chunk) in vrow.chunks(NR).enumerate() {
-            vp[p * s + j].0[..chunk.len()].copy_from_slice(chunk);
+        let row = &x[o + h * s0 + j * s1..][..d];
+        let panel = &mut out[(j / NR) * d..][..d];
+        for (line, &v) in panel.iter_mut().zip(row) {
+            line.0[j % NR] = v;
         }
     }
-    (kp, vp)
+    out
+}
+
+/// The same rows in panels of [`NR`] dims: panel p holds S lines, line j = dims
+/// 16p..16p+16 of row j, zero past D (the right factor of P·v and dS·k).
+pub(super) fn dim_panels(
+    (x, (o, s0, s1)): (&[f32], (usize, usize, usize)),
+    h: usize,
+    s: usize,
+    d: usize,
+) -> Vec<Line> {
+    let mut out = vec![Line([0.0; NR]); d.div_ceil(NR) * s];
+    for j in 0..s {
+        let row = &x[o + h * s0 + j * s1..][..d];
+        for (p, chunk) in row.chunks(NR).enumerate() {
+            out[p * s + j].0[..chunk.len()].copy_from_slice(chunk);
+        }
+    }
+    out
 }
 
 /// What every work item reads.

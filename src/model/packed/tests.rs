@@ -48,6 +48,34 @@ fn a_row_is_the_same_bits_whatever_else_is_in_the_batch() {
     }
 }
 
+/// `ours` against `theirs`: the values within `tol`, and the gradients of Σ up ∘ y with
+/// respect to every var within `grad_tol`.
+fn assert_same_node(
+    (ours, theirs): (Tensor, Tensor),
+    up: &Tensor,
+    vars: &[(&str, &candle_core::Var)],
+    (tol, grad_tol): (f32, f32),
+    label: &str,
+) {
+    let diff = super::super::simd::max_abs_diff(&ours, &theirs);
+    assert!(diff < tol, "value {label}: {diff}");
+    let g1 = (ours * up).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, v) in vars {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        let diff = super::super::simd::max_abs_diff(a, b);
+        assert!(diff < grad_tol, "d{name} {label}: {diff}");
+    }
+}
+
 #[test]
 fn the_trainable_linear_matches_candles_values_and_gradients() {
     if !PackedMatrix::supported() {
@@ -63,20 +91,14 @@ fn the_trainable_linear_matches_candles_values_and_gradients() {
         let ours = linear(&x, &w).unwrap();
         let theirs = x.matmul(&w.t().unwrap()).unwrap();
         let tol = 1e-5 * ((inp.max(m).max(out)) as f32).sqrt() * 4.0;
-        let diff = super::super::simd::max_abs_diff(&ours, &theirs);
-        assert!(diff < tol, "value m={m} out={out} in={inp}: {diff}");
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("x", x.as_tensor()), ("w", w.as_tensor())] {
-            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-            let diff = super::super::simd::max_abs_diff(a, b);
-            assert!(diff < tol, "d{name} m={m} out={out} in={inp}: {diff}");
-        }
+        let label = format!("m={m} out={out} in={inp}");
+        assert_same_node(
+            (ours, theirs),
+            &up,
+            &[("x", &x), ("w", &w)],
+            (tol, tol),
+            &label,
+        );
     }
 }
 
@@ -101,23 +123,9 @@ fn the_adapted_node_matches_the_composed_adapter_values_and_gradients() {
             .unwrap();
         let theirs = (frozen.forward(&x).unwrap() + (low * 2.0).unwrap()).unwrap();
         let tol = 1e-5 * (inp.max(m) as f32).sqrt() * 8.0;
-        let diff = super::super::simd::max_abs_diff(&ours, &theirs);
-        assert!(diff < tol, "value m={m} out={out} in={inp}: {diff}");
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("x", &x), ("a", &a), ("b", &b)] {
-            let (p, q) = (
-                g1.get(v.as_tensor()).unwrap(),
-                g2.get(v.as_tensor()).unwrap(),
-            );
-            let diff = super::super::simd::max_abs_diff(p, q);
-            assert!(diff < tol * 4.0, "d{name} m={m} out={out} in={inp}: {diff}");
-        }
+        let label = format!("m={m} out={out} in={inp}");
+        let vars = [("x", &x), ("a", &a), ("b", &b)];
+        assert_same_node((ours, theirs), &up, &vars, (tol, tol * 4.0), &label);
     }
 }
 
