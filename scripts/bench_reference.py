@@ -17,7 +17,9 @@ one JSON object. The reference runs one document at a time (its prefill asserts 
   mode train:   one training step of transformers' LlamaForCausalLM (sdpa, causal, no
                 gists) on the T tokens: forward with the loss on every token, backward,
                 AdamW (lr 1e-4), after one warm-up step on 256 tokens (what
-                `giststream bench --paths train-blockwise` is set against)
+                `giststream bench --paths train-blockwise` is set against). With
+                --steps N, N full-length steps back to back, timed one by one; the
+                result is their median (the same as `giststream bench --train-steps N`)
 
 Shapes also include `smollm2-135m` (hidden 576, 30 layers, 9 / 3 heads, intermediate 1536,
 vocab 49152, tied embeddings, RoPE theta 100000), SmolLM2-135M-Instruct's, f32.
@@ -95,6 +97,7 @@ def main():
     p.add_argument("--shape", choices=sorted(SHAPES), default="paper")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    p.add_argument("--steps", type=int, default=1, help="train mode: full-length steps timed, median reported")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -124,11 +127,16 @@ def main():
 
         step(ids[:, :256])  # warm-up (allocates the optimizer's state)
         base, gpu_base = rss_bytes(), gpu_allocated(cuda)
-        sync()
-        t = time.time()
-        step(ids)
-        sync()
-        seconds = time.time() - t
+        step_seconds = []
+        for _ in range(max(1, a.steps)):
+            sync()
+            t = time.time()
+            step(ids)
+            sync()
+            step_seconds.append(time.time() - t)
+        ordered = sorted(step_seconds)
+        mid = len(ordered) // 2
+        seconds = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
     sys.path.insert(0, os.path.join(os.environ.get("REFERENCE_DIR", "."), "src"))
     quiet = contextlib.redirect_stdout(io.StringIO())  # the reference prints on every forward
     with torch.no_grad():
@@ -189,6 +197,8 @@ def main():
         "tokens_per_second": a.tokens / seconds, "peak_rss": rss_bytes(), "base_rss": base,
         "threads": a.threads, "shape": a.shape, "device": a.device, "dtype": a.dtype,
         "torch": torch.__version__}
+    if a.mode == "train":
+        out["step_seconds"] = step_seconds
     if cuda:
         out["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()
         out["gpu_base_allocated"] = gpu_base

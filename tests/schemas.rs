@@ -59,9 +59,30 @@ fn compress_reports_and_bench_measurements_match_their_schemas() {
         dtype: candle_core::DType::F32,
         incremental: None,
         real: None,
+        train_steps: 1,
     };
     let m = giststream::bench::measure(giststream::bench::ForwardPath::Parallel, 64, 1, &setup)
         .unwrap();
+    assert_valid(
+        &schema("bench-measurement.schema.json"),
+        &serde_json::to_value(&m).unwrap(),
+    );
+    // Training steps timed back to back: each one's seconds, the median as the result.
+    let setup = giststream::bench::Setup {
+        train_steps: 3,
+        ..setup
+    };
+    let m = giststream::bench::measure(
+        giststream::bench::ForwardPath::TrainBlockwise,
+        64,
+        1,
+        &setup,
+    )
+    .unwrap();
+    assert_eq!(m.step_seconds.len(), 3);
+    let mut sorted = m.step_seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(m.seconds, sorted[1]);
     assert_valid(
         &schema("bench-measurement.schema.json"),
         &serde_json::to_value(&m).unwrap(),

@@ -88,10 +88,25 @@ pub struct Measurement {
     /// Bytes allocated for them (spare rows of the growing buffers included).
     pub state_allocated: u64,
     pub threads: usize,
+    /// The train-* paths: each timed step's seconds, in order (`seconds` is their median).
+    #[serde(default)]
+    pub step_seconds: Vec<f64>,
     /// Matrix-multiply FLOPs of the measured work (projections, MLP and attention scores
     /// over the keys each row may see; a training step counts 3x), to set against the
     /// chip's peak.
     pub flops: f64,
+}
+
+/// The median of a non-empty list (the mean of the middle two for an even count).
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn status_kb(field: &str) -> u64 {
@@ -118,6 +133,10 @@ pub struct Setup<'a> {
     pub incremental: Option<crate::model::config::Incremental>,
     /// A real model and text instead of the shape's random model and token documents.
     pub real: Option<Real<'a>>,
+    /// Training steps timed back to back at full length by the train-* paths; the
+    /// measurement is their median. 1: the first full-length step alone (after the short
+    /// warm-up), which also pays for first-touching its buffers.
+    pub train_steps: usize,
 }
 
 /// A real model (HF directory or GGUF file) measured on real text: each document is the
@@ -222,6 +241,7 @@ pub fn measure(
     let base_rss = status_kb("VmRSS:") * 1024;
     let mut start = Instant::now();
     let (mut state_bytes, mut state_allocated) = (0, 0);
+    let mut step_seconds: Vec<f64> = Vec::new();
     // decode-gist: (tokens generated after the first, their seconds).
     let mut decoded: Option<(f64, f64)> = None;
     match path {
@@ -253,8 +273,14 @@ pub fn measure(
             let mut opt = AdamW::for_trainee(&trainee, Trainable::All)?;
             // Warm-up step on a short document; the timer covers only the measured step.
             train::train_step(&trainee, &mut opt, std::slice::from_ref(&warm), 1e-4, &cfg)?;
-            start = Instant::now();
-            train::train_step(&trainee, &mut opt, &docs, 1e-4, &cfg)?;
+            // A training run's step is one of thousands: timing several back to back
+            // and taking the median reads the steady state, not the first step's page
+            // faults or a noisy neighbour's burst.
+            for _ in 0..setup.train_steps.max(1) {
+                let t = Instant::now();
+                train::train_step(&trainee, &mut opt, &docs, 1e-4, &cfg)?;
+                step_seconds.push(t.elapsed().as_secs_f64());
+            }
         }
         ForwardPath::DecodeGist => {
             let input = vec![Document {
@@ -348,6 +374,7 @@ pub fn measure(
     device.synchronize()?;
     let seconds = match decoded {
         Some((_, s)) => s,
+        None if !step_seconds.is_empty() => median(&step_seconds),
         None => start.elapsed().as_secs_f64(),
     };
     Ok(Measurement {
@@ -372,6 +399,7 @@ pub fn measure(
         state_bytes,
         state_allocated,
         threads: candle_core::utils::get_num_threads(),
+        step_seconds,
     })
 }
 
@@ -389,6 +417,7 @@ pub fn run_all(
     device: &str,
     dtype: &str,
     real: Option<Real<'_>>,
+    train_steps: usize,
     mut progress: impl FnMut(&Measurement),
 ) -> anyhow::Result<Vec<Measurement>> {
     let exe = std::env::current_exe()?;
@@ -417,6 +446,7 @@ pub fn run_all(
                     .arg("--model-dir")
                     .arg(model)
                     .args(["--device", device, "--dtype", dtype])
+                    .args(["--train-steps", &train_steps.to_string()])
                     .args(incremental.map(|e| {
                         let name = serde_json::to_value(e).unwrap_or_default();
                         format!("--incremental={}", name.as_str().unwrap_or_default())
@@ -461,6 +491,7 @@ mod tests {
             dtype: DType::F32,
             incremental: None,
             real: None,
+            train_steps: 1,
         }
     }
 

@@ -11,14 +11,18 @@ pub struct BenchArgs {
     /// Document lengths in regular tokens.
     #[arg(long, value_delimiter = ',', default_values_t = [2048, 16384, 65536])]
     pub lengths: Vec<usize>,
-    /// Paths to measure (default: the four inference paths; the train-* paths time one
-    /// training step and are chosen explicitly, e.g. with --lengths 1024,4096).
+    /// Paths to measure (default: the four inference paths; the train-* paths time
+    /// training steps and are chosen explicitly, e.g. with --lengths 1024,4096).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub paths: Vec<crate::bench::ForwardPath>,
     /// Documents in the batched incremental measurement; several sizes (8,32) measure it
     /// once each.
     #[arg(long, value_delimiter = ',', default_values_t = [8])]
     pub batch: Vec<usize>,
+    /// The train-* paths: full-length steps timed back to back after a short warm-up; the
+    /// result is their median (1: the first full-length step alone).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub train_steps: usize,
     /// Shape of the random model: `paper` (small, f32 weights), `smollm2-135m`
     /// (SmolLM2-135M's shape, f32: the gist fine-tuning's budget), or `llama-3.2-1b`
     /// (1.24B weights in bf16; meant for a GPU with `--dtype bf16`).
@@ -102,6 +106,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batch.is_empty() || args.batch.contains(&0) {
         bail!("--batch needs sizes of at least 1");
     }
+    if args.train_steps == 0 {
+        bail!("--train-steps needs at least 1");
+    }
     if let Some(path) = args.one {
         let tokens = *args.lengths.first().context("--lengths is empty")?;
         if let Some(dir) = &args.model_dir {
@@ -114,6 +121,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             dtype: parse_dtype(&args.dtype)?,
             incremental: args.incremental,
             real: real(&args),
+            train_steps: args.train_steps,
         };
         let m = measure(path, tokens, args.batch[0], &setup)?;
         println!("{}", serde_json::to_string(&m)?);
@@ -143,6 +151,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         &args.device,
         &args.dtype,
         real(&args),
+        args.train_steps,
         |m| {
             let name = serde_json::to_value(m.path).unwrap_or_default();
             let engine = match m.path {

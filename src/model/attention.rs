@@ -5,6 +5,7 @@
 //! Notation as in [`super::llama`]: Hq query heads, Hkv key/value heads, D head dim, L a
 //! group's queries, S its keys.
 
+use super::flash::Group;
 use super::ops::{softmax, Ops};
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
@@ -172,6 +173,15 @@ pub trait AttentionPlan {
     /// rotated. Returns (Hq, N, D).
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 
+    /// [`Self::attend`] as rows: (N, Hq·D), what the output projection reads. Plans that
+    /// can write their output in that layout directly override it.
+    fn attend_rows(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (hq, n, d) = q.dims3()?;
+        self.attend(layer, q, k, v)?
+            .transpose(0, 1)?
+            .reshape((n, hq * d))
+    }
+
     /// The last layer when no logits are wanted: only its keys and values matter (they are
     /// what a cache keeps). Plans without a cache have nothing to do.
     fn store(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
@@ -248,6 +258,8 @@ pub struct SentenceDoc {
 /// Memory per block is L × (kept before + L), so it grows linearly with the document.
 pub struct SentencePlan {
     groups: Vec<SentenceGroup>,
+    /// The same groups for the grouped kernel ([`super::flash::attend_groups`]).
+    tiled: std::sync::Arc<[super::flash::Group]>,
     ops: Ops,
 }
 
@@ -285,6 +297,27 @@ fn block_end(segment: &[u32], a: usize) -> usize {
 }
 
 impl SentencePlan {
+    /// The plan of these groups: their index and mask tensors for the composed path, and
+    /// the groups themselves for the grouped kernel.
+    fn from_groups(groups: Vec<Group>, dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
+        let composed = groups
+            .iter()
+            .map(|g| {
+                Ok(SentenceGroup {
+                    rows: g.rows.clone(),
+                    keys: Tensor::new(g.keys.as_slice(), device)?,
+                    values: Tensor::new(g.values.as_slice(), device)?,
+                    inner: mask_tensor(g.mask.clone(), g.rows.len(), g.masked, dtype, device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            groups: composed,
+            tiled: groups.into(),
+            ops,
+        })
+    }
+
     pub fn new(docs: &[SentenceDoc], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
         let mut groups = Vec::new();
         for doc in docs {
@@ -297,12 +330,12 @@ impl SentencePlan {
                 let inner = sentence_mask(&block, &block, &doc.segment, &doc.kept);
                 let mut keys = kept_before.clone();
                 keys.extend((a..b).map(|i| (doc.rows.start + i) as u32));
-                let keys = Tensor::new(keys, device)?;
-                groups.push(SentenceGroup {
+                groups.push(Group {
                     rows: doc.rows.start + a..doc.rows.start + b,
                     values: keys.clone(),
                     keys,
-                    inner: mask_tensor(inner, b - a, b - a, dtype, device)?,
+                    mask: inner,
+                    masked: b - a,
                 });
                 kept_before.extend(
                     (a..b)
@@ -312,7 +345,7 @@ impl SentencePlan {
                 a = b;
             }
         }
-        Ok(Self { groups, ops })
+        Self::from_groups(groups, dtype, device, ops)
     }
 
     /// The plan for the compressed position scheme, whose forward doubles the keys
@@ -356,21 +389,36 @@ impl SentencePlan {
                 let mut values: Vec<u32> = stored_rows.map(|&i| flat(i)).collect();
                 keys.extend((a..b).map(flat));
                 values.extend((a..b).map(flat));
-                groups.push(SentenceGroup {
+                groups.push(Group {
                     rows: doc.rows.start + a..doc.rows.start + b,
-                    keys: Tensor::new(keys, device)?,
-                    values: Tensor::new(values, device)?,
-                    inner: mask_tensor(inner, b - a, cols, dtype, device)?,
+                    keys,
+                    values,
+                    mask: inner,
+                    masked: cols,
                 });
                 kept_before.extend(kept_here);
                 a = b;
             }
         }
-        Ok(Self { groups, ops })
+        Self::from_groups(groups, dtype, device, ops)
     }
 }
 
 impl AttentionPlan for SentencePlan {
+    /// In training, every group in one node of the graph (see [`super::flash::grouped`]);
+    /// at inference, and where the tiled kernel does not apply, group by group.
+    fn attend_rows(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.ops == Ops::Differentiable {
+            if let Some(y) = super::flash::attend_groups(q, k, v, &self.tiled)? {
+                return Ok(y);
+            }
+        }
+        let (hq, n, d) = q.dims3()?;
+        self.attend(layer, q, k, v)?
+            .transpose(0, 1)?
+            .reshape((n, hq * d))
+    }
+
     fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
@@ -469,5 +517,99 @@ mod tests {
             sentence_mask(&queries, &keys, &segment, &kept),
             causal_mask(4, 3)
         );
+    }
+
+    /// Two documents of sentences of 5-40 tokens with N_g = 2 gists each, long enough to
+    /// make several blocks.
+    fn sentence_docs() -> (Vec<SentenceDoc>, usize) {
+        let mut docs = Vec::new();
+        let mut start = 0;
+        for (d, len) in [(0usize, 1100usize), (1, 300)] {
+            let (mut segment, mut kept) = (Vec::new(), Vec::new());
+            let mut seg = 0u32;
+            while segment.len() < len {
+                let n = 5 + (seg as usize * 7 + d * 3) % 36;
+                segment.extend(std::iter::repeat_n(seg, n + 2));
+                kept.extend(std::iter::repeat_n(false, n));
+                kept.extend([true, true]);
+                seg += 1;
+            }
+            let n = segment.len();
+            docs.push(SentenceDoc {
+                rows: start..start + n,
+                segment,
+                kept,
+            });
+            start += n;
+        }
+        (docs, start)
+    }
+
+    /// The grouped node against the groups one by one (narrow, index_select, the tiled
+    /// node per group, cat): values and the gradients of q, k and v, in both position
+    /// schemes' plans (the compressed one reads keys and values from different rows).
+    #[test]
+    fn the_grouped_node_computes_what_the_groups_one_by_one_compute() {
+        if !super::super::simd::avx2_fma() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (docs, n) = sentence_docs();
+        let (hq, hkv, d) = (4, 2, 32);
+        for compressed in [false, true] {
+            let nk = if compressed { 2 * n } else { n };
+            let mut plan = if compressed {
+                SentencePlan::compressed(&docs, n, DType::F32, &dev, Ops::Differentiable)
+            } else {
+                SentencePlan::new(&docs, DType::F32, &dev, Ops::Differentiable)
+            }
+            .unwrap();
+            assert!(plan.groups.len() > 3, "{} groups", plan.groups.len());
+            let var = |shape: (usize, usize, usize), k: f64| {
+                candle_core::Var::from_tensor(
+                    &(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * k).unwrap(),
+                )
+                .unwrap()
+            };
+            let (q, k, v) = (
+                var((hq, n, d), 0.2),
+                var((hkv, nk, d), 1.0),
+                var((hkv, n, d), 1.0),
+            );
+            let w = Tensor::randn(0f32, 1.0, (n, hq * d), &dev).unwrap();
+            let grouped = plan.attend_rows(0, &q, &k, &v).unwrap();
+            // The grouped kernel ran (not the per-group fallback).
+            let direct = super::super::flash::attend_groups(&q, &k, &v, &plan.tiled).unwrap();
+            assert!(direct.is_some_and(|y| super::super::simd::max_abs_diff(&y, &grouped) == 0.0));
+            let one_by_one = plan
+                .attend(0, &q, &k, &v)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .reshape((n, hq * d))
+                .unwrap();
+            let diff = super::super::simd::max_abs_diff(&grouped, &one_by_one);
+            assert!(
+                diff < 1e-6,
+                "compressed {compressed}: values differ by {diff}"
+            );
+            let grads = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (ga, gb) = (grads(&grouped), grads(&one_by_one));
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, b) = (ga.get(x).unwrap(), gb.get(x).unwrap());
+                let diff = super::super::simd::max_abs_diff(a, b);
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale.max(1.0),
+                    "compressed {compressed}: d{name} differs by {diff} (largest {scale})"
+                );
+            }
+        }
     }
 }

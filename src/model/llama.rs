@@ -274,7 +274,6 @@ impl Block {
         cfg: &Config,
         ops: Ops,
     ) -> Result<Tensor> {
-        let n = x.dim(0)?;
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_eps, ops)?;
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let q = rope_heads(
@@ -286,8 +285,7 @@ impl Block {
             ops,
         )?; // (Hq, N, D)
         let (k, v) = self.kv(&h, rot, cfg, ops)?;
-        let y = attn.attend(layer, &q, &k, &v)?; // (Hq, N, D)
-        let y = y.transpose(0, 1)?.reshape((n, cfg.heads * cfg.head_dim))?;
+        let y = attn.attend_rows(layer, &q, &k, &v)?; // (N, Hq·D)
         let x = (x + linear(&y, &self.o_proj)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_eps, ops)?;
         let gate = linear(&h, &self.gate_proj)?; // (N, I)

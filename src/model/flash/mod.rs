@@ -551,5 +551,8 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 mod backward;
+mod grouped;
 #[cfg(test)]
 mod tests;
+
+pub use grouped::{attend_groups, Group};
