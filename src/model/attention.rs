@@ -176,10 +176,7 @@ pub trait AttentionPlan {
     /// [`Self::attend`] as rows: (N, Hq·D), what the output projection reads. Plans that
     /// can write their output in that layout directly override it.
     fn attend_rows(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (hq, n, d) = q.dims3()?;
-        self.attend(layer, q, k, v)?
-            .transpose(0, 1)?
-            .reshape((n, hq * d))
+        as_rows(&self.attend(layer, q, k, v)?)
     }
 
     /// The last layer when no logits are wanted: only its keys and values matter (they are
@@ -187,6 +184,12 @@ pub trait AttentionPlan {
     fn store(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
         Ok(())
     }
+}
+
+/// y (H, N, D) as rows (N, H·D).
+fn as_rows(y: &Tensor) -> Result<Tensor> {
+    let (h, n, d) = y.dims3()?;
+    y.transpose(0, 1)?.reshape((n, h * d))
 }
 
 /// Queries per block in the parallel plans: bounds the score matrix of a group.
@@ -257,9 +260,12 @@ pub struct SentenceDoc {
 /// queries) attends to the kept tokens before it plus itself, under [`sentence_mask`].
 /// Memory per block is L × (kept before + L), so it grows linearly with the document.
 pub struct SentencePlan {
-    groups: Vec<SentenceGroup>,
-    /// The same groups for the grouped kernel ([`super::flash::attend_groups`]).
-    tiled: std::sync::Arc<[super::flash::Group]>,
+    groups: std::sync::Arc<[Group]>,
+    /// The groups as index and mask tensors, for attention group by group; built on first
+    /// use (training runs the groups in one node and never needs them).
+    composed: Option<Vec<SentenceGroup>>,
+    dtype: DType,
+    device: Device,
     ops: Ops,
 }
 
@@ -297,25 +303,35 @@ fn block_end(segment: &[u32], a: usize) -> usize {
 }
 
 impl SentencePlan {
-    /// The plan of these groups: their index and mask tensors for the composed path, and
-    /// the groups themselves for the grouped kernel.
     fn from_groups(groups: Vec<Group>, dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
-        let composed = groups
-            .iter()
-            .map(|g| {
-                Ok(SentenceGroup {
-                    rows: g.rows.clone(),
-                    keys: Tensor::new(g.keys.as_slice(), device)?,
-                    values: Tensor::new(g.values.as_slice(), device)?,
-                    inner: mask_tensor(g.mask.clone(), g.rows.len(), g.masked, dtype, device)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            groups: composed,
-            tiled: groups.into(),
+            groups: groups.into(),
+            composed: None,
+            dtype,
+            device: device.clone(),
             ops,
         })
+    }
+
+    /// The groups as tensors (see `composed`).
+    fn composed(&mut self) -> Result<&[SentenceGroup]> {
+        if self.composed.is_none() {
+            let (dtype, device) = (self.dtype, &self.device);
+            let built = self
+                .groups
+                .iter()
+                .map(|g| {
+                    Ok(SentenceGroup {
+                        rows: g.rows.clone(),
+                        keys: Tensor::new(g.keys.as_slice(), device)?,
+                        values: Tensor::new(g.values.as_slice(), device)?,
+                        inner: mask_tensor(g.mask.clone(), g.rows.len(), g.masked, dtype, device)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.composed = Some(built);
+        }
+        Ok(self.composed.as_deref().unwrap_or_default())
     }
 
     pub fn new(docs: &[SentenceDoc], dtype: DType, device: &Device, ops: Ops) -> Result<Self> {
@@ -409,24 +425,23 @@ impl AttentionPlan for SentencePlan {
     /// at inference, and where the tiled kernel does not apply, group by group.
     fn attend_rows(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         if self.ops == Ops::Differentiable {
-            if let Some(y) = super::flash::attend_groups(q, k, v, &self.tiled)? {
+            if let Some(y) = super::flash::attend_groups(q, k, v, &self.groups)? {
                 return Ok(y);
             }
         }
-        let (hq, n, d) = q.dims3()?;
-        self.attend(layer, q, k, v)?
-            .transpose(0, 1)?
-            .reshape((n, hq * d))
+        as_rows(&self.attend(layer, q, k, v)?)
     }
 
     fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let mut outs = Vec::with_capacity(self.groups.len());
-        for g in &self.groups {
+        let ops = self.ops;
+        let groups = self.composed()?;
+        let mut outs = Vec::with_capacity(groups.len());
+        for g in groups {
             let l = g.rows.len();
             let qb = q.narrow(1, g.rows.start, l)?;
             let kb = k.index_select(&g.keys, 1)?; // (Hkv, P + M, D)
             let vb = v.index_select(&g.values, 1)?;
-            outs.push(attend(&qb, &kb, &vb, Some(&g.inner), self.ops)?);
+            outs.push(attend(&qb, &kb, &vb, Some(&g.inner), ops)?);
         }
         Tensor::cat(&outs, 1)
     }
@@ -579,7 +594,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, hq * d), &dev).unwrap();
             let grouped = plan.attend_rows(0, &q, &k, &v).unwrap();
             // The grouped kernel ran (not the per-group fallback).
-            let direct = super::super::flash::attend_groups(&q, &k, &v, &plan.tiled).unwrap();
+            let direct = super::super::flash::attend_groups(&q, &k, &v, &plan.groups).unwrap();
             assert!(direct.is_some_and(|y| super::super::simd::max_abs_diff(&y, &grouped) == 0.0));
             let one_by_one = plan
                 .attend(0, &q, &k, &v)
