@@ -377,3 +377,23 @@ fn the_shipped_gist_adapter_loads_onto_the_gguf_and_its_state_helps() {
     );
     assert!(gist.compression_ratio > 4.0, "{}", gist.compression_ratio);
 }
+
+/// The passkey probe with the document inside the chat's user turn (`passkey --in-turn`):
+/// SmolLM2 reading with full attention finds a key there in a few hundred tokens, which
+/// it never does when the document comes before the chat's turns (`--chat`). Checks the
+/// turn is split where the model expects it: a wrong split (a doubled turn marker, the
+/// question outside the turn) loses the key.
+#[test]
+fn the_base_finds_a_pass_key_inside_the_user_turn() {
+    use giststream::model::random::SplitMix;
+    use giststream::train::passkey::{trial, Ask, Reading};
+    let m = load(Weights::Dequantized, 1);
+    let mut rng = SplitMix(1 ^ 512);
+    let mut found = 0;
+    for _ in 0..3 {
+        let t = trial(&m, Reading::Full, 512, Ask::InTurn, &mut rng).unwrap();
+        eprintln!("key {} depth {:.2}: {:?}", t.key, t.depth, t.answer);
+        found += usize::from(t.found);
+    }
+    assert!(found >= 2, "found {found} of 3 keys");
+}

@@ -3,7 +3,7 @@
 use crate::model::device::parse_device;
 use crate::model::random::SplitMix;
 use crate::model::{GistModel, LoadOptions};
-use crate::train::passkey::{trial, Reading};
+use crate::train::passkey::{trial, Ask, Reading};
 use anyhow::{bail, Context};
 use candle_core::DType;
 use clap::Args;
@@ -38,8 +38,12 @@ pub struct PasskeyArgs {
     /// Ask through the model's chat template (after the document, as `query` does)
     /// instead of in a new paragraph. SmolLM2-135M with full attention finds no key this
     /// way, even in 200 tokens: it answers a chat turn from the turn alone.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "in_turn")]
     pub chat: bool,
+    /// Put the document inside the chat's user turn (the template's opening before it),
+    /// and the question at the end of that turn.
+    #[arg(long)]
+    pub in_turn: bool,
     /// One JSON object per trial instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -73,7 +77,12 @@ pub fn run(args: PasskeyArgs) -> anyhow::Result<()> {
             let mut rng = SplitMix(args.seed ^ length as u64);
             let mut found = 0;
             for _ in 0..args.trials {
-                let t = trial(&model, reading, length, args.chat, &mut rng)?;
+                let ask = match (args.chat, args.in_turn) {
+                    (_, true) => Ask::InTurn,
+                    (true, _) => Ask::Chat,
+                    _ => Ask::Paragraph,
+                };
+                let t = trial(&model, reading, length, ask, &mut rng)?;
                 found += t.found as usize;
                 if args.json {
                     let mut v = serde_json::to_value(&t)?;

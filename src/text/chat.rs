@@ -70,8 +70,8 @@ impl ChatTemplate {
         Ok(t)
     }
 
-    /// The text of `question` as one user turn followed by the assistant prompt.
-    pub fn render_question(&self, question: &str) -> anyhow::Result<String> {
+    /// One user message with the generation prompt, rendered.
+    fn render(&self, content: &str) -> anyhow::Result<String> {
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, _> {
@@ -83,14 +83,19 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
         env.add_template("chat", &self.source)?;
         let ctx = serde_json::json!({
-            "messages": [{"role": "user", "content": question}],
+            "messages": [{"role": "user", "content": content}],
             "add_generation_prompt": true,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         });
-        let text = env
+        Ok(env
             .get_template("chat")?
-            .render(minijinja::Value::from(minijinja::value::Serde(&ctx)))?;
+            .render(minijinja::Value::from(minijinja::value::Serde(&ctx)))?)
+    }
+
+    /// The text of `question` as one user turn followed by the assistant prompt.
+    pub fn render_question(&self, question: &str) -> anyhow::Result<String> {
+        let text = self.render(question)?;
         if text.trim().is_empty() {
             bail!("the chat template renders nothing");
         }
@@ -102,6 +107,26 @@ impl ChatTemplate {
             Some(rest) if writes_bos && !self.bos_token.is_empty() => rest.to_string(),
             _ => text,
         })
+    }
+
+    /// One user turn split around its content: (the text before the content, the text
+    /// after it through the assistant prompt). A document placed between the two sits
+    /// *inside* the user turn, where an instruction-tuned model reads what it is asked
+    /// about (SmolLM2 ignores a document that comes before the chat's turns). `before`
+    /// keeps the template's leading BOS or turn marker; the caller drops it where the
+    /// document already begins with BOS.
+    pub fn render_turn(&self) -> anyhow::Result<(String, String)> {
+        const CONTENT: &str = "\u{1}GISTSTREAM-CONTENT\u{1}";
+        let text = self.render(CONTENT)?;
+        let Some((before, after)) = text.split_once(CONTENT) else {
+            bail!("the chat template does not write the user's message as given");
+        };
+        Ok((before.to_string(), after.to_string()))
+    }
+
+    /// The BOS string the template refers to.
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
     }
 }
 
@@ -205,6 +230,22 @@ mod tests {
             t.render_question("  Who? ").unwrap(),
             "<|user|>Who?</s><|assistant|>"
         );
+    }
+
+    #[test]
+    fn a_turn_splits_around_its_content() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}".into(),
+            "<|im_start|>".into(),
+            "<|im_end|>".into(),
+        )
+        .unwrap();
+        let (before, after) = t.render_turn().unwrap();
+        assert_eq!(before, "<|im_start|>user\n");
+        assert_eq!(after, "<|im_end|>\n<|im_start|>assistant\n");
+        // A template that trims or rewrites the message cannot be split.
+        let trims = template("{% for m in messages %}{{ m['content'] | lower }}{% endfor %}");
+        assert!(trims.render_turn().is_err());
     }
 
     #[test]

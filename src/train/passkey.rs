@@ -86,19 +86,53 @@ pub const QUESTION: &str = "What is the pass key?";
 /// in general; the probe is whether it can fill in this one (as in LongLoRA's version).
 pub const ANSWER_START: &str = "The pass key is";
 
+/// Where the question goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// In a new paragraph after the document.
+    Paragraph,
+    /// Through the chat template, as one user turn after the document (what `query` does).
+    Chat,
+    /// The document inside the chat's user turn: the template's opening before it, the
+    /// question and the turn's end after it.
+    InTurn,
+}
+
 /// Runs one trial: `model` reads the document (`reading`) and answers [`QUESTION`],
-/// asked in a new paragraph or (`chat`) through the model's chat template, and followed
-/// by [`ANSWER_START`].
+/// asked as `ask` says, followed by [`ANSWER_START`].
 pub fn trial(
     model: &GistModel,
     reading: Reading,
     tokens: usize,
-    chat: bool,
+    ask: Ask,
     rng: &mut SplitMix,
 ) -> anyhow::Result<Trial> {
     let key = format!("{:05}", 10_000 + rng.next_u64() % 90_000);
     let depth = rng.uniform() as f64;
-    let text = document(model, tokens, depth, &key)?;
+    let mut text = document(model, tokens, depth, &key)?;
+    let mut prompt = match ask {
+        Ask::Paragraph | Ask::Chat => {
+            crate::query::question_text(model, QUESTION, ask == Ask::Chat)?
+        }
+        Ask::InTurn => {
+            let t = model
+                .chat_template
+                .as_ref()
+                .context("--in-turn: the model has no chat template")?;
+            let (before, after) = t.render_turn()?;
+            // A document that already begins with BOS has the turn's first marker when
+            // that marker is the BOS (SmolLM2's `<|im_start|>`).
+            let before = match (
+                model.bos_token_id().is_some() && model.gist.add_bos,
+                before.strip_prefix(t.bos_token()),
+            ) {
+                (true, Some(rest)) if !t.bos_token().is_empty() => rest.to_string(),
+                _ => before,
+            };
+            text.insert_str(0, &before);
+            format!("\n\n{QUESTION}{after}")
+        }
+    };
     let started = std::time::Instant::now();
     let sampling = Sampling {
         max_tokens: 12,
@@ -126,7 +160,6 @@ pub fn trial(
         )
         .with_context(|| format!("reading a {tokens}-token passkey document"))?;
     }
-    let mut prompt = crate::query::question_text(model, QUESTION, chat)?;
     if !prompt.ends_with(char::is_whitespace) {
         prompt.push(' ');
     }
@@ -186,7 +219,7 @@ mod tests {
         let model = embedded();
         let mut rng = SplitMix(7);
         for reading in [Reading::Gist, Reading::Full] {
-            let t = trial(&model, reading, 200, false, &mut rng).unwrap();
+            let t = trial(&model, reading, 200, Ask::Paragraph, &mut rng).unwrap();
             assert_eq!(t.key.len(), 5);
             assert!(t.tokens > 150, "{}", t.tokens);
             assert_eq!(t.found, t.answer.contains(&t.key));
