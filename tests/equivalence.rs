@@ -332,3 +332,71 @@ fn compressed_positions_slots_equal_per_document_states() {
         }
     }
 }
+
+/// Training with a carried memory (`train::memory`): a document cut into sequences, each
+/// read after the kept rows (gists, a kept BOS) of those before it, computes what the whole
+/// document computes in one forward, on both ops paths; the same sequence read without
+/// its memory does not.
+#[test]
+fn a_carried_memory_continues_a_document_exactly() {
+    use giststream::model::llama::Logits;
+    use giststream::train::memory::{forward_continued, without_bos, Memory};
+    let kept_bos = RandomSpec {
+        bos_always_visible: true,
+        ..compressed(4)
+    };
+    for spec in [compressed(2), kept_bos] {
+        let (_dir, model) = common::tiny_model(&spec);
+        let doc = model.segments(&synthetic_text(14, 7, 4)).unwrap();
+        assert!(doc.len() >= 10 && doc[..doc.len() - 1].iter().all(|s| s.close));
+        let whole_layout = Layout::new(&model, std::slice::from_ref(&doc), true);
+        let whole = whole::forward(&model, &whole_layout, Mode::Sentence, Ops::Fused).unwrap();
+        for ops in [Ops::Fused, Ops::Differentiable] {
+            let mut memory = vec![Memory::default()];
+            let (mut row, mut worst_alone) = (0, 0f32);
+            for cut in [0..4, 4..9, 9..doc.len()] {
+                let seq = match cut.start {
+                    0 => doc[cut].to_vec(),
+                    _ => without_bos(&doc[cut], model.bos_token_id()),
+                };
+                let before = memory[0].rows() as u32;
+                let layout = Layout::continued(&model, std::slice::from_ref(&seq), true, &[before]);
+                let n = layout.ids.len();
+                assert_eq!(
+                    layout.ids,
+                    whole_layout.ids[row..row + n],
+                    "{ops:?}: the same tokens"
+                );
+                let (logits, next) =
+                    forward_continued(&model, &layout, &memory, ops, &Logits::All).unwrap();
+                let expected = whole.i(row..row + n).unwrap();
+                let diff = common::max_diff_regular(&expected, &logits.unwrap(), &layout.regular);
+                assert!(
+                    diff < 1e-4,
+                    "N_g={} {ops:?}: rows {row}.. after their memory differ from the whole \
+                     document by {diff}",
+                    spec.num_gists
+                );
+                if before > 0 {
+                    let alone = Layout::new(&model, std::slice::from_ref(&seq), true);
+                    let a = whole::forward(&model, &alone, Mode::Sentence, ops).unwrap();
+                    worst_alone =
+                        worst_alone.max(common::max_diff_regular(&expected, &a, &alone.regular));
+                }
+                memory = next;
+                row += n;
+            }
+            assert_eq!(row, whole_layout.ids.len());
+            let kept = whole_layout.docs[0].kept.iter().filter(|&&k| k).count();
+            assert_eq!(
+                memory[0].rows(),
+                kept,
+                "the memory holds every kept row once"
+            );
+            assert!(
+                worst_alone > 1e-2,
+                "{ops:?}: a sequence without its memory should not match ({worst_alone})"
+            );
+        }
+    }
+}

@@ -47,22 +47,7 @@ fn loss_falls_on_bundled_text() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = trainee(&dir.path().join("init"));
     let cfg = config(64 * 8 * 60, Trainable::All);
-    let seqs = data(&t, cfg.seq_tokens);
-    let mut losses = Vec::new();
-    train::run(
-        &mut t,
-        &cfg,
-        &seqs,
-        &dir.path().join("out"),
-        false,
-        |l, _| losses.push(l.loss),
-    )
-    .unwrap();
-    assert_eq!(losses.len(), 60);
-    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
-    let last: f32 = losses[55..].iter().sum::<f32>() / 5.0;
-    // From about ln(262) = 5.6 for a random model to well below.
-    assert!(last < first - 1.0, "loss {first} -> {last}");
+    assert_loss_falls(&mut t, &cfg, 60, &dir.path().join("out"));
     // The output directory is a loadable gist model.
     let m = giststream::model::GistModel::load(
         &dir.path().join("out"),
@@ -163,14 +148,20 @@ fn train_cmd(init: &Path, out: &Path) -> Command {
             "--micro-batch",
             "4",
         ])
-        .args([
-            "--seq-tokens",
-            "96",
-            "--checkpoint-every",
-            "3",
-            "--lr",
-            "3e-3",
-        ]);
+        .args(["--seq-tokens", "96"]);
+    c
+}
+
+/// `train_cmd` with `extra` flags, and the defaults (checkpoints every 3 steps, lr 3e-3)
+/// for those `extra` does not set.
+fn train_cmd_with(init: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = train_cmd(init, out);
+    for (flag, default) in [("--checkpoint-every", "3"), ("--lr", "3e-3")] {
+        if !extra.contains(&flag) {
+            c.args([flag, default]);
+        }
+    }
+    c.args(extra);
     c
 }
 
@@ -190,9 +181,36 @@ fn losses(out: &Path) -> Vec<(usize, f32)> {
 
 #[test]
 fn a_killed_run_resumes_onto_the_same_loss_curve() {
+    kill_and_resume(&[]);
+}
+
+/// A run with a carried memory (`--memory-span`), killed between documents or inside one,
+/// resumes onto the same losses: its data order is a pure function of the steps, and a
+/// memory lost with the process is recomputed. At learning rate 0 the recomputed memory
+/// is the lost one exactly, so the losses must match to the bit; checkpoints every 2
+/// steps of 3-sequence documents fall both inside documents and at their starts.
+#[test]
+fn a_killed_memory_span_run_resumes_onto_the_same_loss_curve() {
+    let spans = [
+        "--memory-span",
+        "3",
+        "--positions",
+        "compressed",
+        "--lr",
+        "0",
+        "--checkpoint-every",
+        "2",
+    ];
+    kill_and_resume(&spans);
+}
+
+/// Trains with `train_cmd(...)` plus `extra` straight through, and again killed with
+/// SIGKILL mid-run and resumed; the two loss curves and final weights must be the same.
+fn kill_and_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let init = dir.path().join("init");
     write_random_model(&init, &common::small_spec()).unwrap();
+    let train_cmd = |init: &Path, out: &Path| train_cmd_with(init, out, extra);
 
     let straight = dir.path().join("straight");
     let st = train_cmd(&init, &straight).output().unwrap();
@@ -247,4 +265,30 @@ fn a_killed_run_resumes_onto_the_same_loss_curve() {
     let wa = std::fs::read(straight.join("model.safetensors")).unwrap();
     let wb = std::fs::read(killed.join("model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ after resume");
+}
+
+/// With a memory span, sequences after a document's first read the gists of the earlier
+/// ones (`train::memory`), and the model still learns.
+#[test]
+fn loss_falls_with_a_memory_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    t.model.gist.positions = giststream::model::config::PositionScheme::Compressed;
+    let mut cfg = config(64 * 8 * 45, Trainable::All);
+    cfg.memory_span = 3;
+    assert!(train::memory::span_starts(&data(&t, cfg.seq_tokens), 3).len() > 100);
+    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
+}
+
+/// Trains `t` on the bundled text for `steps` steps into `out`; the mean loss of the last
+/// five steps must be well below that of the first five.
+fn assert_loss_falls(t: &mut Trainee, cfg: &TrainConfig, steps: usize, out: &Path) {
+    let seqs = data(t, cfg.seq_tokens);
+    let mut losses = Vec::new();
+    train::run(t, cfg, &seqs, out, false, |l, _| losses.push(l.loss)).unwrap();
+    assert_eq!(losses.len(), steps);
+    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+    let last: f32 = losses[steps - 5..].iter().sum::<f32>() / 5.0;
+    // From about ln(262) = 5.6 for a random model to well below.
+    assert!(last < first - 1.0, "loss {first} -> {last}");
 }

@@ -98,6 +98,12 @@ pub struct TrainArgs {
     /// Regular tokens per training sequence.
     #[arg(long, default_value_t = 256)]
     pub seq_tokens: usize,
+    /// Train on documents of this many consecutive sequences of one book: each sequence
+    /// after the first reads the gists of those before it (computed when they were
+    /// trained, no gradient into them), so the model learns to read gists from much
+    /// farther back than one sequence holds. Needs `--positions compressed`. 1: off.
+    #[arg(long, default_value_t = 1)]
+    pub memory_span: usize,
     /// Also score predictions of gist tokens.
     #[arg(long)]
     pub gist_loss: bool,
@@ -173,6 +179,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             };
             c.seq_tokens = args.seq_tokens;
             c.micro_batch = args.micro_batch;
+            c.memory_span = args.memory_span;
             c.attention = args.attention;
             c.gist_loss = args.gist_loss;
             c.checkpoint_every = args.checkpoint_every;

@@ -30,6 +30,21 @@ impl Layout {
     /// Lays out documents given as model segments. With `gists` false the gist tokens are
     /// left out (plain text, for a full-attention baseline).
     pub fn new(model: &GistModel, docs: &[Vec<Segment>], gists: bool) -> Self {
+        Self::continued(model, docs, gists, &[])
+    }
+
+    /// [`Self::new`] for documents that continue earlier text whose kept tokens (gists,
+    /// BOS) are not in the layout but read from a carried memory: `kept_before[d]` of them
+    /// precede document `d` (missing entries: 0). In the compressed scheme a kept token's
+    /// stored position is its index among all kept tokens of the document, so this layout's
+    /// positions start at `kept_before[d]`; the original scheme numbers every token, which
+    /// a memory of kept tokens alone cannot continue, so there it must be 0.
+    pub fn continued(
+        model: &GistModel,
+        docs: &[Vec<Segment>],
+        gists: bool,
+        kept_before: &[u32],
+    ) -> Self {
         let gist_ids = &model.gist.gist_token_ids;
         let bos = model.kept_bos();
         let compressed = gists && model.gist.positions == PositionScheme::Compressed;
@@ -40,7 +55,12 @@ impl Layout {
             regular: Vec::new(),
             docs: Vec::new(),
         };
-        for segs in docs {
+        for (d, segs) in docs.iter().enumerate() {
+            let before = kept_before.get(d).copied().unwrap_or(0);
+            debug_assert!(
+                before == 0 || l.stored.is_some(),
+                "a carried memory needs the compressed position scheme"
+            );
             let start = l.ids.len();
             let mut segment = Vec::new();
             let mut kept = Vec::new();
@@ -66,7 +86,7 @@ impl Layout {
                 Some(stored) => {
                     // A segment starts right after the kept tokens before it (`base`); a
                     // kept token is stored at its index among them.
-                    let (mut kept_seen, mut base, mut offset) = (0u32, 0u32, 0u32);
+                    let (mut kept_seen, mut base, mut offset) = (before, before, 0u32);
                     for i in 0..end - start {
                         if i > 0 && segment[i] != segment[i - 1] {
                             (base, offset) = (kept_seen, 0);

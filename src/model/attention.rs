@@ -379,8 +379,28 @@ impl SentencePlan {
         device: &Device,
         ops: Ops,
     ) -> Result<Self> {
+        Self::compressed_with_memory(docs, n, &[], dtype, device, ops)
+    }
+
+    /// [`Self::compressed`] where document `d` also reads `memory[d]` carried rows (kept
+    /// tokens of earlier text, keys already at their stored positions), visible to all of
+    /// its queries. The plan expects them appended after this forward's rows, document
+    /// after document: keys at rows `2n..`, values at rows `n..` (see
+    /// `train::memory::MemoryPlan`). Missing entries: no memory.
+    pub fn compressed_with_memory(
+        docs: &[SentenceDoc],
+        n: usize,
+        memory: &[usize],
+        dtype: DType,
+        device: &Device,
+        ops: Ops,
+    ) -> Result<Self> {
         let mut groups = Vec::new();
-        for doc in docs {
+        let mut memory_start = 0;
+        for (d, doc) in docs.iter().enumerate() {
+            let carried = memory.get(d).copied().unwrap_or(0);
+            let memory_rows = memory_start..memory_start + carried;
+            memory_start += carried;
             let len = doc.rows.len();
             let flat = |i: usize| (doc.rows.start + i) as u32;
             let mut kept_before: Vec<usize> = Vec::new(); // local rows
@@ -401,8 +421,10 @@ impl SentencePlan {
                     }
                 }
                 let stored_rows = kept_before.iter().chain(&kept_here);
-                let mut keys: Vec<u32> = stored_rows.clone().map(|&i| n as u32 + flat(i)).collect();
-                let mut values: Vec<u32> = stored_rows.map(|&i| flat(i)).collect();
+                let mut keys: Vec<u32> = memory_rows.clone().map(|m| (2 * n + m) as u32).collect();
+                let mut values: Vec<u32> = memory_rows.clone().map(|m| (n + m) as u32).collect();
+                keys.extend(stored_rows.clone().map(|&i| n as u32 + flat(i)));
+                values.extend(stored_rows.map(|&i| flat(i)));
                 keys.extend((a..b).map(flat));
                 values.extend((a..b).map(flat));
                 groups.push(Group {

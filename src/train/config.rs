@@ -55,6 +55,11 @@ pub struct TrainConfig {
     pub seq_tokens: usize,
     /// Sequences per forward; a step's batch is split into these.
     pub micro_batch: usize,
+    /// Consecutive sequences of one document that train as one text (1: each alone):
+    /// each after the first reads the gist rows of those before it as a carried memory
+    /// (see [`super::memory`]).
+    #[serde(default = "one")]
+    pub memory_span: usize,
     // method
     pub attention: Attention,
     /// Also score predictions of gist tokens (the reference code does; off by default).
@@ -78,6 +83,10 @@ pub struct TrainConfig {
     /// Whether the budgets were already scaled (a resumed run keeps them).
     #[serde(default)]
     pub calibrated: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Steps timed before a `max_seconds` run fixes its token budgets.
@@ -141,6 +150,7 @@ impl TrainConfig {
         Self {
             seq_tokens: 256,
             micro_batch: 8,
+            memory_span: 1,
             attention: Attention::Gist,
             gist_loss: false,
             weight_decay: 0.1,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod cross_entropy;
 pub mod data;
 pub mod eval;
+pub mod memory;
 pub mod optim;
 pub mod passkey;
 pub mod trainee;
@@ -30,6 +31,7 @@ use anyhow::{bail, ensure, Context};
 use candle_core::{backprop::GradStore, Tensor};
 use config::{learning_rate, CALIBRATION_STEPS};
 use data::stream_index;
+use memory::Memory;
 use optim::loss;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -119,6 +121,24 @@ pub fn run(
     trainee.save_model_files(out)?;
     let log_path = out.join("train-log.jsonl");
     let mut perm = (u64::MAX, Vec::new());
+    let span = cfg.memory_span.max(1);
+    let spans = if span > 1 {
+        ensure!(
+            cfg.attention == Attention::Gist,
+            "a memory span trains sentence attention (--attention gist)"
+        );
+        let starts = memory::span_starts(data, span);
+        ensure!(
+            !starts.is_empty(),
+            "no document has {span} consecutive sequences: lower the memory span or the \
+             sequence length"
+        );
+        starts
+    } else {
+        Vec::new()
+    };
+    // Each batch slot's memory: the kept rows of its document's sequences so far.
+    let mut memories: Vec<Memory> = Vec::new();
     while progress.stage < cfg.stages.len() {
         let stage = cfg.stages[progress.stage].clone();
         let steps = cfg.steps(progress.stage);
@@ -145,13 +165,26 @@ pub fn run(
             }
             let started = std::time::Instant::now();
             let lr = learning_rate(&stage, progress.stage_step, steps);
-            let batch: Vec<Vec<Segment>> = (0..stage.batch as u64)
-                .map(|i| {
-                    let k = progress.sequences_seen + i;
-                    data[stream_index(k, data.len(), cfg.seed, &mut perm)].clone()
-                })
-                .collect();
-            let (loss, tokens) = train_step(trainee, &mut opt, &batch, lr, &cfg)?;
+            let (loss, tokens) = if span == 1 {
+                let batch: Vec<Vec<Segment>> = (0..stage.batch as u64)
+                    .map(|i| {
+                        let k = progress.sequences_seen + i;
+                        data[stream_index(k, data.len(), cfg.seed, &mut perm)].clone()
+                    })
+                    .collect();
+                train_step(trainee, &mut opt, &batch, lr, &cfg)?
+            } else {
+                let texts = SpanStep::at(&progress, stage.batch, span, &spans, cfg.seed, &mut perm);
+                let bos = trainee.model.bos_token_id();
+                if texts.part == 0 || memories.len() != stage.batch {
+                    memories = texts.rebuild_memory(trainee, data, bos, &cfg)?;
+                }
+                let batch = texts.sequences(data, texts.part, bos);
+                let (loss, tokens, carried) =
+                    train_step_carried(trainee, &mut opt, &batch, Some(&memories), lr, &cfg)?;
+                memories = carried;
+                (loss, tokens)
+            };
             progress.sequences_seen += stage.batch as u64;
             progress.tokens_seen += tokens as u64;
             progress.stage_step += 1;
@@ -214,6 +247,80 @@ fn calibrate(
     }
 }
 
+/// Where a step of a memory-span run is: `batch` documents of `span` consecutive
+/// sequences each, read one sequence a step.
+struct SpanStep {
+    /// Each slot's document: the index of its first sequence.
+    starts: Vec<usize>,
+    /// Which of its sequences this step reads (0..span).
+    part: usize,
+}
+
+impl SpanStep {
+    /// The data order: document `d` is span start `stream_index(d)`, a pure function of
+    /// the seed and the sequences seen, like a plain run's.
+    fn at(
+        progress: &TrainProgress,
+        batch: usize,
+        span: usize,
+        spans: &[usize],
+        seed: u64,
+        perm: &mut (u64, Vec<usize>),
+    ) -> Self {
+        let step = progress.sequences_seen / batch as u64;
+        let first_doc = step / span as u64 * batch as u64;
+        let starts = (0..batch as u64)
+            .map(|i| spans[stream_index(first_doc + i, spans.len(), seed, perm)])
+            .collect();
+        SpanStep {
+            starts,
+            part: (step % span as u64) as usize,
+        }
+    }
+
+    /// Part `part` of every slot's document; parts after the first continue a memory
+    /// that holds the document's BOS.
+    fn sequences(&self, data: &[Vec<Segment>], part: usize, bos: Option<u32>) -> Vec<Vec<Segment>> {
+        self.starts
+            .iter()
+            .map(|&s| match part {
+                0 => data[s].clone(),
+                _ => memory::without_bos(&data[s + part], bos),
+            })
+            .collect()
+    }
+
+    /// The memories before this step's part: empty at a document's start; after a resume
+    /// mid-document, recomputed by forwards over the earlier parts with the current
+    /// weights (the only step where a resumed run differs from one never stopped).
+    fn rebuild_memory(
+        &self,
+        trainee: &Trainee,
+        data: &[Vec<Segment>],
+        bos: Option<u32>,
+        cfg: &TrainConfig,
+    ) -> anyhow::Result<Vec<Memory>> {
+        let mut memories = vec![Memory::default(); self.starts.len()];
+        for part in 0..self.part {
+            let seqs = self.sequences(data, part, bos);
+            let mut next = Vec::with_capacity(seqs.len());
+            let mb = cfg.micro_batch.max(1);
+            for (seqs, mems) in seqs.chunks(mb).zip(memories.chunks(mb)) {
+                let (_, _, m) = memory::loss_continued(
+                    &trainee.model,
+                    seqs,
+                    mems,
+                    cfg.gist_loss,
+                    Ops::Differentiable,
+                )?;
+                next.extend(m);
+            }
+            memories = next;
+        }
+        Ok(memories)
+    }
+}
+
 /// One optimizer step on `batch`: forward and backward over its micro-batches, gradient
 /// clipping, AdamW. Returns the batch's mean loss and its scored tokens.
 pub fn train_step(
@@ -223,19 +330,44 @@ pub fn train_step(
     lr: f64,
     cfg: &TrainConfig,
 ) -> anyhow::Result<(f32, usize)> {
+    let (loss, tokens, _) = train_step_carried(trainee, opt, batch, None, lr, cfg)?;
+    Ok((loss, tokens))
+}
+
+/// [`train_step`] where sequence `i` of `batch` continues `memory[i]` (see [`memory`]);
+/// also returns the memories extended by the batch's kept rows (empty without memory).
+pub fn train_step_carried(
+    trainee: &Trainee,
+    opt: &mut AdamW,
+    batch: &[Vec<Segment>],
+    memory: Option<&[Memory]>,
+    lr: f64,
+    cfg: &TrainConfig,
+) -> anyhow::Result<(f32, usize, Vec<Memory>)> {
     let model = &trainee.model;
     // Gradients of the batch's summed NLL, divided by its token count once at the end:
     // the mean over all scored tokens, however the micro-batches split them.
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let (mut loss_sum, mut total) = (0f64, 0usize);
-    for micro in batch.chunks(cfg.micro_batch.max(1)) {
-        let (loss, n) = loss(
-            model,
-            micro,
-            cfg.attention,
-            cfg.gist_loss,
-            Ops::Differentiable,
-        )?;
+    let mut carried = Vec::new();
+    let mb = cfg.micro_batch.max(1);
+    for (i, micro) in batch.chunks(mb).enumerate() {
+        let (loss, n) = match memory {
+            None => loss(
+                model,
+                micro,
+                cfg.attention,
+                cfg.gist_loss,
+                Ops::Differentiable,
+            )?,
+            Some(memory) => {
+                let mems = &memory[i * mb..i * mb + micro.len()];
+                let (loss, n, more) =
+                    memory::loss_continued(model, micro, mems, cfg.gist_loss, Ops::Differentiable)?;
+                carried.extend(more);
+                (loss, n)
+            }
+        };
         loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
         total += n;
         let store: GradStore = (loss * n as f64)?.backward()?;
@@ -274,7 +406,7 @@ pub fn train_step(
         }
     }
     opt.step(&grads, lr, cfg)?;
-    Ok(((loss_sum / total as f64) as f32, total))
+    Ok(((loss_sum / total as f64) as f32, total, carried))
 }
 
 fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
