@@ -4,7 +4,9 @@
 # carries; the call that completes the set reassembles the files (checked by sha256),
 # then, in one command under 10 minutes:
 #   1. trains the adapter from the base GGUF: the recipe of models/smollm2-gist, larger
-#      (rank RANK, sequences of SEQ tokens, batches of BATCH, for TRAIN_SECONDS);
+#      (rank RANK, sequences of SEQ tokens, batches of BATCH, for TRAIN_SECONDS), each
+#      document MEMORY_SPAN consecutive sequences long (`train --memory-span`: later
+#      sequences read the earlier ones' gists, so the adapter learns to read far back);
 #   2. evaluates it on valid/ against the base (ceiling: full attention; floor: each
 #      sentence alone) at 2k tokens per book;
 #   3. writes to $OUT: the adapter folder's three files (bf16), train-log.jsonl, eval.jsonl
@@ -24,6 +26,7 @@ RANK=${RANK:-64}
 SEQ=${SEQ:-4096}
 BATCH=${BATCH:-16}
 NG=${NG:-4}
+MEMORY_SPAN=${MEMORY_SPAN:-3}
 EVAL_TOKENS=${EVAL_TOKENS:-2048}
 mkdir -p "$OUT" "$STASH"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -62,13 +65,14 @@ if [ -z "${BIN:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv
 fi
 
-echo "== training: rank $RANK, N_g $NG, compressed positions, kept BOS, $SEQ-token sequences, ${TRAIN_SECONDS}s"
+echo "== training: rank $RANK, N_g $NG, compressed positions, kept BOS, $SEQ-token sequences, memory span $MEMORY_SPAN, ${TRAIN_SECONDS}s"
 # A rerun on the same warm machine trains afresh: an earlier call's checkpoint would make
 # `train` refuse, and its adapter would be evaluated and returned as if new.
 rm -rf "$WORK/adapter"
 "$BIN" train --from "$BASE" --adapter-rank "$RANK" --adapter-alpha $(( 2 * RANK )) \
   --positions compressed --keep-bos --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
   --tokens 100000000 --batch "$BATCH" --micro-batch "$BATCH" --seq-tokens "$SEQ" --lr 1e-3 \
+  --memory-span "$MEMORY_SPAN" \
   --warmup-steps 20 --checkpoint-every 50 --max-seconds "$TRAIN_SECONDS" --save-dtype bf16 \
   --device "$DEVICE"
 rc=$?
