@@ -292,7 +292,9 @@ impl SpanStep {
 
     /// The memories before this step's part: empty at a document's start; after a resume
     /// mid-document, recomputed by forwards over the earlier parts with the current
-    /// weights (the only step where a resumed run differs from one never stopped).
+    /// weights. A run never stopped computed them with the weights of their own steps, so
+    /// a resumed run differs from it for the rest of that document (at learning rate 0,
+    /// not at all).
     fn rebuild_memory(
         &self,
         trainee: &Trainee,
