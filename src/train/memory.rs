@@ -13,7 +13,7 @@
 //! With the weights unchanged, a sequence read after its memory computes what the whole
 //! text computes in one forward (tested below): the memory is exactly the stored state.
 
-use super::optim::loss_rows;
+use super::optim::scored_loss;
 use crate::engine::whole::Layout;
 use crate::model::attention::{AttentionPlan, SentencePlan};
 use crate::model::llama::Logits;
@@ -21,7 +21,7 @@ use crate::model::ops::Ops;
 use crate::model::GistModel;
 use crate::text::tokenize::Segment;
 use anyhow::ensure;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// One document's carried rows.
 #[derive(Clone, Default)]
@@ -116,17 +116,31 @@ pub fn loss_continued(
     gist_loss: bool,
     ops: Ops,
 ) -> anyhow::Result<(Tensor, usize, Vec<Memory>)> {
-    let kept_before: Vec<u32> = memory.iter().map(|m| m.rows as u32).collect();
-    let layout = Layout::continued(model, seqs, true, &kept_before);
-    let (rows, targets) = loss_rows(&layout, gist_loss);
-    ensure!(!rows.is_empty(), "a training batch has no token to predict");
-    let dev = model.llama.device();
-    let rows_t = Logits::Rows(Tensor::new(rows.as_slice(), dev)?);
-    let (logits, extended) = forward_continued(model, &layout, memory, ops, &rows_t)?;
-    let logits = logits.expect("rows requested");
-    let targets = Tensor::new(targets.as_slice(), dev)?;
-    let loss = super::cross_entropy::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?;
-    Ok((loss, rows.len(), extended))
+    let layout = Layout::continued(model, seqs, true, &rows_of(memory));
+    let mut extended = Vec::new();
+    let (loss, n) = scored_loss(model, &layout, gist_loss, |rows| {
+        let (logits, more) = forward_continued(model, &layout, memory, ops, rows)?;
+        extended = more;
+        Ok(logits)
+    })?;
+    Ok((loss, n, extended))
+}
+
+/// Each memory extended by what its sequence of `seqs` keeps, with no loss: the forward
+/// computes logits for one row only (a resumed run rebuilding the memories it lost).
+pub fn extend(
+    model: &GistModel,
+    seqs: &[Vec<Segment>],
+    memory: &[Memory],
+    ops: Ops,
+) -> anyhow::Result<Vec<Memory>> {
+    let layout = Layout::continued(model, seqs, true, &rows_of(memory));
+    let one_row = Logits::Rows(Tensor::new(&[0u32], model.llama.device())?);
+    Ok(forward_continued(model, &layout, memory, ops, &one_row)?.1)
+}
+
+fn rows_of(memory: &[Memory]) -> Vec<u32> {
+    memory.iter().map(|m| m.rows as u32).collect()
 }
 
 /// The sentence-attention forward of `layout` (made by [`Layout::continued`] with each

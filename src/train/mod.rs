@@ -308,14 +308,12 @@ impl SpanStep {
             let mut next = Vec::with_capacity(seqs.len());
             let mb = cfg.micro_batch.max(1);
             for (seqs, mems) in seqs.chunks(mb).zip(memories.chunks(mb)) {
-                let (_, _, m) = memory::loss_continued(
+                next.extend(memory::extend(
                     &trainee.model,
                     seqs,
                     mems,
-                    cfg.gist_loss,
                     Ops::Differentiable,
-                )?;
-                next.extend(m);
+                )?);
             }
             memories = next;
         }

@@ -38,18 +38,15 @@ pub fn loss(
     let layout = Layout::new(model, seqs, attention != Attention::Full);
     let dev = model.llama.device();
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
-    let (rows, targets) = loss_rows(&layout, gist_loss);
-    ensure!(!rows.is_empty(), "a training batch has no token to predict");
-    let logits_rows = Logits::Rows(Tensor::new(rows.as_slice(), dev)?);
     let dtype = model.llama.dtype();
-    let logits = match attention {
-        Attention::Gist => layout.sentence_forward(model, &ids, ops, &logits_rows)?,
+    scored_loss(model, &layout, gist_loss, |logits_rows| match attention {
+        Attention::Gist => Ok(layout.sentence_forward(model, &ids, ops, logits_rows)?),
         Attention::Full => {
             let docs: Vec<_> = layout.docs.iter().map(|d| d.rows.clone()).collect();
             let mut plan = CausalPlan::new(&docs, dtype, dev, ops)?;
-            model
+            Ok(model
                 .llama
-                .forward(&ids, &layout.positions, &mut plan, ops, &logits_rows)?
+                .forward(&ids, &layout.positions, &mut plan, ops, logits_rows)?)
         }
         Attention::GistDense => {
             ensure!(
@@ -58,12 +55,26 @@ pub fn loss(
                  position scheme: use the blockwise sentence attention"
             );
             let mut plan = crate::model::attention::DensePlan::new(&layout.docs, dtype, dev, ops)?;
-            model
+            Ok(model
                 .llama
-                .forward(&ids, &layout.positions, &mut plan, ops, &logits_rows)?
+                .forward(&ids, &layout.positions, &mut plan, ops, logits_rows)?)
         }
-    }
-    .expect("rows requested");
+    })
+}
+
+/// The mean cross-entropy of the tokens `layout` scores ([`loss_rows`]), `forward`
+/// computing the logits of the rows it is given; and how many tokens that is.
+pub(crate) fn scored_loss(
+    model: &GistModel,
+    layout: &Layout,
+    gist_loss: bool,
+    forward: impl FnOnce(&Logits) -> anyhow::Result<Option<Tensor>>,
+) -> anyhow::Result<(Tensor, usize)> {
+    let dev = model.llama.device();
+    let (rows, targets) = loss_rows(layout, gist_loss);
+    ensure!(!rows.is_empty(), "a training batch has no token to predict");
+    let logits = forward(&Logits::Rows(Tensor::new(rows.as_slice(), dev)?))?
+        .context("the forward returned no logits for the scored rows")?;
     let targets = Tensor::new(targets.as_slice(), dev)?;
     let loss = super::cross_entropy::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?;
     Ok((loss, rows.len()))
