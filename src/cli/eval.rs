@@ -105,6 +105,21 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 r.compression_ratio,
                 r.kv_bytes_per_token
             )?;
+            let quarters: Vec<String> = r
+                .second_half_quarters
+                .iter()
+                .map(|[after, alone]| {
+                    format!(
+                        "{after:.2}|{alone:.2} ({:+.1}%)",
+                        (after / alone - 1.0) * 100.0
+                    )
+                })
+                .collect();
+            writeln!(
+                out,
+                "  2nd half by quarter, after 1st|alone: {}",
+                quarters.join("  ")
+            )?;
         }
     }
     Ok(())

@@ -45,6 +45,11 @@ pub struct EvalReport {
     pub second_half_with_context: f64,
     /// Second halves scored alone, from BOS.
     pub second_half_alone: f64,
+    /// The same two, for each quarter of every second half (tokens pooled over documents):
+    /// `[after its first half, alone]`. Where a loss sits says why: in the last quarters,
+    /// where the state is longest, it points at reading many rows from far away; in the
+    /// first, where the alone run has nothing, at gists that carry little.
+    pub second_half_quarters: [[f64; 2]; 4],
     /// R_c = regular tokens / gist tokens (0 for full attention).
     pub compression_ratio: f64,
     /// Bytes of stored K/V per document token at f32: the gist state, or the full cache.
@@ -184,6 +189,21 @@ fn halves(doc: &[Segment], bos: Option<u32>) -> (Vec<Segment>, Vec<Segment>) {
     (first, second)
 }
 
+/// Perplexity of each quarter of every second half, after its first half and alone: the
+/// two runs of a document score the same tokens, so quarter `q` of each is the same text.
+fn quarters(after: &[&[f32]], alone: &[Vec<f32>]) -> [[f64; 2]; 4] {
+    let mut pooled: [[Vec<f32>; 2]; 4] = Default::default();
+    for (a, b) in after.iter().zip(alone) {
+        let n = a.len().min(b.len());
+        for (q, pool) in pooled.iter_mut().enumerate() {
+            let range = q * n / 4..(q + 1) * n / 4;
+            pool[0].extend_from_slice(&a[range.clone()]);
+            pool[1].extend_from_slice(&b[range]);
+        }
+    }
+    pooled.map(|[a, b]| [ppl(&a), ppl(&b)])
+}
+
 /// Evaluates `model` on documents (already segmented and cut to length).
 pub fn evaluate(
     model: &GistModel,
@@ -203,18 +223,20 @@ pub fn evaluate(
     let (all, gists) = score(docs)?;
     let tokens: u64 = all.iter().map(|d| d.len() as u64).sum();
     // Second halves: the tail of each full run, and each half scored alone.
-    let mut with_ctx = Vec::new();
+    let mut with_ctx: Vec<&[f32]> = Vec::new();
     let mut seconds = Vec::new();
     for (doc, nll) in docs.iter().zip(&all) {
         let (first, second) = halves(doc, bos);
         let first_tokens: usize = first.iter().map(|s| s.tokens.len()).sum();
         // nll[i] scores token i + 1 of the document (BOS is never scored).
-        with_ctx.extend_from_slice(&nll[first_tokens.saturating_sub(1).min(nll.len())..]);
+        with_ctx.push(&nll[first_tokens.saturating_sub(1).min(nll.len())..]);
         seconds.push(second);
     }
     // BOS, put in front of each second half, is never scored itself: `alone` covers the
     // same tokens as `with_ctx`.
     let (alone, _) = score(&seconds)?;
+    let second_half_quarters = quarters(&with_ctx, &alone);
+    let with_ctx: Vec<f32> = with_ctx.concat();
     let alone: Vec<f32> = alone.into_iter().flatten().collect();
     let per_token = model.kv_bytes_per_token(4) as f64;
     // Documents are cut at whole segments, all closed, so a state holds only gists.
@@ -234,6 +256,7 @@ pub fn evaluate(
         perplexity: ppl(&all.concat()),
         second_half_with_context: ppl(&with_ctx),
         second_half_alone: ppl(&alone),
+        second_half_quarters,
         compression_ratio: rc,
         kv_bytes_per_token: kv,
         full_kv_bytes_per_token: per_token,
@@ -286,4 +309,23 @@ pub fn windows(
         out.extend(seqs.into_iter().take(per_doc));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarters_pool_the_same_stretch_of_every_second_half() {
+        // Two documents of 8 and 4 tokens: quarter q holds tokens [q*n/4, (q+1)*n/4) of each.
+        let after: Vec<Vec<f32>> = vec![vec![1., 1., 2., 2., 3., 3., 4., 4.], vec![1., 2., 3., 4.]];
+        let alone: Vec<Vec<f32>> = vec![vec![0.5; 8], vec![0.; 4]];
+        let refs: Vec<&[f32]> = after.iter().map(|v| v.as_slice()).collect();
+        let q = quarters(&refs, &alone);
+        for (i, [a, b]) in q.iter().enumerate() {
+            let want = (i + 1) as f64;
+            assert!((a - want.exp()).abs() < 1e-9, "quarter {i}: {a}");
+            assert!((b - (1.0f64 / 3.0).exp()).abs() < 1e-9, "quarter {i}: {b}");
+        }
+    }
 }
