@@ -14,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -166,11 +167,26 @@ fn serve(pipeline: &Path) -> Serve {
 }
 
 /// SIGTERM, and the exit status.
+/// A process still running `STOP_DEADLINE` after it fails the test (and Serve's drop kills
+/// it) instead of hanging the whole suite.
 fn stop(mut s: Serve) -> std::process::ExitStatus {
     let pid = s.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    s.0.wait().unwrap()
+    let started = Instant::now();
+    loop {
+        if let Some(status) = s.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < STOP_DEADLINE,
+            "serve (pid {pid}) still running {STOP_DEADLINE:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
+
+/// Far longer than a test's batch takes: a serve that has not stopped by then never will.
+const STOP_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Polls the running process's API until `done` holds for its document list.
 fn wait_for(
@@ -1190,4 +1206,67 @@ fn health_says_degraded_while_the_broker_is_down_and_ok_once_it_is_back() {
     let back = health(200, 120);
     assert!(back.get("problems").is_none(), "{back}");
     stop(server);
+}
+
+#[test]
+fn a_batch_that_cannot_finish_is_left_unacknowledged_within_the_grace_and_read_again() {
+    // The broker refuses every produce for minutes (retriable errors, so librdkafka
+    // would retry for message.timeout.ms, 5 minutes): a stored document's state-topic
+    // record cannot be delivered, so its batch cannot finish. SIGTERM must still end
+    // serve within batch.stop_grace_ms, with the stored document intact and its offset
+    // uncommitted; the next serve delivers the record and acknowledges the message.
+    let mock = MockCluster::new(1).unwrap();
+    let b = Broker {
+        bootstrap: mock.bootstrap_servers(),
+        _mock: None,
+    };
+    let s = Setup::new("stuck-stop");
+    for t in [
+        s.topic.clone(),
+        format!("{}.dlq", s.topic),
+        format!("{}.state", s.topic),
+    ] {
+        mock.create_topic(&t, 1, 1).unwrap();
+    }
+    let pipeline = s.pipeline_with(
+        &b,
+        "store",
+        &format!("check_topics = false\n{TEST_PROPERTIES}"),
+        "stop_grace_ms = 3000",
+    );
+    send(
+        &b,
+        &s.topic,
+        &[message("doc", 0, true, "One sentence. Two.")],
+    );
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5000],
+    );
+    let server = serve(&pipeline);
+    let store = s.store("store");
+    wait_for(&store, "the document", 120, |d| d.len() == 1);
+    let started = Instant::now();
+    let status = stop(server);
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(1), "{status:?} after {took:?}");
+    assert!(took < Duration::from_secs(25), "stopping took {took:?}");
+    assert!(Store::open(&store)
+        .unwrap()
+        .meta("doc")
+        .unwrap()
+        .is_some_and(|m| m.complete));
+    assert_eq!(committed_offsets(&b, &s.group, &s.topic).get(&0), None);
+
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    let server = serve(&pipeline);
+    let started = Instant::now();
+    while committed_offsets(&b, &s.group, &s.topic).get(&0) != Some(&1) {
+        assert!(started.elapsed().as_secs() < 120, "never acknowledged");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(stop(server).success());
+    let state = read_topic(&b, &format!("{}.state", s.topic));
+    assert!(!state.is_empty(), "no state-topic record after the restart");
+    assert_eq!(Store::open(&store).unwrap().len(), 1);
 }

@@ -175,6 +175,11 @@ pub struct BatchConfig {
     pub max_in_flight: usize,
     /// Largest message value accepted (bytes); larger ones go to the dead-letter topic.
     pub max_message_bytes: usize,
+    /// After SIGTERM or SIGINT, how long serve may take to finish the batch in hand. A
+    /// batch that cannot finish (its state-topic records wait on brokers that do not
+    /// answer, for up to librdkafka's message.timeout.ms) is left unacknowledged instead:
+    /// it is read again after the restart, so nothing is lost.
+    pub stop_grace_ms: u64,
 }
 
 impl Default for BatchConfig {
@@ -184,6 +189,7 @@ impl Default for BatchConfig {
             max_wait_ms: 50,
             max_in_flight: 64,
             max_message_bytes: 4 << 20,
+            stop_grace_ms: 30_000,
         }
     }
 }

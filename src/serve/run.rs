@@ -9,6 +9,7 @@ use crate::model::{GistModel, LoadOptions};
 use crate::service::Service;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The pipeline's model: its directory, or the embedded one.
 pub fn load_model(p: &Pipeline) -> anyhow::Result<GistModel> {
@@ -103,14 +104,33 @@ pub fn serve(pipeline: &Path) -> anyhow::Result<()> {
                 return served.context("the HTTP API").and(ingested);
             }
             _ = shutdown_signal() => {
-                eprintln!("giststream: stopping: finishing the batch in hand");
+                let grace = Duration::from_millis(p.batch.stop_grace_ms);
+                eprintln!(
+                    "giststream: stopping: finishing the batch in hand (at most {:.0} s; a \
+                     second signal stops at once)",
+                    grace.as_secs_f64()
+                );
                 let _ = stop_tx.send(true);
-                ingest.await
+                let why = tokio::select! {
+                    r = &mut ingest => return finish(r, api).await,
+                    _ = shutdown_signal() => "a second signal came".to_string(),
+                    _ = tokio::time::sleep(grace) => format!(
+                        "it did not finish within {:.0} s (batch.stop_grace_ms)",
+                        grace.as_secs_f64()
+                    ),
+                };
+                // Its offsets are not committed, so Kafka hands the batch out again; what
+                // is stored stays as durable as a crash would leave it (the store is
+                // crash-safe). Waiting on would only hold up a restart.
+                eprintln!(
+                    "giststream: stopped without acknowledging the batch in hand ({why}): \
+                     it is read again after the restart"
+                );
+                std::process::exit(1);
             }
         };
         let _ = stop_tx.send(true);
-        let served = api.await.context("the API task panicked")?;
-        result.and(served)
+        finish(result, api).await
     });
     // A query still on a blocking thread stops at its next step; the process does not
     // wait longer than that for it.
@@ -138,6 +158,15 @@ pub fn restore(
     let store_dir = store.unwrap_or(p.store.path.clone());
     let store = crate::store::Store::open(&store_dir)?;
     crate::ingest::changelog::restore(client_config(&p, &brokers), &p.kafka.state_topic, &store)
+}
+
+/// Waits for the API (told to stop) to end: ingest's result, then the API's.
+async fn finish(
+    ingested: anyhow::Result<()>,
+    api: tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let served = api.await.context("the API task panicked")?;
+    ingested.and(served)
 }
 
 /// Resolves at SIGINT or SIGTERM.
