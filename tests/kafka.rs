@@ -1150,16 +1150,23 @@ fn a_full_queue_pauses_the_partitions_and_resumes_them_with_nothing_lost() {
     check_stored(&model, &Store::open(&store_dir).unwrap(), &docs, usize::MAX);
 }
 
-#[test]
-fn health_says_degraded_while_the_broker_is_down_and_ok_once_it_is_back() {
-    // A mock cluster of this test's own, whatever broker the others use: this one is
-    // taken down and brought back.
+/// A mock cluster of the test's own (whatever broker the others use, this one is taken
+/// down or made to fail), its topics created, and a pipeline for it with `batch`.
+fn own_mock(
+    name: &str,
+    batch: &str,
+) -> (
+    MockCluster<'static, DefaultProducerContext>,
+    Broker,
+    Setup,
+    PathBuf,
+) {
     let mock = MockCluster::new(1).unwrap();
     let b = Broker {
         bootstrap: mock.bootstrap_servers(),
         _mock: None,
     };
-    let s = Setup::new("degraded");
+    let s = Setup::new(name);
     for t in [
         s.topic.clone(),
         format!("{}.dlq", s.topic),
@@ -1171,8 +1178,14 @@ fn health_says_degraded_while_the_broker_is_down_and_ok_once_it_is_back() {
         &b,
         "store",
         &format!("check_topics = false\n{TEST_PROPERTIES}"),
-        "",
+        batch,
     );
+    (mock, b, s, pipeline)
+}
+
+#[test]
+fn health_says_degraded_while_the_broker_is_down_and_ok_once_it_is_back() {
+    let (mock, b, s, pipeline) = own_mock("degraded", "");
     let server = serve(&pipeline);
     let store = s.store("store");
     let health = |want: u16, secs: u64| -> serde_json::Value {
@@ -1215,25 +1228,7 @@ fn a_batch_that_cannot_finish_is_left_unacknowledged_within_the_grace_and_read_a
     // record cannot be delivered, so its batch cannot finish. SIGTERM must still end
     // serve within batch.stop_grace_ms, with the stored document intact and its offset
     // uncommitted; the next serve delivers the record and acknowledges the message.
-    let mock = MockCluster::new(1).unwrap();
-    let b = Broker {
-        bootstrap: mock.bootstrap_servers(),
-        _mock: None,
-    };
-    let s = Setup::new("stuck-stop");
-    for t in [
-        s.topic.clone(),
-        format!("{}.dlq", s.topic),
-        format!("{}.state", s.topic),
-    ] {
-        mock.create_topic(&t, 1, 1).unwrap();
-    }
-    let pipeline = s.pipeline_with(
-        &b,
-        "store",
-        &format!("check_topics = false\n{TEST_PROPERTIES}"),
-        "stop_grace_ms = 3000",
-    );
+    let (mock, b, s, pipeline) = own_mock("stuck-stop", "stop_grace_ms = 3000");
     send(
         &b,
         &s.topic,
