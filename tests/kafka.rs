@@ -1185,7 +1185,7 @@ fn own_mock(
 
 #[test]
 fn health_says_degraded_while_the_broker_is_down_and_ok_once_it_is_back() {
-    let (mock, b, s, pipeline) = own_mock("degraded", "");
+    let (mock, _b, s, pipeline) = own_mock("degraded", "");
     let server = serve(&pipeline);
     let store = s.store("store");
     let health = |want: u16, secs: u64| -> serde_json::Value {
