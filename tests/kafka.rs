@@ -166,9 +166,8 @@ fn serve(pipeline: &Path) -> Serve {
     )
 }
 
-/// SIGTERM, and the exit status.
-/// A process still running `STOP_DEADLINE` after it fails the test (and Serve's drop kills
-/// it) instead of hanging the whole suite.
+/// SIGTERM, and the exit status. A process still running `STOP_DEADLINE` after the signal
+/// fails the test (and Serve's drop kills it) instead of hanging the whole suite.
 fn stop(mut s: Serve) -> std::process::ExitStatus {
     let pid = s.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -1256,9 +1255,10 @@ fn a_batch_that_cannot_finish_is_left_unacknowledged_within_the_grace_and_read_a
     mock.clear_request_errors(RDKafkaApiKey::Produce);
     let server = serve(&pipeline);
     let started = Instant::now();
+    // Each look leaves a consumer behind (see committed_offsets): look once a second.
     while committed_offsets(&b, &s.group, &s.topic).get(&0) != Some(&1) {
         assert!(started.elapsed().as_secs() < 120, "never acknowledged");
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_secs(1));
     }
     assert!(stop(server).success());
     let state = read_topic(&b, &format!("{}.state", s.topic));
