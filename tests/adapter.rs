@@ -216,6 +216,58 @@ fn a_trained_adapter_starts_a_new_run_with_a_kept_bos() {
 }
 
 #[test]
+fn a_trained_adapter_starts_a_run_with_another_number_of_gists() {
+    let root = tempfile::tempdir().unwrap();
+    let (first, _) = train_adapter(root.path(), true, 6);
+    let base = root.path().join("base");
+    let folder = root.path().join("adapter");
+    let name = giststream::model::adapter::GIST_EMBEDDINGS;
+    let trained = first.weights();
+    let rows = &trained[name];
+    assert_eq!(rows.dims()[0], 2);
+    // `train --init-adapter DIR --num-gists N`: N_g 2 becomes 4 (each row twice) and 1 (the
+    // last row); the LoRA and everything else in gist.json stay.
+    for (n, pick) in [(4usize, vec![0usize, 0, 1, 1]), (1, vec![1])] {
+        let next = Trainee::from_adapter(&base, &folder, Some(n), 5, &Device::Cpu).unwrap();
+        assert_eq!(next.model.gist.num_gist_tokens, n);
+        assert_eq!(next.model.gist.gist_token_ids.len(), n);
+        assert_eq!(next.model.gist.positions, PositionScheme::Compressed);
+        assert_eq!(next.model.gist.add_bos, first.model.gist.add_bos);
+        let w = next.weights();
+        assert_eq!(w.len(), trained.len());
+        for (k, t) in &trained {
+            if k != name {
+                assert!(common::max_abs_diff(t, &w[k]) < 1e-6, "{k}");
+            }
+        }
+        for (i, &p) in pick.iter().enumerate() {
+            let d = common::max_abs_diff(&w[name].i(i).unwrap(), &rows.i(p).unwrap());
+            assert!(d < 1e-6, "N_g {n}: row {i} is not row {p}: {d}");
+        }
+        // The new model writes N gists per sentence, and its two paths still agree.
+        let docs = vec![next.model.segments("One line. Another line here.").unwrap()];
+        let layout = Layout::new(&next.model, &docs, true);
+        let ids = &next.model.gist.gist_token_ids;
+        let gists = layout.ids.iter().filter(|t| ids.contains(t)).count();
+        assert_eq!(gists % n, 0, "{gists} gist rows for N_g {n}");
+        assert!(gists >= n);
+        let par = whole::forward(&next.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
+        let inc = common::incremental_logits(&next.model, &docs, 1, true);
+        let regular = &layout.regular;
+        let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
+        assert!(d < 1e-4, "N_g {n}: incremental vs parallel: {d}");
+    }
+    // The adapter's own N_g, given or not, is the adapter unchanged.
+    for n in [None, Some(2)] {
+        let same = Trainee::from_adapter(&base, &folder, n, 5, &Device::Cpu).unwrap();
+        let w = same.weights();
+        for (k, t) in &trained {
+            assert!(common::max_abs_diff(t, &w[k]) < 1e-6, "{k}");
+        }
+    }
+}
+
+#[test]
 fn the_paper_recipes_first_stage_trains_only_the_gist_rows_of_an_adapter() {
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("base");

@@ -73,9 +73,12 @@ pub struct TrainArgs {
     /// tokenizer.json for a model trained from scratch (see train-tokenizer).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
-    /// Gist tokens per sentence (N_g).
-    #[arg(long, default_value_t = 4, value_parser = crate::model::config::parse_num_gists)]
-    pub num_gists: usize,
+    /// Gist tokens per sentence (N_g) [default: 4]. With --init-adapter, the adapter's
+    /// N_g unless given: a different N_g starts the run from the adapter's LoRA and its
+    /// gist rows resized (growing repeats each row, shrinking keeps the last), the way to
+    /// compare N_g at the same training from one trained adapter.
+    #[arg(long, value_parser = crate::model::config::parse_num_gists)]
+    pub num_gists: Option<usize>,
     /// gist: sentence attention with gists; full: the plain causal baseline.
     #[arg(long, value_enum, default_value = "gist")]
     pub attention: crate::train::Attention,
@@ -195,16 +198,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let mut trainee = match (&args.from, args.adapter_rank) {
             (Some(base), None) if args.init_adapter.is_some() => {
                 let dir = args.init_adapter.as_ref().expect("checked");
-                let (config, gist, tensors) = crate::model::adapter::read(dir)?;
-                crate::model::adapter::check_base(base, &config.base)
-                    .with_context(|| format!("--init-adapter {}", dir.display()))?;
-                // --keep-bos, if given, is applied below like for any run.
-                let gist: crate::model::config::GistConfig = serde_json::from_slice(&gist)
-                    .with_context(|| format!("parsing {}", dir.join("gist.json").display()))?;
-                let mut t = train::Trainee::adapter(base, Ok(&gist), config, args.seed, &device)?;
-                t.init_adapter(&tensors)
-                    .with_context(|| format!("starting from {}", dir.display()))?;
-                t
+                train::Trainee::from_adapter(base, dir, args.num_gists, args.seed, &device)
+                    .with_context(|| format!("--init-adapter {}", dir.display()))?
             }
             (Some(base), Some(rank)) => {
                 let config = crate::model::adapter::AdapterConfig {
@@ -223,13 +218,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 config.validate()?;
                 train::Trainee::adapter(
                     base,
-                    Err((args.num_gists, args.positions)),
+                    Err((args.num_gists.unwrap_or(4), args.positions)),
                     config,
                     args.seed,
                     &device,
                 )?
             }
-            (Some(dir), None) => train::trainee_from_dir(dir, args.num_gists, &device)?,
+            (Some(dir), None) => {
+                train::trainee_from_dir(dir, args.num_gists.unwrap_or(4), &device)?
+            }
             (None, _) => {
                 let tok = args
                     .tokenizer
@@ -241,7 +238,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     heads: args.heads,
                     kv_heads: args.kv_heads,
                     intermediate: args.intermediate,
-                    num_gists: args.num_gists,
+                    num_gists: args.num_gists.unwrap_or(4),
                     llama3_rope_scaling: false,
                     tie_embeddings: false,
                     scale: 0.02,

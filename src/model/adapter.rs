@@ -126,6 +126,24 @@ pub fn fresh(
     Ok(out)
 }
 
+/// A trained adapter's gist rows (N_g, H) made into `n` rows, to start a run with a
+/// different N_g from it (`train --init-adapter DIR --num-gists N`). Growing repeats each
+/// row in order (4 to 8: 0 0 1 1 2 2 3 3), so every new gist starts as one the adapter
+/// already writes. Shrinking keeps the last rows (4 to 2: rows 2 and 3): the last gist of
+/// a sentence is written after all the others and has read them, so it starts closest to
+/// what a shorter run of gists must carry alone.
+pub fn resize_gist_rows(rows: &Tensor, n: usize) -> anyhow::Result<Tensor> {
+    let old = rows.dim(0)?;
+    anyhow::ensure!(old > 0 && n > 0, "gist rows: {old} to {n}");
+    let pick: Vec<u32> = if n >= old {
+        (0..n).map(|i| (i * old / n) as u32).collect()
+    } else {
+        (old - n..old).map(|i| i as u32).collect()
+    };
+    let idx = Tensor::new(pick.as_slice(), rows.device())?;
+    Ok(rows.index_select(&idx, 0)?.contiguous()?)
+}
+
 /// (layer, target, (out, in)) of every projection.
 fn shapes(llama: &Llama) -> Vec<(usize, &'static str, (usize, usize))> {
     let c = &llama.cfg;
@@ -343,4 +361,35 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gist_rows_grow_by_repeating_and_shrink_to_the_last() {
+        // Row i holds the value i in every column.
+        let rows = Tensor::from_vec(
+            (0..4u32).flat_map(|i| [i as f32; 3]).collect::<Vec<_>>(),
+            (4, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let first = |t: Tensor| -> Vec<f32> {
+            t.narrow(1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let grown = resize_gist_rows(&rows, 8).unwrap();
+        assert_eq!(grown.dims(), &[8, 3]);
+        assert_eq!(first(grown), [0., 0., 1., 1., 2., 2., 3., 3.]);
+        assert_eq!(first(resize_gist_rows(&rows, 2).unwrap()), [2., 3.]);
+        assert_eq!(first(resize_gist_rows(&rows, 1).unwrap()), [3.]);
+        assert_eq!(first(resize_gist_rows(&rows, 4).unwrap()), [0., 1., 2., 3.]);
+        assert!(resize_gist_rows(&rows, 0).is_err());
+    }
 }

@@ -137,6 +137,41 @@ impl Trainee {
         })
     }
 
+    /// A new run from the trained adapter folder `dir` on `base` (`train --init-adapter`):
+    /// its rank, targets, gist settings and weights. `num_gists`, where it differs from
+    /// the adapter's, starts a run with another N_g from the same LoRA, the gist rows
+    /// resized ([`adapter::resize_gist_rows`]); segmentation, BOS and positions stay.
+    pub fn from_adapter(
+        base: &Path,
+        dir: &Path,
+        num_gists: Option<usize>,
+        seed: u64,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let (config, gist, mut tensors) = adapter::read(dir)?;
+        adapter::check_base(base, &config.base)?;
+        let gist: GistConfig = serde_json::from_slice(&gist)
+            .with_context(|| format!("parsing {}", dir.join("gist.json").display()))?;
+        let mut t = match num_gists {
+            Some(n) if n != gist.num_gist_tokens => {
+                let name = adapter::GIST_EMBEDDINGS;
+                let rows = tensors
+                    .get(name)
+                    .with_context(|| format!("the adapter has no tensor {name}"))?;
+                let rows = adapter::resize_gist_rows(rows, n)?;
+                tensors.insert(name.to_string(), rows);
+                let mut t = Self::adapter(base, Err((n, gist.positions)), config, seed, device)?;
+                t.model.gist.segmentation = gist.segmentation.clone();
+                t.model.gist.add_bos = gist.add_bos;
+                t.model.gist.bos_always_visible = gist.bos_always_visible;
+                t
+            }
+            _ => Self::adapter(base, Ok(&gist), config, seed, device)?,
+        };
+        t.init_adapter(&tensors)?;
+        Ok(t)
+    }
+
     /// Starts from a trained adapter's tensors (`train --init-adapter`): every variable
     /// takes the stored value of the same name and shape; a missing or extra tensor is
     /// an error, since it means the two adapters differ in rank or targets.
