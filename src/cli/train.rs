@@ -141,6 +141,13 @@ pub struct TrainArgs {
     pub save_dtype: String,
 }
 
+impl TrainArgs {
+    /// N_g for a run that does not start from an adapter: `--num-gists`, or 4.
+    fn num_gists_or_default(&self) -> usize {
+        self.num_gists.unwrap_or(4)
+    }
+}
+
 pub fn run_tokenizer(args: TrainTokenizerArgs) -> anyhow::Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&args.data)
         .with_context(|| format!("reading {}", args.data.display()))?
@@ -218,14 +225,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 config.validate()?;
                 train::Trainee::adapter(
                     base,
-                    Err((args.num_gists.unwrap_or(4), args.positions)),
+                    Err((args.num_gists_or_default(), args.positions)),
                     config,
                     args.seed,
                     &device,
                 )?
             }
             (Some(dir), None) => {
-                train::trainee_from_dir(dir, args.num_gists.unwrap_or(4), &device)?
+                train::trainee_from_dir(dir, args.num_gists_or_default(), &device)?
             }
             (None, _) => {
                 let tok = args
@@ -238,7 +245,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     heads: args.heads,
                     kv_heads: args.kv_heads,
                     intermediate: args.intermediate,
-                    num_gists: args.num_gists.unwrap_or(4),
+                    num_gists: args.num_gists_or_default(),
                     llama3_rope_scaling: false,
                     tie_embeddings: false,
                     scale: 0.02,
