@@ -73,6 +73,29 @@ fn sequences(t: &Trainee, chars: usize, bos: Option<u32>) -> Vec<Vec<Segment>> {
     train::sequences(&texts, &t.model.tokenizer, &t.model.gist, bos, 64).unwrap()
 }
 
+/// Largest difference on regular tokens between the incremental path of `model` and its
+/// parallel logits `par` over `layout`.
+fn incremental_diff(
+    model: &GistModel,
+    docs: &[Vec<Segment>],
+    layout: &Layout,
+    par: &candle_core::Tensor,
+) -> f32 {
+    let inc = common::incremental_logits(model, docs, 1, true);
+    let regular = &layout.regular;
+    common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular)
+}
+
+/// Every tensor of `a` equals the same-named one of `b` (within 1e-6), but `skip`.
+fn assert_same_weights(a: &Trainee, b: &Trainee, skip: Option<&str>) {
+    let (a, b) = (a.weights(), b.weights());
+    assert_eq!(a.len(), b.len());
+    for (name, t) in a.iter().filter(|(k, _)| Some(k.as_str()) != skip) {
+        let d = common::max_abs_diff(t, &b[name]);
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+}
+
 fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
     let base = root.join("base");
     write_random_model(&base, &spec(tie)).unwrap();
@@ -126,9 +149,7 @@ fn an_adapter_trains_on_a_frozen_base_and_loads_back_onto_it() {
             "{}",
             common::max_abs_diff(&trained, &par)
         );
-        let inc = common::incremental_logits(&loaded, &docs, 1, true);
-        let regular = &layout.regular;
-        let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
+        let d = incremental_diff(&loaded, &docs, &layout, &par);
         assert!(d < 1e-4, "incremental vs parallel: {d}");
         // And the adapter matters: without it the base computes something else.
         let plain = fresh_adapter(&base);
@@ -186,12 +207,7 @@ fn a_trained_adapter_starts_a_new_run_with_a_kept_bos() {
     gist.bos_always_visible = true;
     let mut next = Trainee::adapter(&base, Ok(&gist), config.clone(), 99, &Device::Cpu).unwrap();
     next.init_adapter(&tensors).unwrap();
-    let (a, b) = (first.weights(), next.weights());
-    assert_eq!(a.len(), b.len());
-    for (name, t) in &a {
-        let d = common::max_abs_diff(t, &b[name]);
-        assert!(d < 1e-6, "{name}: {d}");
-    }
+    assert_same_weights(&first, &next, None);
     let bos = next.model.kept_bos().expect("BOS kept");
     let docs = vec![next.model.segments("One line. Another line here.").unwrap()];
     assert_eq!(docs[0][0].tokens[0], bos);
@@ -199,9 +215,7 @@ fn a_trained_adapter_starts_a_new_run_with_a_kept_bos() {
     // parallel one.
     let layout = Layout::new(&next.model, &docs, true);
     let par = whole::forward(&next.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
-    let inc = common::incremental_logits(&next.model, &docs, 1, true);
-    let regular = &layout.regular;
-    let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
+    let d = incremental_diff(&next.model, &docs, &layout, &par);
     assert!(d < 1e-4, "incremental vs parallel with a kept BOS: {d}");
     // An adapter of another rank does not fit.
     let other = Trainee::adapter(
@@ -233,13 +247,8 @@ fn a_trained_adapter_starts_a_run_with_another_number_of_gists() {
         assert_eq!(next.model.gist.gist_token_ids.len(), n);
         assert_eq!(next.model.gist.positions, PositionScheme::Compressed);
         assert_eq!(next.model.gist.add_bos, first.model.gist.add_bos);
+        assert_same_weights(&first, &next, Some(name));
         let w = next.weights();
-        assert_eq!(w.len(), trained.len());
-        for (k, t) in &trained {
-            if k != name {
-                assert!(common::max_abs_diff(t, &w[k]) < 1e-6, "{k}");
-            }
-        }
         for (i, &p) in pick.iter().enumerate() {
             let d = common::max_abs_diff(&w[name].i(i).unwrap(), &rows.i(p).unwrap());
             assert!(d < 1e-6, "N_g {n}: row {i} is not row {p}: {d}");
@@ -252,18 +261,13 @@ fn a_trained_adapter_starts_a_run_with_another_number_of_gists() {
         assert_eq!(gists % n, 0, "{gists} gist rows for N_g {n}");
         assert!(gists >= n);
         let par = whole::forward(&next.model, &layout, Mode::Sentence, Ops::Fused).unwrap();
-        let inc = common::incremental_logits(&next.model, &docs, 1, true);
-        let regular = &layout.regular;
-        let d = common::max_diff_regular(&par.i(0..regular.len()).unwrap(), &inc[0], regular);
+        let d = incremental_diff(&next.model, &docs, &layout, &par);
         assert!(d < 1e-4, "N_g {n}: incremental vs parallel: {d}");
     }
     // The adapter's own N_g, given or not, is the adapter unchanged.
     for n in [None, Some(2)] {
         let same = Trainee::from_adapter(&base, &folder, n, 5, &Device::Cpu).unwrap();
-        let w = same.weights();
-        for (k, t) in &trained {
-            assert!(common::max_abs_diff(t, &w[k]) < 1e-6, "{k}");
-        }
+        assert_same_weights(&first, &same, None);
     }
 }
 

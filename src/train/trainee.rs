@@ -161,9 +161,15 @@ impl Trainee {
                 let rows = adapter::resize_gist_rows(rows, n)?;
                 tensors.insert(name.to_string(), rows);
                 let mut t = Self::adapter(base, Err((n, gist.positions)), config, seed, device)?;
-                t.model.gist.segmentation = gist.segmentation.clone();
-                t.model.gist.add_bos = gist.add_bos;
-                t.model.gist.bos_always_visible = gist.bos_always_visible;
+                // The new gist tokens as the tokenizer now has them; every other setting
+                // (segmentation, BOS, positions, any added later) the adapter's.
+                let fresh = &t.model.gist;
+                t.model.gist = GistConfig {
+                    num_gist_tokens: n,
+                    gist_tokens: fresh.gist_tokens.clone(),
+                    gist_token_ids: fresh.gist_token_ids.clone(),
+                    ..gist
+                };
                 t
             }
             _ => Self::adapter(base, Ok(&gist), config, seed, device)?,
