@@ -104,9 +104,19 @@ fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
     cfg.stages[0].warmup_steps = 3;
     let seqs = sequences(&t, 40_000, t.model.bos_token_id());
     let mut losses = Vec::new();
-    train::run(&mut t, &cfg, &seqs, &root.join("adapter"), false, |l, _| {
-        losses.push(l.loss)
-    })
+    train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &[],
+        &root.join("adapter"),
+        false,
+        |e| {
+            if let train::Event::Step(l, _) = e {
+                losses.push(l.loss)
+            }
+        },
+    )
     .unwrap();
     (t, losses)
 }
@@ -307,9 +317,10 @@ fn the_paper_recipes_first_stage_trains_only_the_gist_rows_of_an_adapter() {
         &mut t,
         &cfg,
         &seqs,
+        &[],
         &root.path().join("a"),
         false,
-        |_, _| {},
+        |_| {},
     )
     .unwrap();
     let after = t.weights();

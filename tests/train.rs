@@ -22,14 +22,20 @@ fn trainee(dir: &Path) -> Trainee {
     train::trainee_from_dir(dir, 2, &Device::Cpu).unwrap()
 }
 
-fn data(t: &Trainee, seq_tokens: usize) -> Vec<Vec<Segment>> {
+/// The bundled texts, each cut by `part`, as training sequences for `t`.
+fn sequences_of(t: &Trainee, seq_tokens: usize, part: fn(String) -> String) -> Vec<Vec<Segment>> {
     let texts: Vec<String> = train::read_texts(&texts_dir())
         .unwrap()
         .into_iter()
-        .map(|t| t.chars().take(60_000).collect())
+        .map(part)
         .collect();
     let bos = t.model.bos_token_id();
     train::sequences(&texts, &t.model.tokenizer, &t.model.gist, bos, seq_tokens).unwrap()
+}
+
+/// The first 60,000 characters of each bundled text: what the tests train on.
+fn data(t: &Trainee, seq_tokens: usize) -> Vec<Vec<Segment>> {
+    sequences_of(t, seq_tokens, |s| s.chars().take(60_000).collect())
 }
 
 fn config(tokens: u64, trainable: Trainable) -> TrainConfig {
@@ -113,9 +119,10 @@ fn stage_one_leaves_frozen_weights_bit_identical() {
         &mut t,
         &cfg,
         &seqs,
+        &[],
         &dir.path().join("out"),
         false,
-        |_, _| {},
+        |_| {},
     )
     .unwrap();
     let after = snapshot(&t);
@@ -165,18 +172,31 @@ fn train_cmd_with(init: &Path, out: &Path, extra: &[&str]) -> Command {
     c
 }
 
-/// Loss per step from train-log.jsonl, the last line of each step winning (steps after the
-/// last checkpoint of a killed run are logged again when redone).
-fn losses(out: &Path) -> Vec<(usize, f32)> {
+/// `(step, value)` per step of a JSON-lines log in `out`, the last line of each step
+/// winning (steps after the last checkpoint of a killed run are logged again when redone).
+fn per_step<L: serde::de::DeserializeOwned, T>(
+    out: &Path,
+    file: &str,
+    point: impl Fn(L) -> (usize, T),
+) -> Vec<(usize, T)> {
     let mut by_step = std::collections::BTreeMap::new();
-    for line in std::fs::read_to_string(out.join("train-log.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let l: train::LogLine = serde_json::from_str(line).unwrap();
-        by_step.insert(l.step, l.loss);
+    for line in std::fs::read_to_string(out.join(file)).unwrap().lines() {
+        let (step, v) = point(serde_json::from_str(line).unwrap());
+        by_step.insert(step, v);
     }
     by_step.into_iter().collect()
+}
+
+/// Training loss per step.
+fn losses(out: &Path) -> Vec<(usize, f32)> {
+    per_step(out, "train-log.jsonl", |l: train::LogLine| (l.step, l.loss))
+}
+
+/// Validation loss per step.
+fn valid_losses(out: &Path) -> Vec<(usize, f64)> {
+    per_step(out, "valid-log.jsonl", |l: train::ValidLine| {
+        (l.step, l.loss)
+    })
 }
 
 #[test]
@@ -205,12 +225,32 @@ fn a_killed_memory_span_run_resumes_onto_the_same_loss_curve() {
 }
 
 /// Trains with `train_cmd(...)` plus `extra` straight through, and again killed with
-/// SIGKILL mid-run and resumed; the two loss curves and final weights must be the same.
+/// SIGKILL mid-run and resumed; the two loss curves, validation curves and final weights
+/// must be the same.
 fn kill_and_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let init = dir.path().join("init");
     write_random_model(&init, &common::small_spec()).unwrap();
-    let train_cmd = |init: &Path, out: &Path| train_cmd_with(init, out, extra);
+    // Scored every 4 steps; any text will do for a check of determinism.
+    let held = dir.path().join("held-out");
+    std::fs::create_dir(&held).unwrap();
+    let text = std::fs::read_to_string(texts_dir().join("twain-alonzo-fitz.txt")).unwrap();
+    let tail: String = text.chars().skip(text.chars().count() - 8_000).collect();
+    std::fs::write(held.join("tail.txt"), tail).unwrap();
+    let held = held.to_str().unwrap().to_string();
+    let valid = [
+        "--valid",
+        &held,
+        "--valid-every",
+        "4",
+        "--valid-tokens",
+        "400",
+    ];
+    let train_cmd = |init: &Path, out: &Path| {
+        let mut c = train_cmd_with(init, out, extra);
+        c.args(valid);
+        c
+    };
 
     let straight = dir.path().join("straight");
     let st = train_cmd(&init, &straight).output().unwrap();
@@ -246,7 +286,11 @@ fn kill_and_resume(extra: &[&str]) {
     let refused = train_cmd(&init, &killed).output().unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
-    let resumed = train_cmd(&init, &killed).arg("--resume").output().unwrap();
+    // Without the --valid flags: the checkpoint keeps the validation settings.
+    let resumed = train_cmd_with(&init, &killed, extra)
+        .arg("--resume")
+        .output()
+        .unwrap();
     assert!(
         resumed.status.success(),
         "{}",
@@ -262,9 +306,116 @@ fn kill_and_resume(extra: &[&str]) {
             "step {sa}: {la} uninterrupted vs {lb} resumed"
         );
     }
+    let (a, b) = (valid_losses(&straight), valid_losses(&killed));
+    assert_eq!(
+        a.iter().map(|p| p.0).collect::<Vec<_>>(),
+        b.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "the resumed run scored the held-out text at other steps"
+    );
+    assert!(a.len() >= 3, "{a:?}");
+    for ((step, la), (_, lb)) in a.iter().zip(&b) {
+        assert!(
+            (la - lb).abs() <= 1e-6,
+            "validation at step {step}: {la} uninterrupted vs {lb} resumed"
+        );
+    }
     let wa = std::fs::read(straight.join("model.safetensors")).unwrap();
     let wb = std::fs::read(killed.join("model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ after resume");
+}
+
+/// A new model in `dir` (compressed positions) and a run of `steps` steps with a memory
+/// span of 3 sequences.
+fn span_run(dir: &Path, steps: u64) -> (Trainee, TrainConfig) {
+    let mut t = trainee(&dir.join("init"));
+    t.model.gist.positions = giststream::model::config::PositionScheme::Compressed;
+    let mut cfg = config(64 * 8 * steps, Trainable::All);
+    cfg.memory_span = 3;
+    (t, cfg)
+}
+
+/// The bundled texts past their first 60,000 characters: held out from `data`.
+fn held_out(t: &Trainee, seq_tokens: usize) -> Vec<Vec<Segment>> {
+    sequences_of(t, seq_tokens, |s| s.chars().skip(60_000).collect())
+}
+
+/// With held-out documents, a run scores them before its first step, every `every` steps
+/// and after its last, and logs each point to valid-log.jsonl. Each point is what scoring
+/// the weights of that moment gives, and on held-out text the curve falls as the model
+/// learns. A memory-span run reads each validation document as it trains: 3 consecutive
+/// sequences of a book, the later ones after the gists of the earlier.
+#[test]
+fn a_run_logs_a_falling_validation_curve_on_held_out_text() {
+    use giststream::train::validation;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut t, mut cfg) = span_run(dir.path(), 25);
+    let valid = validation::documents(
+        &held_out(&t, cfg.seq_tokens),
+        3,
+        t.model.bos_token_id(),
+        10_000,
+    );
+    assert_eq!(valid.len(), 2, "one document per held-out book");
+    assert!(valid.iter().all(|d| d.len() == 3));
+    cfg.validation = Some(train::ValidationConfig {
+        data: dir.path().join("held-out"),
+        every: 10,
+        tokens: 10_000,
+    });
+    let (start, tokens) = validation::score(&t.model, &valid, &cfg).unwrap();
+    let out = dir.path().join("out");
+    let mut reported = Vec::new();
+    let seqs = data(&t, cfg.seq_tokens);
+    train::run(&mut t, &cfg, &seqs, &valid, &out, false, |e| {
+        if let train::Event::Validated(v) = e {
+            reported.push(v.clone())
+        }
+    })
+    .unwrap();
+    let logged: Vec<train::ValidLine> = std::fs::read_to_string(out.join("valid-log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<usize> = logged.iter().map(|v| v.step).collect();
+    assert_eq!(
+        steps,
+        [0, 10, 20, 25],
+        "before, every 10 steps, after the last"
+    );
+    assert_eq!(reported.len(), logged.len());
+    let (first, last) = (&logged[0], &logged[3]);
+    assert!(
+        (first.loss - start).abs() < 1e-6,
+        "{} vs {start}",
+        first.loss
+    );
+    assert_eq!(first.tokens, tokens);
+    let (end, _) = validation::score(&t.model, &valid, &cfg).unwrap();
+    assert!((last.loss - end).abs() < 1e-6, "{} vs {end}", last.loss);
+    assert!((last.perplexity - last.loss.exp()).abs() < 1e-9);
+    assert!(
+        last.loss < first.loss - 1.0,
+        "held-out loss {:.3} -> {:.3}",
+        first.loss,
+        last.loss
+    );
+}
+
+/// Held-out text must be held out: `--valid` naming the training folder is refused.
+#[test]
+fn validation_on_the_training_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init");
+    write_random_model(&init, &common::small_spec()).unwrap();
+    let out = train_cmd(&init, &dir.path().join("out"))
+        .arg("--valid")
+        .arg(texts_dir().join("."))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the training folder"), "{err}");
 }
 
 /// With a memory span, sequences after a document's first read the gists of the earlier
@@ -272,10 +423,7 @@ fn kill_and_resume(extra: &[&str]) {
 #[test]
 fn loss_falls_with_a_memory_span() {
     let dir = tempfile::tempdir().unwrap();
-    let mut t = trainee(&dir.path().join("init"));
-    t.model.gist.positions = giststream::model::config::PositionScheme::Compressed;
-    let mut cfg = config(64 * 8 * 45, Trainable::All);
-    cfg.memory_span = 3;
+    let (mut t, cfg) = span_run(dir.path(), 45);
     assert!(train::memory::span_starts(&data(&t, cfg.seq_tokens), 3).len() > 100);
     assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
 }
@@ -285,7 +433,12 @@ fn loss_falls_with_a_memory_span() {
 fn assert_loss_falls(t: &mut Trainee, cfg: &TrainConfig, steps: usize, out: &Path) {
     let seqs = data(t, cfg.seq_tokens);
     let mut losses = Vec::new();
-    train::run(t, cfg, &seqs, out, false, |l, _| losses.push(l.loss)).unwrap();
+    train::run(t, cfg, &seqs, &[], out, false, |e| {
+        if let train::Event::Step(l, _) = e {
+            losses.push(l.loss)
+        }
+    })
+    .unwrap();
     assert_eq!(losses.len(), steps);
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
     let last: f32 = losses[steps - 5..].iter().sum::<f32>() / 5.0;

@@ -41,7 +41,7 @@ pub enum Command {
     /// as special tokens.
     TrainTokenizer(train::TrainTokenizerArgs),
     /// Train a gist model (or a full-attention baseline) and write an HF-format directory.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Perplexity on long documents: gist models on the incremental path (what users
     /// get), baselines with full attention; R_c, stored bytes per token, and a long-range
     /// check (second halves scored after their compressed first half vs alone).
@@ -100,7 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compress(args) => compress::run(args),
         Command::Bench(args) => bench::run(args),
         Command::TrainTokenizer(args) => train::run_tokenizer(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),
         Command::Passkey(args) => passkey::run(args),
         Command::Query(args) => query::run(args),

@@ -29,9 +29,22 @@ pub struct TrainArgs {
     /// Output model directory (checkpoints go to DIR/checkpoint).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Continue the checkpoint in --out (its settings win over these flags).
+    /// Continue the checkpoint in --out (its settings win over these flags, except the
+    /// --valid ones, which may be added or changed: scoring changes no weight).
     #[arg(long)]
     pub resume: bool,
+    /// Folder of held-out .txt documents, never trained on, scored every --valid-every
+    /// steps, before the first and after the last: the validation curve, in
+    /// DIR/valid-log.jsonl of --out. Each book's opening is read like a training
+    /// document (with a memory span, that many consecutive sequences).
+    #[arg(long, value_name = "DIR")]
+    pub valid: Option<PathBuf>,
+    /// Steps between validation scorings [default: --checkpoint-every].
+    #[arg(long, value_name = "N", requires = "valid")]
+    pub valid_every: Option<usize>,
+    /// Held-out regular tokens scored each time, at most (whole documents, at least one).
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    pub valid_tokens: usize,
     /// Start from this HF model directory (or, with --adapter-rank, this GGUF file)
     /// instead of random weights.
     #[arg(long, value_name = "PATH", conflicts_with = "tokenizer")]
@@ -179,7 +192,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let ckpt = args.out.join("checkpoint").join("trainer.json");
     let save_dtype = parse_dtype(&args.save_dtype)?;
-    let (mut trainee, cfg) = if args.resume && ckpt.exists() {
+    let (mut trainee, mut cfg) = if args.resume && ckpt.exists() {
         train::resume_trainee(&args.out, &device)?
     } else {
         let cfg = {
@@ -271,15 +284,48 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (trainee, cfg)
     };
     trainee.save_dtype = save_dtype;
+    if let Some(dir) = &args.valid {
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            a.canonicalize()
+                .ok()
+                .is_some_and(|a| Some(a) == b.canonicalize().ok())
+        };
+        if same(dir, &args.data) {
+            bail!(
+                "--valid {} is the training folder: held-out text must not be trained on",
+                dir.display()
+            );
+        }
+        cfg.validation = Some(train::ValidationConfig {
+            data: dir.clone(),
+            every: args.valid_every.unwrap_or(cfg.checkpoint_every).max(1),
+            tokens: args.valid_tokens,
+        });
+    }
     let texts = train::read_texts(&args.data)?;
     let bos = trainee.model.bos_token_id();
-    let data = train::sequences(
-        &texts,
-        &trainee.model.tokenizer,
-        &trainee.model.gist,
-        bos,
-        cfg.seq_tokens,
-    )?;
+    // Training and held-out text are cut into sequences the same way.
+    let cut = |texts: &[String]| {
+        let m = &trainee.model;
+        train::sequences(texts, &m.tokenizer, &m.gist, bos, cfg.seq_tokens)
+    };
+    let data = cut(&texts)?;
+    let valid = match &cfg.validation {
+        Some(v) => {
+            let seqs = cut(&train::read_texts(&v.data).context("--valid")?)?;
+            let docs = train::validation::documents(&seqs, cfg.memory_span, bos, v.tokens);
+            if docs.is_empty() {
+                bail!(
+                    "--valid {}: no document holds {} consecutive sequences of {} tokens",
+                    v.data.display(),
+                    cfg.memory_span.max(1),
+                    cfg.seq_tokens
+                );
+            }
+            docs
+        }
+        None => Vec::new(),
+    };
     let total_steps: usize = (0..cfg.stages.len()).map(|i| cfg.steps(i)).sum();
     eprintln!(
         "{} sequences of up to {} tokens from {} documents; {} steps in {} stage(s)",
@@ -301,9 +347,32 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &mut trainee,
         &cfg,
         &data,
+        &valid,
         &args.out,
         args.resume,
-        |line, steps| {
+        |event| {
+            let (line, steps) = match event {
+                train::Event::Step(line, steps) => (line, steps),
+                train::Event::Validated(v) => {
+                    let msg = format!(
+                        "validation at step {}: loss {:.4}, perplexity {:.2} ({} tokens of {} \
+                         document{}, {:.0} s)",
+                        v.step,
+                        v.loss,
+                        v.perplexity,
+                        v.tokens,
+                        v.documents,
+                        if v.documents == 1 { "" } else { "s" },
+                        v.seconds
+                    );
+                    if plain {
+                        eprintln!("{msg}");
+                    } else {
+                        bar.println(msg);
+                    }
+                    return;
+                }
+            };
             let msg = format!(
                 "{} loss {:.4} lr {:.2e} {:.0} tok/s",
                 line.stage, line.loss, line.lr, line.tokens_per_second

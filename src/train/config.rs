@@ -83,6 +83,9 @@ pub struct TrainConfig {
     /// Whether the budgets were already scaled (a resumed run keeps them).
     #[serde(default)]
     pub calibrated: bool,
+    /// Held-out text scored during the run (the validation curve); None: not scored.
+    #[serde(default)]
+    pub validation: Option<super::validation::ValidationConfig>,
 }
 
 fn one() -> usize {
@@ -163,6 +166,7 @@ impl TrainConfig {
             checkpoint_every: 50,
             max_seconds: None,
             calibrated: false,
+            validation: None,
         }
     }
 

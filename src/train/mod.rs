@@ -9,7 +9,8 @@
 //! that counter, so a run killed and resumed follows the same loss curve.
 //!
 //! Output: an HF-format directory (config.json, model.safetensors, tokenizer.json,
-//! gist.json) that every other command loads, plus `checkpoint/` and `train-log.jsonl`.
+//! gist.json) that every other command loads, plus `checkpoint/`, `train-log.jsonl` and,
+//! with held-out text, `valid-log.jsonl` (the validation curve, see [`validation`]).
 
 pub mod config;
 pub mod cross_entropy;
@@ -19,11 +20,13 @@ pub mod memory;
 pub mod optim;
 pub mod passkey;
 pub mod trainee;
+pub mod validation;
 
 pub use config::{Attention, Schedule, Stage, TrainConfig, Trainable};
 pub use data::{read_texts, sequences};
 pub use optim::AdamW;
 pub use trainee::{resume_trainee, trainee_from_dir, trainee_from_scratch, Trainee};
+pub use validation::{ValidDoc, ValidLine, ValidationConfig};
 
 use crate::model::ops::Ops;
 use crate::text::tokenize::Segment;
@@ -62,14 +65,25 @@ pub struct LogLine {
     pub tokens_per_second: f64,
 }
 
-/// Runs (or resumes) training, writing the model to `out`. `report` sees every step.
+/// What a run reports as it goes.
+pub enum Event<'a> {
+    /// A step was trained; the second field is the steps its stage now plans.
+    Step(&'a LogLine, usize),
+    /// The held-out set was scored.
+    Validated(&'a ValidLine),
+}
+
+/// Runs (or resumes) training, writing the model to `out`. `valid`: the held-out
+/// documents scored every `cfg.validation.every` steps (empty: none). `report` sees every
+/// step and every scoring.
 pub fn run(
     trainee: &mut Trainee,
     cfg_in: &TrainConfig,
     data: &[Vec<Segment>],
+    valid: &[ValidDoc],
     out: &Path,
     resume: bool,
-    mut report: impl FnMut(&LogLine, usize),
+    mut report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
     ensure!(
         !data.is_empty(),
@@ -120,6 +134,15 @@ pub fn run(
     }
     trainee.save_model_files(out)?;
     let log_path = out.join("train-log.jsonl");
+    let valid_every = match &cfg.validation {
+        Some(v) if !valid.is_empty() => v.every.max(1),
+        _ => 0,
+    };
+    if valid_every > 0 && progress.step == 0 {
+        report(Event::Validated(&validate(
+            trainee, valid, &cfg, &progress, out,
+        )?));
+    }
     let mut perm = (u64::MAX, Vec::new());
     let span = cfg.memory_span.max(1);
     let spans = if span > 1 {
@@ -200,7 +223,13 @@ pub fn run(
                 tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64(),
             };
             append_line(&log_path, &serde_json::to_string(&line)?)?;
-            report(&line, steps);
+            report(Event::Step(&line, steps));
+            let last = progress.stage_step == steps && progress.stage + 1 == cfg.stages.len();
+            if valid_every > 0 && (last || progress.step.is_multiple_of(valid_every)) {
+                report(Event::Validated(&validate(
+                    trainee, valid, &cfg, &progress, out,
+                )?));
+            }
             if progress.stage_step == steps {
                 // The next stage starts with fresh optimizer moments.
                 progress.stage += 1;
@@ -216,6 +245,30 @@ pub fn run(
     }
     trainee.save_model(out)?;
     Ok(progress)
+}
+
+/// Scores the held-out set with the weights as they are and appends the point to
+/// `valid-log.jsonl`.
+fn validate(
+    trainee: &Trainee,
+    valid: &[ValidDoc],
+    cfg: &TrainConfig,
+    progress: &TrainProgress,
+    out: &Path,
+) -> anyhow::Result<ValidLine> {
+    let started = std::time::Instant::now();
+    let (loss, tokens) = validation::score(&trainee.model, valid, cfg)?;
+    let line = ValidLine {
+        step: progress.step,
+        tokens_seen: progress.tokens_seen,
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+        documents: valid.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    append_line(&out.join("valid-log.jsonl"), &serde_json::to_string(&line)?)?;
+    Ok(line)
 }
 
 /// Scales every stage's token budget so the sequences still to come fit the time left at
