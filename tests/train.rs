@@ -402,6 +402,50 @@ fn a_run_logs_a_falling_validation_curve_on_held_out_text() {
     );
 }
 
+/// Validation added when a run is resumed (the run was started without it): the
+/// checkpoint's settings are kept, the held-out set is scored from then on, and the curve
+/// starts at the step the run resumed from.
+#[test]
+fn validation_can_be_added_when_a_run_is_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    let mut cfg = config(64 * 8 * 12, Trainable::All);
+    cfg.checkpoint_every = 4;
+    let seqs = data(&t, cfg.seq_tokens);
+    let out = dir.path().join("out");
+    // Stopped after step 9 (the checkpoint holds step 8), as a kill would.
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train::run(&mut t, &cfg, &seqs, &[], &out, false, |e| {
+            if let train::Event::Step(l, _) = e {
+                assert!(l.step < 9, "stopped here");
+            }
+        })
+    }));
+    assert!(stopped.is_err());
+    assert!(!out.join("valid-log.jsonl").exists());
+
+    let (mut t, mut cfg) = train::resume_trainee(&out, &Device::Cpu).unwrap();
+    cfg.validation = Some(train::ValidationConfig {
+        data: dir.path().join("held-out"),
+        every: 3,
+        tokens: 500,
+    });
+    let valid = giststream::train::validation::documents(
+        &held_out(&t, cfg.seq_tokens),
+        1,
+        t.model.bos_token_id(),
+        500,
+    );
+    train::run(&mut t, &cfg, &seqs, &valid, &out, true, |_| {}).unwrap();
+    let steps: Vec<usize> = valid_losses(&out).iter().map(|p| p.0).collect();
+    assert_eq!(
+        steps,
+        [8, 9, 12],
+        "from the resumed step, every 3, and the last"
+    );
+    assert_eq!(losses(&out).last().unwrap().0, 12);
+}
+
 /// Held-out text must be held out: `--valid` naming the training folder is refused.
 #[test]
 fn validation_on_the_training_folder_is_refused() {

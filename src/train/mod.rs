@@ -115,7 +115,12 @@ pub fn run(
             serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
                 .context("reading checkpoint/trainer.json")?;
         progress = meta.progress;
-        cfg = meta.config;
+        // The checkpoint's settings, but validation as given (`cfg_in` holds the
+        // checkpoint's unless the caller added or changed it: scoring changes no weight).
+        cfg = TrainConfig {
+            validation: cfg_in.validation.clone(),
+            ..meta.config
+        };
         sequences_at_start = progress.sequences_seen;
         let dev = trainee.model.llama.device().clone();
         let weights = candle_core::safetensors::load(ckpt.join("model.safetensors"), &dev)?;
@@ -138,7 +143,10 @@ pub fn run(
         Some(v) if !valid.is_empty() => v.every.max(1),
         _ => 0,
     };
-    if valid_every > 0 && progress.step == 0 {
+    // The curve starts at the weights the run starts from: before the first step, or
+    // where a resumed run first adds validation.
+    let valid_log = out.join("valid-log.jsonl");
+    if valid_every > 0 && (progress.step == 0 || !valid_log.exists()) {
         report(Event::Validated(&validate(
             trainee, valid, &cfg, &progress, out,
         )?));
@@ -271,8 +279,11 @@ fn validate(
     Ok(line)
 }
 
-/// Scales every stage's token budget so the sequences still to come fit the time left at
-/// the pace measured so far.
+/// Shrinks every stage's token budget so the sequences still to come fit the time left at
+/// the pace measured so far. It never grows one: the budget is a limit, and a run given
+/// more time than its tokens need trains the tokens asked for (a run resumed with a
+/// generous budget once had its plan grown from 49 steps to 123 and its schedule
+/// stretched).
 fn calibrate(
     cfg: &mut TrainConfig,
     progress: &TrainProgress,
@@ -295,6 +306,9 @@ fn calibrate(
     }
     let f =
         (affordable + progress.sequences_seen) as f64 / (planned + progress.sequences_seen) as f64;
+    if f >= 1.0 {
+        return;
+    }
     for s in &mut cfg.stages {
         s.tokens = ((s.tokens as f64 * f) as u64).max(1);
     }
@@ -470,4 +484,42 @@ fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
         .open(path)?;
     writeln!(f, "{line}")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at_step(step: usize, sequences: u64) -> TrainProgress {
+        TrainProgress {
+            stage: 0,
+            stage_step: step,
+            step,
+            sequences_seen: sequences,
+            tokens_seen: 0,
+            optimizer_t: step as u64,
+            last_loss: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_time_budget_shrinks_a_plan_and_never_grows_it() {
+        // 100 steps of 2 sequences of 256 tokens; 10 steps (20 sequences) took 100 s.
+        let plan = TrainConfig::scratch(100 * 2 * 256, 1e-3, 2);
+        let p = at_step(10, 20);
+
+        let mut cfg = plan.clone();
+        calibrate(&mut cfg, &p, 100.0, 1e6, 20);
+        assert!(cfg.calibrated);
+        assert_eq!(
+            cfg.steps(0),
+            100,
+            "a generous budget leaves the plan as asked"
+        );
+
+        // 300 s: 200 s left at 5 s a sequence is 40 more, so 60 of the 200 planned.
+        let mut cfg = plan.clone();
+        calibrate(&mut cfg, &p, 100.0, 300.0, 20);
+        assert_eq!(cfg.steps(0), 30);
+    }
 }
