@@ -7,9 +7,11 @@
 #      (rank RANK, sequences of SEQ tokens, batches of BATCH, for TRAIN_SECONDS), each
 #      document MEMORY_SPAN consecutive sequences long (`train --memory-span`: later
 #      sequences read the earlier ones' gists, so the adapter learns to read far back);
+#      Held-out valid/ is scored every 50 steps (`train --valid`: the validation curve);
 #   2. evaluates it on valid/ against the base (ceiling: full attention; floor: each
 #      sentence alone) at 2k tokens per book;
-#   3. writes to $OUT: the adapter folder's three files (bf16), train-log.jsonl, eval.jsonl
+#   3. writes to $OUT: the adapter folder's three files (bf16), train-log.jsonl,
+#      valid-log.jsonl, eval.jsonl
 #      and log.txt.
 # Copy $OUT's files to models/smollm2-gist/ (after checking eval.jsonl) to ship them.
 #
@@ -73,13 +75,13 @@ rm -rf "$WORK/adapter"
 "$BIN" train --from "$BASE" --adapter-rank "$RANK" --adapter-alpha $(( 2 * RANK )) \
   --positions compressed --keep-bos --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
   --tokens 100000000 --batch "$BATCH" --micro-batch "$BATCH" --seq-tokens "$SEQ" --lr 1e-3 \
-  --memory-span "$MEMORY_SPAN" \
+  --memory-span "$MEMORY_SPAN" --valid "$WORK/corpus/valid" --valid-every 50 \
   --warmup-steps 20 --checkpoint-every 50 --max-seconds "$TRAIN_SECONDS" --save-dtype bf16 \
   --device "$DEVICE"
 rc=$?
 echo "-- train exit $rc"
 [ "$rc" = 0 ] || exit "$rc"
-cp "$WORK/adapter/train-log.jsonl" "$OUT/" 2>/dev/null
+cp "$WORK/adapter/train-log.jsonl" "$WORK/adapter/valid-log.jsonl" "$OUT/" 2>/dev/null
 for f in adapter.json gist.json adapter.safetensors; do cp "$WORK/adapter/$f" "$OUT/" 2>/dev/null; done
 
 echo "== evaluation on valid/, $EVAL_TOKENS tokens per book"
