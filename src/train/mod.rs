@@ -148,7 +148,7 @@ pub fn run(
     let valid_log = out.join("valid-log.jsonl");
     if valid_every > 0 && (progress.step == 0 || !valid_log.exists()) {
         report(Event::Validated(&validate(
-            trainee, valid, &cfg, &progress, out,
+            trainee, valid, &cfg, &progress, &valid_log,
         )?));
     }
     let mut perm = (u64::MAX, Vec::new());
@@ -235,7 +235,7 @@ pub fn run(
             let last = progress.stage_step == steps && progress.stage + 1 == cfg.stages.len();
             if valid_every > 0 && (last || progress.step.is_multiple_of(valid_every)) {
                 report(Event::Validated(&validate(
-                    trainee, valid, &cfg, &progress, out,
+                    trainee, valid, &cfg, &progress, &valid_log,
                 )?));
             }
             if progress.stage_step == steps {
@@ -255,14 +255,14 @@ pub fn run(
     Ok(progress)
 }
 
-/// Scores the held-out set with the weights as they are and appends the point to
-/// `valid-log.jsonl`.
+/// Scores the held-out set with the weights as they are and appends the point to `log`
+/// (`valid-log.jsonl`).
 fn validate(
     trainee: &Trainee,
     valid: &[ValidDoc],
     cfg: &TrainConfig,
     progress: &TrainProgress,
-    out: &Path,
+    log: &Path,
 ) -> anyhow::Result<ValidLine> {
     let started = std::time::Instant::now();
     let (loss, tokens) = validation::score(&trainee.model, valid, cfg)?;
@@ -275,7 +275,7 @@ fn validate(
         documents: valid.len(),
         seconds: started.elapsed().as_secs_f64(),
     };
-    append_line(&out.join("valid-log.jsonl"), &serde_json::to_string(&line)?)?;
+    append_line(log, &serde_json::to_string(&line)?)?;
     Ok(line)
 }
 
