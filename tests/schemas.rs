@@ -125,3 +125,54 @@ fn the_document_schema_and_the_parser_agree() {
     assert!(!v.is_valid(&serde_json::from_str(&long_id).unwrap()));
     assert!(parse(None, Some(long_id.as_bytes()), usize::MAX).is_err());
 }
+
+/// A real (tiny) run's train-log.jsonl and valid-log.jsonl lines match their schemas, and a
+/// line with a misspelt field does not.
+#[test]
+fn training_logs_match_their_schemas() {
+    use giststream::train::{self, TrainConfig};
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &RandomSpec::default()).unwrap();
+    let mut t = train::trainee_from_dir(dir.path(), 2, &candle_core::Device::Cpu).unwrap();
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts/twain-alonzo-fitz.txt"),
+    )
+    .unwrap();
+    // Trained on the opening, scored on the end.
+    let head: String = text.chars().take(20_000).collect();
+    let tail: String = text.chars().skip(text.chars().count() - 5_000).collect();
+    let cut = |s: String| {
+        let m = &t.model;
+        train::sequences(&[s], &m.tokenizer, &m.gist, m.bos_token_id(), 64).unwrap()
+    };
+    let (data, held) = (cut(head), cut(tail));
+    let valid = train::validation::documents(&held, 1, t.model.bos_token_id(), 200);
+    let mut cfg = TrainConfig::scratch(64 * 4 * 3, 1e-3, 4);
+    cfg.seq_tokens = 64;
+    cfg.micro_batch = 4;
+    cfg.validation = Some(train::ValidationConfig {
+        data: dir.path().join("held-out"),
+        every: 2,
+        tokens: 200,
+    });
+    let out = dir.path().join("out");
+    train::run(&mut t, &cfg, &data, &valid, &out, false, |_| {}).unwrap();
+    for (file, schema_name, misspelt) in [
+        ("train-log.jsonl", "train-log.schema.json", "tokens_per_sec"),
+        ("valid-log.jsonl", "valid-log.schema.json", "perplexty"),
+    ] {
+        let v = schema(schema_name);
+        let lines: Vec<Value> = std::fs::read_to_string(out.join(file))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(lines.len() >= 3, "{file}: {}", lines.len());
+        for line in &lines {
+            assert_valid(&v, line);
+        }
+        let mut typo = lines[0].clone();
+        typo[misspelt] = 1.into();
+        assert!(!v.is_valid(&typo), "{file}: {typo}");
+    }
+}
