@@ -274,6 +274,11 @@ fn validate(
         tokens,
         documents: valid.len(),
         seconds: started.elapsed().as_secs_f64(),
+        data: cfg
+            .validation
+            .as_ref()
+            .map(|v| v.data.clone())
+            .unwrap_or_default(),
     };
     append_line(log, &serde_json::to_string(&line)?)?;
     Ok(line)

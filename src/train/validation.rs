@@ -48,6 +48,10 @@ pub struct ValidLine {
     pub documents: usize,
     /// Time the scoring took.
     pub seconds: f64,
+    /// The held-out folder scored: a run resumed with another `--valid` starts another
+    /// curve in the same log, told apart by this (empty in logs written before it was).
+    #[serde(default)]
+    pub data: PathBuf,
 }
 
 /// A validation document: one or more consecutive sequences of one book, the second and
