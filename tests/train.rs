@@ -444,16 +444,11 @@ fn validation_can_be_added_when_a_run_is_resumed() {
         "from the resumed step, every 3, and the last"
     );
     assert_eq!(losses(&out).last().unwrap().0, 12);
-    let last: train::ValidLine = serde_json::from_str(
-        std::fs::read_to_string(out.join("valid-log.jsonl"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let sets = per_step(&out, "valid-log.jsonl", |l: train::ValidLine| {
+        (l.step, l.data)
+    });
     assert_eq!(
-        last.data,
+        sets.last().unwrap().1,
         dir.path().join("held-out"),
         "each point names its set"
     );
