@@ -301,33 +301,37 @@ fn compressed_positions_slots_equal_per_document_states() {
             ..compressed(1)
         },
     ] {
-        let (_dir, model) = common::tiny_model(&spec);
-        let docs = documents(&model);
-        let input = |_: ()| {
-            numbered(&docs)
-                .into_iter()
-                .map(|d| (d, GistState::new(&model).unwrap()))
-                .collect::<Vec<_>>()
-        };
-        let per = giststream::engine::compress::compress_with(
-            &model,
-            input(()),
-            3,
-            Incremental::PerDocument,
-        )
-        .unwrap();
-        let slots =
-            giststream::engine::compress::compress_with(&model, input(()), 3, Incremental::Slots)
-                .unwrap();
-        for ((a, _), (b, _)) in per.iter().zip(&slots) {
-            assert_eq!(a.next_position, b.next_position);
-            assert_eq!(a.kv_len(), b.kv_len());
-            for (la, lb) in a.layers.iter().zip(&b.layers) {
-                let ((ka, va), (kb, vb)) = (la.view().unwrap(), lb.view().unwrap());
-                for (x, y) in [(ka, kb), (va, vb)] {
-                    let diff = common::max_abs_diff(&x, &y);
-                    assert!(diff < 1e-4, "{diff}");
-                }
+        engines_agree(&spec);
+    }
+}
+
+/// Compresses the test documents with both incremental engines and compares the states.
+fn engines_agree(spec: &RandomSpec) {
+    let (_dir, model) = common::tiny_model(spec);
+    let docs = documents(&model);
+    let input = |_: ()| {
+        numbered(&docs)
+            .into_iter()
+            .map(|d| (d, GistState::new(&model).unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let per =
+        giststream::engine::compress::compress_with(&model, input(()), 3, Incremental::PerDocument)
+            .unwrap();
+    let slots =
+        giststream::engine::compress::compress_with(&model, input(()), 3, Incremental::Slots)
+            .unwrap();
+    for ((a, _), (b, _)) in per.iter().zip(&slots) {
+        assert_eq!(spec.previous_sentence_visible, a.window > 0);
+        assert_eq!(
+            (a.next_position, a.kv_len(), a.window),
+            (b.next_position, b.kv_len(), b.window)
+        );
+        for (la, lb) in a.layers.iter().zip(&b.layers) {
+            let ((ka, va), (kb, vb)) = (la.view().unwrap(), lb.view().unwrap());
+            for (x, y) in [(ka, kb), (va, vb)] {
+                let diff = common::max_abs_diff(&x, &y);
+                assert!(diff < 1e-4, "{diff}");
             }
         }
     }
@@ -398,5 +402,97 @@ fn a_carried_memory_continues_a_document_exactly() {
                 "{ops:?}: a sequence without its memory should not match ({worst_alone})"
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The previous sentence kept visible (gist.json `previous_sentence_visible`)
+// ---------------------------------------------------------------------------------------
+
+fn windowed(spec: RandomSpec) -> RandomSpec {
+    RandomSpec {
+        previous_sentence_visible: true,
+        ..spec
+    }
+}
+
+/// The incremental path, holding the last closed sentence whole until the next one
+/// closes, computes what the parallel path computes under the windowed mask, in both
+/// position schemes (the compressed one reads that sentence at a third set of positions).
+#[test]
+fn the_previous_sentence_window_incremental_equals_parallel() {
+    for positions in [PositionScheme::Original, PositionScheme::Compressed] {
+        let base = |n: usize| RandomSpec {
+            num_gists: n,
+            positions,
+            ..RandomSpec::default()
+        };
+        check(windowed(base(1)), 1, false);
+        check(windowed(base(2)), 3, true);
+        check(windowed(base(4)), 2, true);
+        check(
+            windowed(RandomSpec {
+                bos_always_visible: true,
+                tie_embeddings: true,
+                ..base(2)
+            }),
+            2,
+            true,
+        );
+    }
+}
+
+/// The window changes what a sentence reads (the comparison has teeth), and the state
+/// holds the gists, plus the last sentence whole: one sentence more than without it.
+#[test]
+fn the_window_changes_the_logits_and_holds_one_sentence_more() {
+    for positions in [PositionScheme::Original, PositionScheme::Compressed] {
+        let spec = RandomSpec {
+            num_gists: 2,
+            positions,
+            ..RandomSpec::default()
+        };
+        let (_d1, plain) = common::tiny_model(&spec);
+        let (_d2, win) = common::tiny_model(&windowed(spec));
+        let docs = documents(&win);
+        let lp = Layout::new(&plain, &docs, true);
+        let lw = Layout::new(&win, &docs, true);
+        assert_eq!(lp.ids, lw.ids);
+        let pp = whole::forward(&plain, &lp, Mode::Sentence, Ops::Fused).unwrap();
+        let pw = whole::forward(&win, &lw, Mode::Sentence, Ops::Fused).unwrap();
+        let diff = common::max_diff_regular(&pp, &pw, &lp.regular);
+        assert!(
+            diff > 1e-3,
+            "{positions:?}: the window changed nothing ({diff})"
+        );
+        let states =
+            |m: &GistModel| giststream::engine::compress::compress(m, numbered(&docs), 2).unwrap();
+        for (((sp, _), (sw, _)), segs) in states(&plain).iter().zip(states(&win)).zip(&docs) {
+            // No BOS is kept here: the window is every token of the last closed sentence.
+            let last = segs.iter().rev().find(|s| s.close).unwrap();
+            assert_eq!(sw.window, last.tokens.len(), "{positions:?}");
+            assert_eq!(sw.kv_len(), sp.kv_len() + sw.window, "{positions:?}");
+            if positions == PositionScheme::Compressed {
+                assert_eq!(sw.next_position as usize, sw.kv_len());
+            }
+        }
+    }
+}
+
+/// Both incremental engines hold and drop the window the same way.
+#[test]
+fn the_window_slots_equal_per_document_states() {
+    for spec in [
+        windowed(compressed(3)),
+        windowed(RandomSpec {
+            bos_always_visible: true,
+            ..compressed(1)
+        }),
+        windowed(RandomSpec {
+            num_gists: 2,
+            ..RandomSpec::default()
+        }),
+    ] {
+        engines_agree(&spec);
     }
 }

@@ -44,7 +44,29 @@ fn stored_record(store: &Store, model: &GistModel, id: &str) -> Vec<u8> {
 
 #[test]
 fn parts_append_chunks_and_end_equal_to_the_whole_text() {
-    let (_m, model) = common::tiny_model(&RandomSpec::default());
+    parts_equal_the_whole_text(RandomSpec::default());
+}
+
+/// With the previous sentence kept visible, a part's first close rewrites the stored last
+/// sentence (its window dropped, its gists moved down): the part's chunk starts there,
+/// over the rows before it, and earlier chunks still never change.
+#[test]
+fn parts_of_a_model_keeping_the_previous_sentence_equal_the_whole_text() {
+    for positions in [
+        giststream::model::config::PositionScheme::Compressed,
+        giststream::model::config::PositionScheme::Original,
+    ] {
+        parts_equal_the_whole_text(RandomSpec {
+            previous_sentence_visible: true,
+            positions,
+            num_gists: 2,
+            ..RandomSpec::default()
+        });
+    }
+}
+
+fn parts_equal_the_whole_text(spec: RandomSpec) {
+    let (_m, model) = common::tiny_model(&spec);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let mut rng = SplitMix(11);

@@ -497,3 +497,38 @@ fn assert_loss_falls(t: &mut Trainee, cfg: &TrainConfig, steps: usize, out: &Pat
     // From about ln(262) = 5.6 for a random model to well below.
     assert!(last < first - 1.0, "loss {first} -> {last}");
 }
+
+/// A model that keeps the previous sentence visible trains (compressed positions, three
+/// key copies in the differentiable forward), and a memory span is refused for it with a
+/// reason rather than trained on what inference does not compute.
+#[test]
+fn loss_falls_with_the_previous_sentence_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    t.model.gist.positions = giststream::model::config::PositionScheme::Compressed;
+    t.model.gist.previous_sentence_visible = true;
+    let cfg = config(64 * 8 * 45, Trainable::All);
+    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/gist.json")).unwrap()).unwrap();
+    assert_eq!(saved["previous_sentence_visible"], true);
+
+    let (mut t, cfg) = span_run(&dir.path().join("span"), 5);
+    t.model.gist.previous_sentence_visible = true;
+    let seqs = data(&t, cfg.seq_tokens);
+    let err = train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &[],
+        &dir.path().join("span-out"),
+        false,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("does not carry the previous sentence"),
+        "{err}"
+    );
+}

@@ -69,6 +69,11 @@ pub struct TrainArgs {
     /// closes.
     #[arg(long)]
     pub keep_bos: bool,
+    /// Keep the last closed sentence's tokens visible to the next sentence (gist.json
+    /// `previous_sentence_visible`): a sentence's first words read the words just before
+    /// them, not only gists, for one sentence more in the state. Not with --memory-span.
+    #[arg(long)]
+    pub previous_sentence_visible: bool,
     /// The adapter's scale numerator (a projection adds alpha / r · x·Aᵀ·Bᵀ).
     #[arg(long, default_value_t = 32.0)]
     pub adapter_alpha: f64,
@@ -272,6 +277,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         };
         if trainee.adapter.is_none() {
             trainee.model.gist.positions = args.positions;
+        }
+        if args.previous_sentence_visible {
+            trainee.model.gist.previous_sentence_visible = true;
         }
         if args.keep_bos {
             anyhow::ensure!(

@@ -14,7 +14,9 @@
 //! (Hkv, slots · cap, D), slot s owning rows s·cap .. s·cap + cap; rows past a slot's
 //! length hold stale values that the mask hides.
 
-use crate::engine::state::{moved_angles, step_rows, Chunk, GistState, KvBuffer, StepRows};
+use crate::engine::state::{
+    closing, moved_angles, step_rows, Chunk, GistState, KvBuffer, StepRows,
+};
 use crate::model::attention::{padded_mask, AttentionPlan};
 use crate::model::config::PositionScheme;
 use crate::model::llama::Logits;
@@ -180,15 +182,10 @@ pub fn advance_slots(
         }
         if chunk.close {
             let state = cache.states[*slot].as_ref().expect("checked above");
-            let tail_start = held - state.tail_kept.len();
-            let flags = state.tail_kept.iter().chain(kept);
-            let mut dst = base + tail_start;
-            for (i, &k) in flags.enumerate() {
-                if k {
-                    from.push((base + tail_start + i) as u32);
-                    to.push(dst as u32);
-                    dst += 1;
-                }
+            let c = closing(model, state, held, kept);
+            for (i, &row) in c.keep.iter().enumerate() {
+                from.push((base + row as usize) as u32);
+                to.push((base + c.start + i) as u32);
             }
         }
     }
@@ -241,13 +238,13 @@ pub fn advance_slots(
         state.next_position += rows.len() as u32;
         state.regular_tokens += chunk.tokens.len() as u64;
         if chunk.close {
-            let tail_start = held - state.tail_kept.len();
-            let kept_rows = state.tail_kept.iter().chain(kept).filter(|&&k| k).count();
-            cache.len[*slot] = tail_start + kept_rows;
+            let c = closing(model, state, held, kept);
+            cache.len[*slot] = c.start + c.keep.len();
             if model.gist.positions == PositionScheme::Compressed {
-                state.next_position = (tail_start + kept_rows) as u32;
+                state.next_position = cache.len[*slot] as u32;
             }
             state.tail_kept.clear();
+            state.window = c.window;
             state.sentences += 1;
             state.gist_tokens += gist_ids.len() as u64;
         } else {

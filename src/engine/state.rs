@@ -143,6 +143,9 @@ pub struct GistState {
     pub regular_tokens: u64,
     /// Gist tokens written.
     pub gist_tokens: u64,
+    /// With `previous_sentence_visible`: the regular rows of the last closed sentence,
+    /// still held (just before its gists) for the next sentence to read; 0 otherwise.
+    pub window: usize,
 }
 
 impl GistState {
@@ -168,6 +171,7 @@ impl GistState {
             sentences: 0,
             regular_tokens: 0,
             gist_tokens: 0,
+            window: 0,
         })
     }
 
@@ -286,41 +290,80 @@ pub fn advance(
         .forward(&ids_t, &positions, &mut plan, Ops::Fused, &logits)?;
     drop(plan);
 
-    // Close sentences: keep only their kept rows (gists, BOS) in every layer.
+    // Close sentences: keep their gists (and BOS), drop the rows no later token may read.
     for ((state, chunk), (rows, kept)) in items.iter_mut().zip(&groups) {
         let n = rows.len();
-        let regular = chunk.tokens.len() as u64;
         state.next_position += n as u32;
-        state.regular_tokens += regular;
-        let tail_start = state.kv_len() - n - state.tail_kept.len();
-        let mut flags = std::mem::take(&mut state.tail_kept);
-        flags.extend(kept);
+        state.regular_tokens += chunk.tokens.len() as u64;
+        let held = state.kv_len() - n;
         if chunk.close {
-            let keep: Vec<u32> = flags
-                .iter()
-                .enumerate()
-                .filter(|(_, &k)| k)
-                .map(|(i, _)| (tail_start + i) as u32)
-                .collect();
+            let c = closing(model, state, held, kept);
             let shift = match model.gist.positions {
                 PositionScheme::Original => None,
                 PositionScheme::Compressed => {
                     // Row = position: the kept rows move down, and so do their keys.
-                    state.next_position = (tail_start + keep.len()) as u32;
-                    let to = tail_start as u32..;
-                    Some(moved_angles(model, keep.iter().copied().zip(to))?)
+                    state.next_position = (c.start + c.keep.len()) as u32;
+                    let to = c.start as u32..;
+                    Some(moved_angles(model, c.keep.iter().copied().zip(to))?)
                 }
             };
             for layer in state.layers.iter_mut() {
-                layer.compact(tail_start, &keep, shift.as_ref())?;
+                layer.compact(c.start, &c.keep, shift.as_ref())?;
             }
+            state.tail_kept.clear();
+            state.window = c.window;
             state.sentences += 1;
             state.gist_tokens += gist_ids.len() as u64;
         } else {
-            state.tail_kept = flags;
+            state.tail_kept.extend(kept);
         }
     }
     Ok(out)
+}
+
+/// What a closing sentence keeps: rows `..start` stay as they are, then `keep` (absolute
+/// rows, ascending) move down to `start..`; `window` is the state's new window.
+pub(crate) struct Closing {
+    pub start: usize,
+    pub keep: Vec<u32>,
+    pub window: usize,
+}
+
+/// The rows kept when the open sentence of `state` closes, `held` rows being in the cache
+/// before this step's rows (whose flags are `kept`). In the paper's scheme a sentence keeps
+/// its gists (and BOS). With `previous_sentence_visible` it keeps all its rows for the next
+/// sentence to read, and drops instead the window of the sentence before it (its regular
+/// rows, held just before its gists). Both incremental engines close through this.
+pub(crate) fn closing(model: &GistModel, state: &GistState, held: usize, kept: &[bool]) -> Closing {
+    let tail_start = held - state.tail_kept.len();
+    let flags: Vec<bool> = state.tail_kept.iter().chain(kept).copied().collect();
+    if !model.gist.previous_sentence_visible {
+        let keep = flags
+            .iter()
+            .enumerate()
+            .filter(|(_, &k)| k)
+            .map(|(i, _)| (tail_start + i) as u32)
+            .collect();
+        return Closing {
+            start: tail_start,
+            keep,
+            window: 0,
+        };
+    }
+    // The window sits right before the previous sentence's gists, which end at the tail.
+    let ng = model.gist.num_gist_tokens;
+    let start = if state.window > 0 {
+        tail_start - ng - state.window
+    } else {
+        tail_start
+    };
+    Closing {
+        start,
+        keep: (start + state.window..tail_start + flags.len())
+            .map(|r| r as u32)
+            .collect(),
+        window: flags.iter().filter(|&&k| !k).count(),
+    }
 }
 
 /// The re-rotation of keys moved between rows, `(from, to)` each (the compressed position

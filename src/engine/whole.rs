@@ -21,6 +21,9 @@ pub struct Layout {
     /// index among its document's kept tokens; other tokens are never stored and keep
     /// their written position). None: stored where written.
     pub stored: Option<Vec<u32>>,
+    /// In the compressed scheme with `previous_sentence_visible`: where the next segment
+    /// reads each token (its segment held whole right after the stored gists before it).
+    pub window: Option<Vec<u32>>,
     /// Whether each row is a regular token (not a gist).
     pub regular: Vec<bool>,
     pub docs: Vec<SentenceDoc>,
@@ -48,10 +51,12 @@ impl Layout {
         let gist_ids = &model.gist.gist_token_ids;
         let bos = model.kept_bos();
         let compressed = gists && model.gist.positions == PositionScheme::Compressed;
+        let window = gists && model.gist.previous_sentence_visible;
         let mut l = Layout {
             ids: Vec::new(),
             positions: Vec::new(),
             stored: compressed.then(Vec::new),
+            window: (compressed && window).then(Vec::new),
             regular: Vec::new(),
             docs: Vec::new(),
         };
@@ -85,15 +90,28 @@ impl Layout {
                 None => l.positions.extend(0..(end - start) as u32),
                 Some(stored) => {
                     // A segment starts right after the kept tokens before it (`base`); a
-                    // kept token is stored at its index among them.
+                    // kept token is stored at its index among them. With the window, the
+                    // segment before is still held whole after the kept tokens before *it*
+                    // (`held_from`, where the next segment reads it), and the new segment
+                    // starts after that.
                     let (mut kept_seen, mut base, mut offset) = (before, before, 0u32);
+                    let mut held_from = before;
                     for i in 0..end - start {
                         if i > 0 && segment[i] != segment[i - 1] {
-                            (base, offset) = (kept_seen, 0);
+                            if window {
+                                base = held_from + offset;
+                                held_from = kept_seen;
+                            } else {
+                                base = kept_seen;
+                            }
+                            offset = 0;
                         }
                         let written = base + offset;
                         l.positions.push(written);
                         stored.push(if kept[i] { kept_seen } else { written });
+                        if let Some(w) = &mut l.window {
+                            w.push(held_from + offset);
+                        }
                         kept_seen += u32::from(kept[i]);
                         offset += 1;
                     }
@@ -103,6 +121,7 @@ impl Layout {
                 rows: start..end,
                 segment,
                 kept,
+                window,
             });
         }
         l
@@ -110,6 +129,13 @@ impl Layout {
 }
 
 impl Layout {
+    /// The key copies past the written one, for `forward_stored`: stored, then window.
+    pub fn more_positions<'a>(&'a self, stored: &'a [u32]) -> Vec<&'a [u32]> {
+        std::iter::once(stored)
+            .chain(self.window.as_deref())
+            .collect()
+    }
+
     /// The sentence-attention forward of this layout (`ids` its tokens as a tensor), with
     /// the plan its position scheme needs.
     pub fn sentence_forward(
@@ -134,7 +160,7 @@ impl Layout {
                 model.llama.forward_stored(
                     ids,
                     &self.positions,
-                    Some(stored),
+                    &self.more_positions(stored),
                     &mut plan,
                     ops,
                     logits,

@@ -25,6 +25,8 @@ use std::ops::Range;
 /// tokens (and BOS when the model keeps it visible). So a regular token sees its own
 /// sentence so far and every earlier gist; a gist token sees its whole sentence, the gists
 /// of its group before it, and every earlier gist. With one segment it is the causal mask.
+/// With `window` (gist.json `previous_sentence_visible`) a token also sees the whole
+/// segment before its own: `segment[j] + 1 == segment[i]`.
 ///
 /// `queries` and `keys` are token indices into the document; the result is the additive
 /// mask, row-major (queries × keys): 0 where visible, -inf elsewhere. Callers build it per
@@ -35,11 +37,15 @@ pub fn sentence_mask(
     keys: &[usize],
     segment: &[u32],
     kept: &[bool],
+    window: bool,
 ) -> Vec<f32> {
     let mut mask = Vec::with_capacity(queries.len() * keys.len());
     for &i in queries {
         for &j in keys {
-            let visible = j <= i && (segment[j] == segment[i] || kept[j]);
+            let visible = j <= i
+                && (segment[j] == segment[i]
+                    || kept[j]
+                    || (window && segment[j] + 1 == segment[i]));
             mask.push(if visible { 0.0 } else { f32::NEG_INFINITY });
         }
     }
@@ -254,6 +260,24 @@ pub struct SentenceDoc {
     pub segment: Vec<u32>,
     /// Whether each token stays visible to all later segments (gists, BOS if configured).
     pub kept: Vec<bool>,
+    /// Whether each segment also sees the whole segment before it (gist.json
+    /// `previous_sentence_visible`).
+    pub window: bool,
+}
+
+impl SentenceDoc {
+    /// Local rows of the segment before the one starting at local row `a` (empty for the
+    /// first).
+    fn previous_segment(&self, a: usize) -> Range<usize> {
+        let mut p = a;
+        if a > 0 {
+            let prev = self.segment[a - 1];
+            while p > 0 && self.segment[p - 1] == prev {
+                p -= 1;
+            }
+        }
+        p..a
+    }
 }
 
 /// Parallel sentence attention, blockwise: each block (whole segments, about [`BLOCK`]
@@ -343,15 +367,23 @@ impl SentencePlan {
             while a < n {
                 let b = block_end(&doc.segment, a);
                 let block: Vec<usize> = (a..b).collect();
-                let inner = sentence_mask(&block, &block, &doc.segment, &doc.kept);
+                // Masked columns: with the window, the regular rows of the segment before
+                // the block (its kept rows are among `kept_before`), then the block.
+                let mut cols: Vec<usize> = if doc.window {
+                    doc.previous_segment(a).filter(|&j| !doc.kept[j]).collect()
+                } else {
+                    Vec::new()
+                };
+                cols.extend(a..b);
+                let inner = sentence_mask(&block, &cols, &doc.segment, &doc.kept, doc.window);
                 let mut keys = kept_before.clone();
-                keys.extend((a..b).map(|i| (doc.rows.start + i) as u32));
+                keys.extend(cols.iter().map(|&i| (doc.rows.start + i) as u32));
                 groups.push(Group {
                     rows: doc.rows.start + a..doc.rows.start + b,
                     values: keys.clone(),
                     keys,
                     mask: inner,
-                    masked: b - a,
+                    masked: cols.len(),
                 });
                 kept_before.extend(
                     (a..b)
@@ -372,6 +404,12 @@ impl SentencePlan {
     /// after re-rotating it. So a block's keys are: the stored copies of the kept tokens
     /// before it, the stored copies of its own kept tokens (visible to later segments of the
     /// block), then its rows as written (visible within their segment, causally).
+    ///
+    /// With the window (`previous_sentence_visible`) the forward triples the keys: rows
+    /// `2n..3n` at each token's *window* position, where the segment after it reads it
+    /// (the incremental path holds a closed segment whole, right after the stored gists
+    /// before it, until the next one closes). A query then reads the segment before its own
+    /// at window positions, and the stored copies only of the gists before that.
     pub fn compressed(
         docs: &[SentenceDoc],
         n: usize,
@@ -397,6 +435,9 @@ impl SentencePlan {
     ) -> Result<Self> {
         let mut groups = Vec::new();
         let mut memory_start = 0;
+        // Key copies in the forward: written and stored, and window positions with the
+        // window; the memory's keys follow them.
+        let copies = if docs.iter().any(|d| d.window) { 3 } else { 2 };
         for (d, doc) in docs.iter().enumerate() {
             let carried = memory.get(d).copied().unwrap_or(0);
             let memory_rows = memory_start..memory_start + carried;
@@ -407,24 +448,57 @@ impl SentencePlan {
             let mut a = 0;
             while a < len {
                 let b = block_end(&doc.segment, a);
+                // With the window, the stored gists of the segment before the block are
+                // masked (its first segment reads that segment at window positions), and
+                // that segment and the block itself have window copies.
+                let (open_before, windowed): (Vec<usize>, Vec<usize>) = if doc.window {
+                    let prev = doc.previous_segment(a);
+                    let split = kept_before.partition_point(|&j| j < prev.start);
+                    let open = kept_before.split_off(split);
+                    (open, prev.chain(a..b).collect())
+                } else {
+                    (Vec::new(), Vec::new())
+                };
                 let kept_here: Vec<usize> = (a..b).filter(|&i| doc.kept[i]).collect();
-                let cols = kept_here.len() + (b - a);
+                let stored_masked: Vec<usize> =
+                    open_before.iter().chain(&kept_here).copied().collect();
+                let cols = stored_masked.len() + windowed.len() + (b - a);
                 let mut inner = Vec::with_capacity((b - a) * cols);
                 for i in a..b {
-                    for &j in &kept_here {
-                        let visible = doc.segment[j] < doc.segment[i];
+                    let s = doc.segment[i];
+                    let reads_stored = |j: usize| {
+                        if doc.window {
+                            doc.segment[j] + 1 < s
+                        } else {
+                            doc.segment[j] < s
+                        }
+                    };
+                    for &j in &stored_masked {
+                        inner.push(if reads_stored(j) {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        });
+                    }
+                    for &j in &windowed {
+                        let visible = doc.segment[j] + 1 == s;
                         inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
                     }
                     for j in a..b {
-                        let visible = j <= i && doc.segment[j] == doc.segment[i];
+                        let visible = j <= i && doc.segment[j] == s;
                         inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
                     }
                 }
-                let stored_rows = kept_before.iter().chain(&kept_here);
-                let mut keys: Vec<u32> = memory_rows.clone().map(|m| (2 * n + m) as u32).collect();
+                let mut keys: Vec<u32> = memory_rows
+                    .clone()
+                    .map(|m| (copies * n + m) as u32)
+                    .collect();
                 let mut values: Vec<u32> = memory_rows.clone().map(|m| (n + m) as u32).collect();
+                let stored_rows = kept_before.iter().chain(&stored_masked);
                 keys.extend(stored_rows.clone().map(|&i| n as u32 + flat(i)));
                 values.extend(stored_rows.map(|&i| flat(i)));
+                keys.extend(windowed.iter().map(|&i| 2 * n as u32 + flat(i)));
+                values.extend(windowed.iter().map(|&i| flat(i)));
                 keys.extend((a..b).map(flat));
                 values.extend((a..b).map(flat));
                 groups.push(Group {
@@ -434,6 +508,7 @@ impl SentencePlan {
                     mask: inner,
                     masked: cols,
                 });
+                kept_before.extend(open_before);
                 kept_before.extend(kept_here);
                 a = b;
             }
@@ -483,7 +558,7 @@ impl DensePlan {
             .map(|doc| {
                 let n = doc.rows.len();
                 let idx: Vec<usize> = (0..n).collect();
-                let mask = sentence_mask(&idx, &idx, &doc.segment, &doc.kept);
+                let mask = sentence_mask(&idx, &idx, &doc.segment, &doc.kept, doc.window);
                 Ok((doc.rows.clone(), mask_tensor(mask, n, n, dtype, device)?))
             })
             .collect::<Result<_>>()?;
@@ -509,23 +584,30 @@ impl AttentionPlan for DensePlan {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sentence_mask_on_a_tiny_sequence() {
-        // BOS a b | g g || c d | g g || e   (segments 0, 1, 2; N_g = 2)
-        let segment = [0, 0, 0, 0, 0, 1, 1, 1, 1, 2];
-        let kept = [
-            false, false, false, true, true, false, false, true, true, false,
-        ];
-        let idx: Vec<usize> = (0..10).collect();
-        let m = sentence_mask(&idx, &idx, &segment, &kept);
-        let vis: Vec<String> = m
-            .chunks(10)
+    /// A mask's rows as strings: `#` visible, `.` hidden.
+    fn pictured(mask: &[f32], width: usize) -> Vec<String> {
+        mask.chunks(width)
             .map(|r| {
                 r.iter()
                     .map(|&x| if x == 0.0 { '#' } else { '.' })
                     .collect()
             })
-            .collect();
+            .collect()
+    }
+
+    /// The mask of `BOS a b | g g || c d | g g || e` (segments 0, 1, 2; N_g = 2), pictured.
+    fn tiny_sequence_mask(window: bool) -> Vec<String> {
+        let segment = [0, 0, 0, 0, 0, 1, 1, 1, 1, 2];
+        let kept = [
+            false, false, false, true, true, false, false, true, true, false,
+        ];
+        let idx: Vec<usize> = (0..10).collect();
+        pictured(&sentence_mask(&idx, &idx, &segment, &kept, window), 10)
+    }
+
+    #[test]
+    fn sentence_mask_on_a_tiny_sequence() {
+        let vis = tiny_sequence_mask(false);
         assert_eq!(
             vis,
             vec![
@@ -544,6 +626,26 @@ mod tests {
     }
 
     #[test]
+    fn the_window_adds_the_whole_segment_before() {
+        let vis = tiny_sequence_mask(true);
+        assert_eq!(
+            vis,
+            vec![
+                "#.........", // BOS
+                "##........", // a
+                "###.......", // b
+                "####......", // gist 0 of sentence 0
+                "#####.....", // gist 1
+                "######....", // c: the whole sentence before, and itself
+                "#######...", // d
+                "########..", // gist 0 of sentence 1
+                "#########.", // gist 1
+                "...#######", // e: sentence 1 whole, sentence 0's gists, not BOS a b
+            ]
+        );
+    }
+
+    #[test]
     fn causal_mask_is_sentence_mask_for_one_segment_after_kept_entries() {
         // Prefix: 3 kept entries; then 4 new tokens of one segment.
         let segment = [0, 0, 0, 1, 1, 1, 1];
@@ -551,7 +653,7 @@ mod tests {
         let keys: Vec<usize> = (0..7).collect();
         let queries: Vec<usize> = (3..7).collect();
         assert_eq!(
-            sentence_mask(&queries, &keys, &segment, &kept),
+            sentence_mask(&queries, &keys, &segment, &kept, false),
             causal_mask(4, 3)
         );
     }
@@ -576,6 +678,7 @@ mod tests {
                 rows: start..start + n,
                 segment,
                 kept,
+                window: false,
             });
             start += n;
         }
@@ -591,10 +694,15 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        let (docs, n) = sentence_docs();
+        let (mut docs, n) = sentence_docs();
         let (hq, hkv, d) = (4, 2, 32);
-        for compressed in [false, true] {
-            let nk = if compressed { 2 * n } else { n };
+        for (compressed, window) in [(false, false), (true, false), (false, true), (true, true)] {
+            docs.iter_mut().for_each(|doc| doc.window = window);
+            let nk = match (compressed, window) {
+                (false, _) => n,
+                (true, false) => 2 * n,
+                (true, true) => 3 * n,
+            };
             let mut plan = if compressed {
                 SentencePlan::compressed(&docs, n, DType::F32, &dev, Ops::Differentiable)
             } else {
@@ -628,7 +736,7 @@ mod tests {
             let diff = super::super::simd::max_abs_diff(&grouped, &one_by_one);
             assert!(
                 diff < 1e-6,
-                "compressed {compressed}: values differ by {diff}"
+                "compressed {compressed} window {window}: values differ by {diff}"
             );
             let grads = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let (ga, gb) = (grads(&grouped), grads(&one_by_one));
@@ -644,7 +752,7 @@ mod tests {
                     .unwrap();
                 assert!(
                     diff <= 1e-5 * scale.max(1.0),
-                    "compressed {compressed}: d{name} differs by {diff} (largest {scale})"
+                    "compressed {compressed} window {window}: d{name} differs by {diff} (largest {scale})"
                 );
             }
         }

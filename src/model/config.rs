@@ -166,6 +166,18 @@ pub struct GistConfig {
     /// fingerprints.
     #[serde(default, skip_serializing_if = "PositionScheme::is_original")]
     pub positions: PositionScheme,
+    /// Keep the regular tokens of the last closed sentence visible to the next sentence (a
+    /// one-sentence raw window beside the gists), so a sentence's first words read the
+    /// words just before them and not only gists. The state then holds that sentence's
+    /// tokens until the next one closes: one sentence more, whatever the document's
+    /// length. Off in the paper's scheme; left out of the file when off, so earlier
+    /// checkpoints and stored states keep their fingerprints.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub previous_sentence_visible: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// How tokens are numbered for RoPE.

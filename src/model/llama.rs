@@ -245,9 +245,10 @@ impl Block {
         }))
     }
 
-    /// Rotated keys and values of h (N, H): k (Hkv, N, D), or (Hkv, 2N, D) with `stored`
-    /// angles (the compressed position scheme's second copy of every key, rotated where
-    /// the token is stored; see [`Angles`]); v (Hkv, N, D).
+    /// Rotated keys and values of h (N, H): k (Hkv, N, D), or (Hkv, (1 + E)N, D) with E
+    /// `more` angle sets (the compressed position scheme's further copies of every key,
+    /// rotated where the token is stored, and where the next segment reads it; see
+    /// [`Angles`]); v (Hkv, N, D).
     fn kv(&self, h: &Tensor, rot: &Angles, cfg: &Config, ops: Ops) -> Result<(Tensor, Tensor)> {
         let n = h.dim(0)?;
         let k = linear(h, &self.k_proj)?; // (N, Hkv·D)
@@ -256,12 +257,14 @@ impl Block {
             .transpose(0, 1)?
             .contiguous()?;
         let written = rope_heads(&k, cfg.kv_heads, &rot.cos, &rot.sin, 1.0, ops)?; // (Hkv, N, D)
-        let k = match &rot.stored {
-            None => written,
-            Some((cos, sin)) => {
-                let stored = rope_heads(&k, cfg.kv_heads, cos, sin, 1.0, ops)?;
-                Tensor::cat(&[&written, &stored], 1)?
+        let k = if rot.more.is_empty() {
+            written
+        } else {
+            let mut copies = vec![written];
+            for (cos, sin) in &rot.more {
+                copies.push(rope_heads(&k, cfg.kv_heads, cos, sin, 1.0, ops)?);
             }
+            Tensor::cat(&copies, 1)?
         };
         Ok((k, v))
     }
@@ -300,12 +303,13 @@ impl Block {
 
 /// RoPE angles of a forward's tokens, each (N, D/2): where each token is written (its
 /// queries and the keys its own sentence reads), and, in the compressed position scheme's
-/// parallel path, where it is stored (the keys later sentences read: a gist written after
-/// its sentence is stored right after the earlier gists).
+/// parallel path, `more`: where it is stored (the keys later sentences read: a gist
+/// written after its sentence is stored right after the earlier gists), then, with
+/// `previous_sentence_visible`, where the next sentence reads it.
 struct Angles {
     cos: Tensor,
     sin: Tensor,
-    stored: Option<(Tensor, Tensor)>,
+    more: Vec<(Tensor, Tensor)>,
 }
 
 /// Which rows of the final hidden state become logits.
@@ -535,26 +539,26 @@ impl Llama {
         ops: Ops,
         logits: &Logits,
     ) -> Result<Option<Tensor>> {
-        self.forward_stored(ids, positions, None, attn, ops, logits)
+        self.forward_stored(ids, positions, &[], attn, ops, logits)
     }
 
-    /// [`Self::forward`] where each token also has a stored position: the plan then gets
-    /// keys (Hkv, 2N, D), rows N.. rotated at the stored positions.
+    /// [`Self::forward`] where each token also sits at E more positions (stored, and
+    /// window): the plan then gets keys (Hkv, (1 + E)N, D), rows eN.. rotated at `more[e - 1]`.
     pub fn forward_stored(
         &self,
         ids: &Tensor,
         positions: &[u32],
-        stored: Option<&[u32]>,
+        more: &[&[u32]],
         attn: &mut dyn AttentionPlan,
         ops: Ops,
         logits: &Logits,
     ) -> Result<Option<Tensor>> {
         let (cos, sin) = rope_angles(positions, &self.inv_freq, self.dtype())?; // (N, D/2)
-        let stored = match stored {
-            Some(p) => Some(rope_angles(p, &self.inv_freq, self.dtype())?),
-            None => None,
-        };
-        let rot = Angles { cos, sin, stored };
+        let more = more
+            .iter()
+            .map(|p| rope_angles(p, &self.inv_freq, self.dtype()))
+            .collect::<Result<Vec<_>>>()?;
+        let rot = Angles { cos, sin, more };
         let mut x = self.embed_tokens.lookup(ids)?; // (N, H)
         let last = self.layers.len().saturating_sub(1);
         for (i, block) in self.layers.iter().enumerate() {

@@ -387,6 +387,7 @@ fn resolve_gist(
         bos_always_visible: false,
         add_bos,
         positions: Default::default(),
+        previous_sentence_visible: false,
     };
     gist.validate()?;
     Ok(gist)
@@ -444,6 +445,7 @@ impl ReferenceKeys {
             bos_always_visible: self.bos_visible,
             add_bos: true,
             positions: Default::default(),
+            previous_sentence_visible: false,
         };
         gist.validate()?;
         Ok(gist)

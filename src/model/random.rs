@@ -31,6 +31,8 @@ pub struct RandomSpec {
     pub bos_always_visible: bool,
     /// gist.json's position scheme.
     pub positions: crate::model::config::PositionScheme,
+    /// gist.json's `previous_sentence_visible`.
+    pub previous_sentence_visible: bool,
     /// Standard deviation of the random projection weights.
     pub scale: f32,
     /// Standard deviation of the embedding rows.
@@ -73,6 +75,7 @@ impl Default for RandomSpec {
             segmentation: SegmentConfig::default(),
             bos_always_visible: false,
             positions: Default::default(),
+            previous_sentence_visible: false,
             scale: 0.2,
             embed_scale: 1.0,
             norm_noise: 0.1,
@@ -253,6 +256,7 @@ pub fn write_random_model(dir: &Path, spec: &RandomSpec) -> anyhow::Result<()> {
             bos_always_visible: spec.bos_always_visible,
             add_bos: true,
             positions: spec.positions,
+            previous_sentence_visible: spec.previous_sentence_visible,
         };
         std::fs::write(dir.join("gist.json"), serde_json::to_string_pretty(&gist)?)?;
     }

@@ -13,13 +13,17 @@
 //! magic "GIST" | version u16 | precision u8 | 0u8
 //! fingerprint u64 | next_position u32 | sentences u64 | regular_tokens u64 | gist_tokens u64
 //! layers u32 | kv_heads u32 | head_dim u32 | first_row u32 | rows u32
-//! tail u32 | tail flags ⌈tail/8⌉ bytes
+//! tail u32 | tail flags ⌈tail/8⌉ bytes | window u32 (format 3 on)
 //! per layer: K then V, each (kv_heads, rows, head_dim) in `precision`
 //! crc32 of everything before it
 //! ```
 //!
-//! The counters and the tail describe the whole state after this chunk (the last chunk's
-//! are the state's). Int8 stores one f16 scale per (head, row) before the values of that
+//! The counters, the tail and the window describe the whole state after this chunk (the
+//! last chunk's are the state's). A chunk may start before the previous one ended: its
+//! rows replace those from `first_row` on. That is how a model that keeps the previous
+//! sentence visible appends a part: closing the part's first sentence drops the window of
+//! the last stored sentence and moves its gists down, so the rows from that window's
+//! start change. Int8 stores one f16 scale per (head, row) before the values of that
 //! tensor: a scale per row (rather than per head for the whole state) keeps appended rows
 //! from changing the encoding of earlier ones.
 
@@ -29,8 +33,11 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 4] = b"GIST";
-/// Bumped on any change of the layout above (2: chunks, `first_row`).
-pub const FORMAT_VERSION: u16 = 2;
+/// Bumped on any change of the layout above (2: chunks, `first_row`; 3: `window`, and
+/// chunks that overlap the one before).
+pub const FORMAT_VERSION: u16 = 3;
+/// Records of format 2 still decode: they have no window and never overlap.
+const OLDEST_READABLE: u16 = 2;
 
 /// How keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -69,7 +76,7 @@ impl Precision {
 pub enum DecodeError {
     #[error("not a gist state record (bad magic bytes)")]
     BadMagic,
-    #[error("gist state record format {found} is not supported (this build reads format {FORMAT_VERSION})")]
+    #[error("gist state record format {found} is not supported (this build reads formats {OLDEST_READABLE} to {FORMAT_VERSION})")]
     Version { found: u16 },
     #[error("gist state record is corrupted: checksum {found:08x}, expected {expected:08x}")]
     Checksum { found: u32, expected: u32 },
@@ -133,6 +140,7 @@ pub fn encode_rows(
         }
     }
     out.extend_from_slice(&flags);
+    out.extend_from_slice(&(state.window as u32).to_le_bytes());
     for layer in &state.layers {
         let (k, v) = layer.view()?;
         for t in [k, v] {
@@ -218,7 +226,7 @@ pub fn check(bytes: &[u8]) -> Result<Precision, DecodeError> {
         return Err(DecodeError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
         return Err(DecodeError::Version { found: version });
     }
     let (body, tail) = bytes.split_at(bytes.len() - 4);
@@ -250,6 +258,7 @@ struct Parsed {
     first_row: usize,
     rows: usize,
     tail_kept: Vec<bool>,
+    window: usize,
     values: Vec<[Vec<f32>; 2]>,
 }
 
@@ -274,9 +283,17 @@ fn parse(bytes: &[u8]) -> Result<Parsed, DecodeError> {
         return Err(DecodeError::Malformed("tail longer than the state"));
     }
     let flags = r.take(tail.div_ceil(8))?;
-    let tail_kept = (0..tail)
+    let tail_kept: Vec<bool> = (0..tail)
         .map(|i| flags[i / 8] & (1 << (i % 8)) != 0)
         .collect();
+    let window = if u16::from_le_bytes([bytes[4], bytes[5]]) >= 3 {
+        r.u32()? as usize
+    } else {
+        0
+    };
+    if window.saturating_add(tail) > first_row.saturating_add(rows) {
+        return Err(DecodeError::Malformed("window longer than the state"));
+    }
     // Check the declared sizes against the bytes present before allocating anything.
     let n = kv_heads
         .checked_mul(rows)
@@ -319,12 +336,14 @@ fn parse(bytes: &[u8]) -> Result<Parsed, DecodeError> {
         first_row,
         rows,
         tail_kept,
+        window,
         values,
     })
 }
 
 /// Decodes the chunks of one state, in order, into a state on `device` at `dtype`. Each
-/// chunk must start where the previous one ended and agree with it on model and shape.
+/// chunk must start within the rows before it, no earlier than the previous chunk started
+/// (its rows replace the rest), and agree with it on model and shape.
 pub fn decode_chunks(chunks: &[&[u8]], device: &Device, dtype: DType) -> anyhow::Result<GistState> {
     // Name the chunk in errors only when there are several.
     let fail = |i: usize, e: DecodeError| -> anyhow::Error {
@@ -338,10 +357,11 @@ pub fn decode_chunks(chunks: &[&[u8]], device: &Device, dtype: DType) -> anyhow:
     let mut rows = 0usize;
     for (i, bytes) in chunks.iter().enumerate() {
         let p = parse(bytes).map_err(|e| fail(i, e))?;
-        if p.first_row != rows {
+        let after_previous = parsed.last().map_or(0, |q| q.first_row);
+        if p.first_row > rows || p.first_row < after_previous {
             return Err(fail(
                 i,
-                DecodeError::Malformed("a chunk does not start where the previous ended"),
+                DecodeError::Malformed("a chunk does not start within the rows before it"),
             ));
         }
         if let Some(f) = parsed.first() {
@@ -354,7 +374,7 @@ pub fn decode_chunks(chunks: &[&[u8]], device: &Device, dtype: DType) -> anyhow:
                 ));
             }
         }
-        rows += p.rows;
+        rows = p.first_row + p.rows;
         parsed.push(p);
     }
     let Some(last) = parsed.last() else {
@@ -365,11 +385,17 @@ pub fn decode_chunks(chunks: &[&[u8]], device: &Device, dtype: DType) -> anyhow:
     for layer in 0..layers {
         let mut kv = Vec::with_capacity(2);
         for which in 0..2 {
+            // Each chunk's rows up to where the next one starts.
             let parts = parsed
                 .iter()
-                .map(|p| {
+                .enumerate()
+                .map(|(i, p)| {
                     let values = p.values[layer][which].clone();
-                    Tensor::from_vec(values, (kv_heads, p.rows, head_dim), device)
+                    let t = Tensor::from_vec(values, (kv_heads, p.rows, head_dim), device)?;
+                    let upto = parsed
+                        .get(i + 1)
+                        .map_or(p.rows, |q| q.first_row - p.first_row);
+                    t.narrow(1, 0, upto)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             kv.push(Tensor::cat(&parts, 1)?.to_dtype(dtype)?);
@@ -387,6 +413,7 @@ pub fn decode_chunks(chunks: &[&[u8]], device: &Device, dtype: DType) -> anyhow:
         sentences: last.sentences,
         regular_tokens: last.regular_tokens,
         gist_tokens: last.gist_tokens,
+        window: last.window,
     })
 }
 
@@ -485,6 +512,7 @@ mod tests {
                 sentences: n as u64,
                 regular_tokens: 2 * n as u64,
                 gist_tokens: n as u64,
+                window: 0,
             };
             let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(rows)).collect();
             bounds.sort();
@@ -502,6 +530,81 @@ mod tests {
             if refs.len() > 2 && bounds[1] > 0 && bounds[1] < rows {
                 prop_assert!(decode_chunks(&refs[1..], &Device::Cpu, DType::F32).is_err());
             }
+        }
+
+        /// A state whose later rows are rewritten between parts (a model that keeps the
+        /// previous sentence visible), stored as chunks that each start where its rows
+        /// began to differ, decodes to the last state.
+        #[test]
+        fn overlapping_chunks_decode_to_the_last_state(
+            steps in prop::collection::vec((0usize..4, 1usize..5), 1..5),
+            seed in any::<u64>(),
+            p in 0u8..4,
+        ) {
+            let precision = Precision::from_code(p).unwrap();
+            let mut rng = crate::model::random::SplitMix(seed);
+            let (heads, dim) = (2, 3);
+            let mut rows_of = |n: usize| Tensor::from_vec(
+                (0..heads * n * dim).map(|_| rng.normal()).collect::<Vec<f32>>(),
+                (heads, n, dim),
+                &Device::Cpu,
+            ).unwrap();
+            let state = |k: &Tensor, window: usize| {
+                let n = k.dim(1).unwrap();
+                GistState {
+                    fingerprint: seed,
+                    layers: vec![KvBuffer::from_tensors(k.clone(), (k * 2.0).unwrap()).unwrap()],
+                    tail_kept: Vec::new(),
+                    next_position: n as u32,
+                    sentences: n as u64,
+                    regular_tokens: n as u64,
+                    gist_tokens: n as u64,
+                    window: window.min(n),
+                }
+            };
+            // Each step keeps rows ..from (at least where the previous chunk started) and
+            // appends new ones.
+            let mut k = rows_of(2);
+            let mut chunks = vec![encode(&state(&k, 1), precision).unwrap()];
+            let (mut started, mut window) = (0, 1);
+            for (back, add) in steps {
+                let n = k.dim(1).unwrap();
+                let from = n.saturating_sub(back).max(started);
+                k = Tensor::cat(&[&k.narrow(1, 0, from).unwrap(), &rows_of(add)], 1).unwrap();
+                chunks.push(encode_rows(&state(&k, add), precision, from).unwrap());
+                (started, window) = (from, add);
+            }
+            let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+            let joined = decode_chunks(&refs, &Device::Cpu, DType::F32).unwrap();
+            let last = state(&k, 0);
+            let whole = decode(&encode(&last, precision).unwrap(), &Device::Cpu, DType::F32).unwrap();
+            prop_assert_eq!(joined.window, window);
+            let (a, b) = (joined.layers[0].view().unwrap(), whole.layers[0].view().unwrap());
+            prop_assert_eq!(a.0.dims(), b.0.dims());
+            prop_assert_eq!(a.0.to_vec3::<f32>().unwrap(), b.0.to_vec3::<f32>().unwrap());
+            prop_assert_eq!(a.1.to_vec3::<f32>().unwrap(), b.1.to_vec3::<f32>().unwrap());
+        }
+
+        /// A chunk starting before the one before it started is refused.
+        #[test]
+        fn a_chunk_reaching_back_past_the_previous_one_is_refused(seed in any::<u64>()) {
+            let mut rng = crate::model::random::SplitMix(seed);
+            let k = Tensor::from_vec((0..2 * 6 * 3).map(|_| rng.normal()).collect::<Vec<f32>>(), (2, 6, 3), &Device::Cpu).unwrap();
+            let state = GistState {
+                fingerprint: seed,
+                layers: vec![KvBuffer::from_tensors(k.clone(), k).unwrap()],
+                tail_kept: Vec::new(),
+                next_position: 6,
+                sentences: 1,
+                regular_tokens: 6,
+                gist_tokens: 4,
+                window: 2,
+            };
+            let chunks = [encode_rows(&state, Precision::F32, 0).unwrap(), encode_rows(&state, Precision::F32, 4).unwrap(), encode_rows(&state, Precision::F32, 3).unwrap()];
+            let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+            prop_assert!(decode_chunks(&refs[..2], &Device::Cpu, DType::F32).is_ok());
+            let err = decode_chunks(&refs, &Device::Cpu, DType::F32).unwrap_err();
+            prop_assert!(err.to_string().contains("chunk 2 of 3"), "{err}");
         }
 
         #[test]
@@ -526,16 +629,59 @@ mod tests {
                 sentences: 3,
                 regular_tokens: 11,
                 gist_tokens: 12,
+                window: if layers == 0 { 0 } else { (rows - tail).min(seed as usize % 3) },
             };
             for p in [Precision::F32, Precision::F16, Precision::Bf16, Precision::Int8] {
                 let bytes = encode(&state, p).unwrap();
                 let back = decode(&bytes, &Device::Cpu, DType::F32).unwrap();
                 prop_assert_eq!(back.tail_kept.clone(), state.tail_kept.clone());
+                prop_assert_eq!(back.window, state.window);
                 prop_assert_eq!(back.layers.len(), layers);
                 if p == Precision::F32 {
                     prop_assert_eq!(encode(&back, p).unwrap(), bytes);
                 }
             }
         }
+    }
+
+    /// Records written before format 3 (no window field) still decode, with no window.
+    #[test]
+    fn a_format_2_record_decodes_with_no_window() {
+        let k = Tensor::from_vec(
+            (0..2 * 3 * 4).map(|i| i as f32).collect::<Vec<f32>>(),
+            (2, 3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let state = GistState {
+            fingerprint: 9,
+            layers: vec![KvBuffer::from_tensors(k.clone(), (&k + 1.0).unwrap()).unwrap()],
+            tail_kept: vec![true],
+            next_position: 3,
+            sentences: 1,
+            regular_tokens: 5,
+            gist_tokens: 2,
+            window: 0,
+        };
+        let v3 = encode(&state, Precision::F32).unwrap();
+        // Format 2: the same bytes without the window field, under version 2.
+        let header = 8 + 8 + 4 + 8 + 8 + 8 + 6 * 4 + 1; // through the one flag byte
+        let mut v2 = v3[..header].to_vec();
+        v2.extend_from_slice(&v3[header + 4..v3.len() - 4]);
+        v2[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&crc.to_le_bytes());
+        let back = decode(&v2, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(encode(&back, Precision::F32).unwrap(), v3);
+        // And a format this build does not know is named.
+        let mut v9 = v3.clone();
+        v9[4..6].copy_from_slice(&9u16.to_le_bytes());
+        let err = decode(&v9, &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("format 9") && err.contains("formats 2 to 3"),
+            "{err}"
+        );
     }
 }

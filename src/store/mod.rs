@@ -184,8 +184,13 @@ impl Store {
             ),
         }
         let base = stored.as_ref().filter(|_| u.part > 0);
+        // A part's chunk starts at the first row it may have changed.
         let (first_row, chunk, precision) = match base {
-            Some(m) => (m.state_rows as usize, m.state_chunks, m.precision),
+            Some(m) => (
+                (m.state_rows - m.state_open_rows) as usize,
+                m.state_chunks,
+                m.precision,
+            ),
             None => (0, 0, u.precision),
         };
         let rows = u.state.kv_len();
@@ -193,7 +198,7 @@ impl Store {
             bail!("document {id:?}: the new state ({rows} rows) is shorter than the stored one ({first_row} rows)");
         }
         // A part that closed no sentence changes the carry only.
-        let record = (rows > first_row || chunk == 0)
+        let record = (chunk == 0 || base.is_some_and(|m| m.sentences != u.state.sentences))
             .then(|| codec::encode_rows(u.state, precision, first_row))
             .transpose()?;
         let text_record = seal(&lz4_flex::compress_prepend_size(u.text.as_bytes()));
@@ -211,6 +216,7 @@ impl Store {
             segmentation: model.gist.segmentation.clone(),
             precision,
             state_rows: rows as u64,
+            state_open_rows: open_rows(model, u.state),
             state_chunks: chunk + u32::from(record.is_some()),
             state_bytes: base.map_or(0, |m| m.state_bytes)
                 + record.as_ref().map_or(0, |r| r.len() as u64),
@@ -554,6 +560,7 @@ impl Store {
             segmentation: model.gist.segmentation.clone(),
             precision,
             state_rows: state.kv_len() as u64,
+            state_open_rows: open_rows(model, state),
             state_chunks: 1,
             state_bytes: record.len() as u64,
             updated_unix_ms: now_ms(),
@@ -643,5 +650,15 @@ impl Store {
         tree.insert(key, bytes)?;
         self.db.flush()?;
         Ok(())
+    }
+}
+
+/// Rows at the end of `state` that the next part may rewrite: the last sentence's window
+/// and its gists (see [`DocMeta::state_open_rows`]).
+fn open_rows(model: &GistModel, state: &GistState) -> u64 {
+    if state.window > 0 {
+        (state.window + model.gist.num_gist_tokens) as u64
+    } else {
+        0
     }
 }

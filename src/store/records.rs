@@ -41,6 +41,11 @@ pub struct DocMeta {
     pub precision: Precision,
     /// Rows per layer of the stored state, and the chunks holding them.
     pub state_rows: u64,
+    /// Rows at the end of the stored state that the next part rewrites: the last
+    /// sentence's window and gists, for a model that keeps the previous sentence visible
+    /// (0 otherwise). The next part's chunk starts before them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub state_open_rows: u64,
     pub state_chunks: u32,
     pub state_bytes: u64,
     pub text_bytes: u64,
@@ -223,6 +228,10 @@ pub fn parse_meta(bytes: &[u8], id: &str) -> anyhow::Result<DocMeta> {
     serde_json::from_slice(payload).with_context(|| format!("reading the metadata of {id:?}"))
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +250,7 @@ mod tests {
             segmentation: SegmentConfig::default(),
             precision: Precision::F32,
             state_rows: 0,
+            state_open_rows: 0,
             state_chunks: 0,
             state_bytes: 0,
             text_bytes: 0,

@@ -164,6 +164,11 @@ pub fn forward_continued(
         "a carried memory is read from every layer's attention: the forward must run them all"
     );
     ensure!(
+        !model.gist.previous_sentence_visible || memory.iter().all(|m| m.rows() == 0),
+        "a carried memory holds kept rows only, not the previous sentence that gist.json \
+         `previous_sentence_visible` keeps visible"
+    );
+    ensure!(
         layout.stored.is_some(),
         "a carried memory needs the compressed position scheme (gist.json `positions`)"
     );
@@ -206,10 +211,11 @@ pub fn forward_continued(
         captured: vec![Vec::new(); layout.docs.len()],
     };
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
+    let stored = layout.stored.as_deref().unwrap_or_default();
     let out = model.llama.forward_stored(
         &ids,
         &layout.positions,
-        layout.stored.as_deref(),
+        &layout.more_positions(stored),
         &mut plan,
         ops,
         logits,

@@ -380,6 +380,7 @@ pub fn trainee_from_dir(dir: &Path, num_gists: usize, device: &Device) -> anyhow
                 bos_always_visible: false,
                 add_bos: true,
                 positions: Default::default(),
+                previous_sentence_visible: false,
             }
         }
     };
@@ -419,6 +420,7 @@ pub fn trainee_from_scratch(
         bos_always_visible: false,
         add_bos: true,
         positions: Default::default(),
+        previous_sentence_visible: false,
     };
     let model_config = crate::model::random::config_json(spec, vocab, bos, eos);
     let weights = crate::model::random::random_weights(spec, vocab)?;
