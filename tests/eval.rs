@@ -15,8 +15,9 @@ fn incremental_nll_matches_the_parallel_path_and_reports_add_up() {
         .map(|i| synthetic_text(6 + 3 * i, 6, i as u64))
         .collect();
     let docs = documents(&model, &texts, 0).unwrap();
-    let (nll, gists) = nll_gist(&model, &docs, 2).unwrap();
+    let (nll, gists, held) = nll_gist(&model, &docs, 2).unwrap();
     assert_eq!(gists as usize, 4 * docs.iter().map(Vec::len).sum::<usize>());
+    assert_eq!(held, gists, "the states hold only gists");
     for (doc, nll) in docs.iter().zip(&nll) {
         // The parallel path's logits, rows of regular tokens predicting the next regular token.
         let layout = Layout::new(&model, std::slice::from_ref(doc), true);
@@ -50,6 +51,8 @@ fn incremental_nll_matches_the_parallel_path_and_reports_add_up() {
     let r = evaluate(&model, "tiny", &docs, Scoring::Gist, 2).unwrap();
     assert!(r.perplexity.is_finite() && r.second_half_alone.is_finite());
     assert!((r.compression_ratio - r.tokens as f64 / gists as f64).abs() < 1e-9);
+    let per_token = model.kv_bytes_per_token(4) as f64;
+    assert!((r.kv_bytes_per_token - gists as f64 * per_token / r.tokens as f64).abs() < 1e-6);
     let full = evaluate(&model, "tiny", &docs, Scoring::Full, 2).unwrap();
     assert_eq!(full.tokens, r.tokens);
     assert_eq!(full.kv_bytes_per_token, full.full_kv_bytes_per_token);
@@ -84,4 +87,24 @@ fn the_floor_scores_every_sentence_alone() {
     assert!(diff > 1e-3);
     let r = evaluate(&model, "tiny", &docs, Scoring::Sentence, 1).unwrap();
     assert_eq!(r.tokens as usize, full[0].len());
+}
+
+/// With the previous sentence kept visible, the states also hold each document's last
+/// sentence, and the reported bytes per token count it.
+#[test]
+fn stored_bytes_count_the_previous_sentence_a_state_holds() {
+    let (_dir, model) = common::tiny_model(&RandomSpec {
+        previous_sentence_visible: true,
+        ..RandomSpec::default()
+    });
+    let texts: Vec<String> = (0..3)
+        .map(|i| synthetic_text(6 + 3 * i, 6, i as u64))
+        .collect();
+    let docs = documents(&model, &texts, 0).unwrap();
+    let (_, gists, held) = nll_gist(&model, &docs, 2).unwrap();
+    let last_sentences: usize = docs.iter().map(|d| d.last().unwrap().tokens.len()).sum();
+    assert_eq!(held as usize, gists as usize + last_sentences);
+    let r = evaluate(&model, "tiny", &docs, Scoring::Gist, 2).unwrap();
+    let per_token = model.kv_bytes_per_token(4) as f64;
+    assert!((r.kv_bytes_per_token - held as f64 * per_token / r.tokens as f64).abs() < 1e-6);
 }

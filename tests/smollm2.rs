@@ -339,6 +339,7 @@ fn the_shipped_gist_adapter_loads_onto_the_gguf_and_its_state_helps() {
         giststream::model::config::PositionScheme::Compressed
     );
     assert!(m.kept_bos().is_some());
+    assert!(m.gist.previous_sentence_visible);
     let (picked, why) = giststream::bench::demo::default_model();
     let picked = picked.unwrap_or_else(|| panic!("the demo did not pick it: {why}"));
     assert_eq!(picked.canonicalize().unwrap(), dir.canonicalize().unwrap());

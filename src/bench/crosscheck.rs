@@ -222,8 +222,8 @@ pub fn run(
     let (ref_logits, ref_states) = incremental(reference, docs).context("reference run")?;
     let ref_state_values = state_values(&ref_states)?;
     let (logits, states) = incremental(checked, docs).context("checked run")?;
-    let (ref_nll, _) = crate::train::eval::nll_gist(reference, docs, docs.len())?;
-    let (nll, _) = crate::train::eval::nll_gist(checked, docs, docs.len())?;
+    let (ref_nll, _, _) = crate::train::eval::nll_gist(reference, docs, docs.len())?;
+    let (nll, _, _) = crate::train::eval::nll_gist(checked, docs, docs.len())?;
     let (mut sum, mut n) = (0.0, 0usize);
     for (a, b) in ref_nll.iter().flatten().zip(nll.iter().flatten()) {
         sum += f64::from((a - b).abs());

@@ -60,14 +60,15 @@ pub struct EvalReport {
 
 /// Negative log-likelihoods (natural log) of the regular tokens of each document, in order,
 /// scored on the incremental gist path, with up to `batch` documents advancing together.
-/// Also returns the total gist tokens written.
+/// Also returns the total gist tokens written, and the rows the documents' states hold at
+/// their ends (gists, a kept BOS, and with `previous_sentence_visible` the last sentence).
 pub fn nll_gist(
     model: &GistModel,
     docs: &[Vec<Segment>],
     batch: usize,
-) -> anyhow::Result<(Vec<Vec<f32>>, u64)> {
+) -> anyhow::Result<(Vec<Vec<f32>>, u64, u64)> {
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); docs.len()];
-    let mut gists = 0;
+    let (mut gists, mut held) = (0, 0);
     let ng = model.gist.num_gist_tokens;
     for group in (0..docs.len()).collect::<Vec<_>>().chunks(batch.max(1)) {
         let mut states: Vec<GistState> = group
@@ -123,8 +124,9 @@ pub fn nll_gist(
                 row += n;
             }
         }
+        held += states.iter().map(|s| s.kv_len() as u64).sum::<u64>();
     }
-    Ok((out, gists))
+    Ok((out, gists, held))
 }
 
 /// Negative log-likelihoods of the regular tokens of each document with full causal
@@ -213,14 +215,14 @@ pub fn evaluate(
     batch: usize,
 ) -> anyhow::Result<EvalReport> {
     let bos = model.bos_token_id();
-    let score = |docs: &[Vec<Segment>]| -> anyhow::Result<(Vec<Vec<f32>>, u64)> {
+    let score = |docs: &[Vec<Segment>]| -> anyhow::Result<(Vec<Vec<f32>>, u64, u64)> {
         match scoring {
             Scoring::Gist => nll_gist(model, docs, batch),
-            Scoring::Full => Ok((nll_full(model, docs)?, 0)),
-            Scoring::Sentence => Ok((nll_sentences(model, docs)?, 0)),
+            Scoring::Full => Ok((nll_full(model, docs)?, 0, 0)),
+            Scoring::Sentence => Ok((nll_sentences(model, docs)?, 0, 0)),
         }
     };
-    let (all, gists) = score(docs)?;
+    let (all, gists, held) = score(docs)?;
     let tokens: u64 = all.iter().map(|d| d.len() as u64).sum();
     // Second halves: the tail of each full run, and each half scored alone.
     let mut with_ctx: Vec<&[f32]> = Vec::new();
@@ -234,16 +236,18 @@ pub fn evaluate(
     }
     // BOS, put in front of each second half, is never scored itself: `alone` covers the
     // same tokens as `with_ctx`.
-    let (alone, _) = score(&seconds)?;
+    let (alone, _, _) = score(&seconds)?;
     let second_half_quarters = quarters(&with_ctx, &alone);
     let with_ctx: Vec<f32> = with_ctx.concat();
     let alone: Vec<f32> = alone.into_iter().flatten().collect();
     let per_token = model.kv_bytes_per_token(4) as f64;
-    // Documents are cut at whole segments, all closed, so a state holds only gists.
+    // What the states hold at the documents' ends: the gists (and a kept BOS, and the
+    // last sentence where the model keeps it visible; documents are cut at closed
+    // segments, so there is no open tail).
     let (rc, kv) = match scoring {
         Scoring::Gist if gists > 0 => (
             tokens as f64 / gists as f64,
-            gists as f64 * per_token / tokens as f64,
+            held as f64 * per_token / tokens as f64,
         ),
         _ => (0.0, per_token),
     };
