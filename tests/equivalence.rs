@@ -349,7 +349,15 @@ fn a_carried_memory_continues_a_document_exactly() {
         bos_always_visible: true,
         ..compressed(4)
     };
-    for spec in [compressed(2), kept_bos] {
+    // With the window the memory also holds the last segment of the text before, which
+    // the next sequence's first segment reads whole.
+    let specs = [
+        compressed(2),
+        kept_bos.clone(),
+        windowed(compressed(2)),
+        windowed(kept_bos),
+    ];
+    for spec in specs {
         let (_dir, model) = common::tiny_model(&spec);
         let doc = model.segments(&synthetic_text(14, 7, 4)).unwrap();
         assert!(doc.len() >= 10 && doc[..doc.len() - 1].iter().all(|s| s.close));
@@ -363,8 +371,13 @@ fn a_carried_memory_continues_a_document_exactly() {
                     0 => doc[cut].to_vec(),
                     _ => without_bos(&doc[cut], model.bos_token_id()),
                 };
-                let before = memory[0].rows() as u32;
-                let layout = Layout::continued(&model, std::slice::from_ref(&seq), true, &[before]);
+                let before = memory[0].rows();
+                let layout = Layout::continued(
+                    &model,
+                    std::slice::from_ref(&seq),
+                    true,
+                    &[memory[0].carried()],
+                );
                 let n = layout.ids.len();
                 assert_eq!(
                     layout.ids,

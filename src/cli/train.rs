@@ -71,7 +71,8 @@ pub struct TrainArgs {
     pub keep_bos: bool,
     /// Keep the last closed sentence's tokens visible to the next sentence (gist.json
     /// `previous_sentence_visible`): a sentence's first words read the words just before
-    /// them, not only gists, for one sentence more in the state. Not with --memory-span.
+    /// them, not only gists, for one sentence more in the state. With --memory-span the
+    /// memory carries each sequence's last sentence to the next.
     #[arg(long)]
     pub previous_sentence_visible: bool,
     /// The adapter's scale numerator (a projection adds alpha / r · x·Aᵀ·Bᵀ).

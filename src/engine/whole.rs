@@ -2,7 +2,7 @@
 //! and the reference for the incremental path), with sentence attention computed
 //! blockwise, or plain causal attention for baselines.
 
-use crate::model::attention::{CausalPlan, SentenceDoc, SentencePlan};
+use crate::model::attention::{Carried, CausalPlan, SentenceDoc, SentencePlan};
 use crate::model::config::PositionScheme;
 use crate::model::llama::Logits;
 use crate::model::ops::Ops;
@@ -37,16 +37,17 @@ impl Layout {
     }
 
     /// [`Self::new`] for documents that continue earlier text whose kept tokens (gists,
-    /// BOS) are not in the layout but read from a carried memory: `kept_before[d]` of them
-    /// precede document `d` (missing entries: 0). In the compressed scheme a kept token's
-    /// stored position is its index among all kept tokens of the document, so this layout's
-    /// positions start at `kept_before[d]`; the original scheme numbers every token, which
-    /// a memory of kept tokens alone cannot continue, so there it must be 0.
+    /// BOS) are not in the layout but read from a carried memory: `before[d]` describes
+    /// what precedes document `d` (missing entries: nothing). In the compressed scheme a
+    /// kept token's stored position is its index among all kept tokens of the document, so
+    /// this layout's positions start after them (and after the held last segment, with the
+    /// window); the original scheme numbers every token, which a memory of kept tokens
+    /// alone cannot continue, so there it must be empty.
     pub fn continued(
         model: &GistModel,
         docs: &[Vec<Segment>],
         gists: bool,
-        kept_before: &[u32],
+        before: &[Carried],
     ) -> Self {
         let gist_ids = &model.gist.gist_token_ids;
         let bos = model.kept_bos();
@@ -61,9 +62,9 @@ impl Layout {
             docs: Vec::new(),
         };
         for (d, segs) in docs.iter().enumerate() {
-            let before = kept_before.get(d).copied().unwrap_or(0);
+            let b = before.get(d).copied().unwrap_or_default();
             debug_assert!(
-                before == 0 || l.stored.is_some(),
+                b == Carried::default() || l.stored.is_some(),
                 "a carried memory needs the compressed position scheme"
             );
             let start = l.ids.len();
@@ -94,8 +95,15 @@ impl Layout {
                     // segment before is still held whole after the kept tokens before *it*
                     // (`held_from`, where the next segment reads it), and the new segment
                     // starts after that.
-                    let (mut kept_seen, mut base, mut offset) = (before, before, 0u32);
-                    let mut held_from = before;
+                    // A held last segment of the text before sits after the kept rows
+                    // before it, and the first segment here starts after it.
+                    let first = if b.held > 0 {
+                        b.kept - b.held_kept + b.held
+                    } else {
+                        b.kept
+                    };
+                    let (mut kept_seen, mut base, mut offset) = (b.kept, first, 0u32);
+                    let mut held_from = b.kept;
                     for i in 0..end - start {
                         if i > 0 && segment[i] != segment[i - 1] {
                             if window {

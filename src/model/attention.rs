@@ -251,6 +251,19 @@ impl AttentionPlan for CausalPlan {
     }
 }
 
+/// What a document of the parallel path continues (`Layout::continued`): the text before
+/// it, read from a carried memory (`train::memory`), not from the layout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Kept tokens (gists, BOS) of the text before.
+    pub kept: u32,
+    /// With `previous_sentence_visible`: the rows of that text's last segment, held whole
+    /// for this document's first segment to read ...
+    pub held: u32,
+    /// ... of which this many are also among `kept` (its gists).
+    pub held_kept: u32,
+}
+
 /// One document of the parallel sentence-attention path, as flat rows.
 #[derive(Debug, Clone)]
 pub struct SentenceDoc {
@@ -420,15 +433,18 @@ impl SentencePlan {
         Self::compressed_with_memory(docs, n, &[], dtype, device, ops)
     }
 
-    /// [`Self::compressed`] where document `d` also reads `memory[d]` carried rows (kept
-    /// tokens of earlier text, keys already at their stored positions), visible to all of
-    /// its queries. The plan expects them appended after this forward's rows, document
-    /// after document: keys at rows `2n..`, values at rows `n..` (see
+    /// [`Self::compressed`] where document `d` also reads the rows `memory[d]` carries:
+    /// the kept tokens of earlier text (keys already at their stored positions), visible to
+    /// all of its queries, then, with the window, that text's last segment held whole (at
+    /// its window positions), which only the first segment reads, as it reads that
+    /// segment's gists there and not among the kept rows. The plan expects the rows
+    /// appended after this forward's key copies, document after document, kept then held:
+    /// keys at rows `2n..` (`3n..` with the window), values at rows `n..` (see
     /// `train::memory::MemoryPlan`). Missing entries: no memory.
     pub fn compressed_with_memory(
         docs: &[SentenceDoc],
         n: usize,
-        memory: &[usize],
+        memory: &[Carried],
         dtype: DType,
         device: &Device,
         ops: Ops,
@@ -439,9 +455,17 @@ impl SentencePlan {
         // window; the memory's keys follow them.
         let copies = if docs.iter().any(|d| d.window) { 3 } else { 2 };
         for (d, doc) in docs.iter().enumerate() {
-            let carried = memory.get(d).copied().unwrap_or(0);
-            let memory_rows = memory_start..memory_start + carried;
-            memory_start += carried;
+            let carried = memory.get(d).copied().unwrap_or_default();
+            let (kept_m, held_m) = (carried.kept as usize, carried.held as usize);
+            let kept_rows = memory_start..memory_start + kept_m;
+            let held_rows = kept_rows.end..kept_rows.end + held_m;
+            memory_start += kept_m + held_m;
+            // The held segment's gists, among the kept rows: hidden from the first segment.
+            let hidden = if held_m > 0 {
+                kept_rows.end - carried.held_kept as usize..kept_rows.end
+            } else {
+                kept_rows.end..kept_rows.end
+            };
             let len = doc.rows.len();
             let flat = |i: usize| (doc.rows.start + i) as u32;
             let mut kept_before: Vec<usize> = Vec::new(); // local rows
@@ -462,10 +486,28 @@ impl SentencePlan {
                 let kept_here: Vec<usize> = (a..b).filter(|&i| doc.kept[i]).collect();
                 let stored_masked: Vec<usize> =
                     open_before.iter().chain(&kept_here).copied().collect();
-                let cols = stored_masked.len() + windowed.len() + (b - a);
+                // Memory rows only some of the block reads: in the first block, the held
+                // segment (for segment 0) and its gists among the kept rows (for the rest).
+                let (memory_visible, memory_masked) = if a == 0 {
+                    (
+                        kept_rows.start..hidden.start,
+                        hidden.clone().chain(held_rows.clone()).collect(),
+                    )
+                } else {
+                    (kept_rows.clone(), Vec::new())
+                };
+                let cols = memory_masked.len() + stored_masked.len() + windowed.len() + (b - a);
                 let mut inner = Vec::with_capacity((b - a) * cols);
                 for i in a..b {
                     let s = doc.segment[i];
+                    for &m in &memory_masked {
+                        let visible = if held_rows.contains(&m) {
+                            s == 0
+                        } else {
+                            s > 0
+                        };
+                        inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                    }
                     let reads_stored = |j: usize| {
                         if doc.window {
                             doc.segment[j] + 1 < s
@@ -489,14 +531,17 @@ impl SentencePlan {
                         inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
                     }
                 }
-                let mut keys: Vec<u32> = memory_rows
+                let mut keys: Vec<u32> = memory_visible
                     .clone()
                     .map(|m| (copies * n + m) as u32)
                     .collect();
-                let mut values: Vec<u32> = memory_rows.clone().map(|m| (n + m) as u32).collect();
-                let stored_rows = kept_before.iter().chain(&stored_masked);
-                keys.extend(stored_rows.clone().map(|&i| n as u32 + flat(i)));
-                values.extend(stored_rows.map(|&i| flat(i)));
+                let mut values: Vec<u32> = memory_visible.clone().map(|m| (n + m) as u32).collect();
+                keys.extend(kept_before.iter().map(|&i| n as u32 + flat(i)));
+                values.extend(kept_before.iter().map(|&i| flat(i)));
+                keys.extend(memory_masked.iter().map(|&m| (copies * n + m) as u32));
+                values.extend(memory_masked.iter().map(|&m| (n + m) as u32));
+                keys.extend(stored_masked.iter().map(|&i| n as u32 + flat(i)));
+                values.extend(stored_masked.iter().map(|&i| flat(i)));
                 keys.extend(windowed.iter().map(|&i| 2 * n as u32 + flat(i)));
                 values.extend(windowed.iter().map(|&i| flat(i)));
                 keys.extend((a..b).map(flat));

@@ -10,12 +10,17 @@
 //! and at the positions the compressed scheme stores them at. Reading far then costs
 //! attention over the memory, not a longer backward.
 //!
+//! With `previous_sentence_visible` the memory also holds the last sentence of the text
+//! before (its keys at the positions the next sentence reads them), which only the next
+//! sequence's first sentence reads, as the incremental path holds it until then.
+//!
 //! With the weights unchanged, a sequence read after its memory computes what the whole
-//! text computes in one forward (tested below): the memory is exactly the stored state.
+//! text computes in one forward (tests/equivalence.rs): the memory is exactly the stored
+//! state.
 
 use super::optim::scored_loss;
 use crate::engine::whole::Layout;
-use crate::model::attention::{AttentionPlan, SentencePlan};
+use crate::model::attention::{AttentionPlan, Carried, SentencePlan};
 use crate::model::llama::Logits;
 use crate::model::ops::Ops;
 use crate::model::GistModel;
@@ -30,6 +35,13 @@ pub struct Memory {
     layers: Vec<(Tensor, Tensor)>,
     /// R: the kept tokens of the text before.
     rows: usize,
+    /// With `previous_sentence_visible`: per layer, the keys (at window positions) and
+    /// values of the text's last segment, held whole for the next sequence's first
+    /// segment, as the incremental path holds it.
+    held: Vec<(Tensor, Tensor)>,
+    /// Its rows, and how many of them (its gists) are also among the R kept rows.
+    held_rows: usize,
+    held_kept: usize,
 }
 
 impl Memory {
@@ -37,26 +49,44 @@ impl Memory {
         self.rows
     }
 
-    /// This memory followed by `more` (per layer keys and values of new kept rows).
-    fn extended(&self, more: Vec<(Tensor, Tensor)>, rows: usize) -> Result<Memory> {
+    /// What a sequence continuing this memory continues (for [`Layout::continued`]).
+    pub fn carried(&self) -> Carried {
+        Carried {
+            kept: self.rows as u32,
+            held: self.held_rows as u32,
+            held_kept: self.held_kept as u32,
+        }
+    }
+
+    /// This memory followed by `more` (per layer keys and values of new kept rows), its
+    /// held segment replaced by `held` when the sequence held one.
+    fn extended(&self, more: Vec<(Tensor, Tensor)>, rows: usize, held: Held) -> Result<Memory> {
+        let mut next = self.clone();
+        if let Some((layers, held_rows, held_kept)) = held {
+            (next.held, next.held_rows, next.held_kept) = (layers, held_rows, held_kept);
+        }
         if rows == 0 {
-            return Ok(self.clone());
+            return Ok(next);
         }
-        if self.rows == 0 {
-            return Ok(Memory { layers: more, rows });
-        }
-        let layers = self
-            .layers
-            .iter()
-            .zip(more)
-            .map(|((k, v), (k2, v2))| Ok((Tensor::cat(&[k, &k2], 1)?, Tensor::cat(&[v, &v2], 1)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Memory {
-            layers,
-            rows: self.rows + rows,
-        })
+        next.layers = if self.rows == 0 {
+            more
+        } else {
+            self.layers
+                .iter()
+                .zip(more)
+                .map(|((k, v), (k2, v2))| {
+                    Ok((Tensor::cat(&[k, &k2], 1)?, Tensor::cat(&[v, &v2], 1)?))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        next.rows += rows;
+        Ok(next)
     }
 }
+
+/// A sequence's last segment as the next one reads it: per layer (keys, values), its rows,
+/// and how many of them are kept.
+type Held = Option<(Vec<(Tensor, Tensor)>, usize, usize)>;
 
 /// Sentence attention (compressed scheme) over this forward's rows plus each document's
 /// memory, which it appends to the keys and values of every layer; it also keeps a
@@ -69,6 +99,11 @@ struct MemoryPlan<'a> {
     kept: Vec<Option<(Tensor, Tensor)>>,
     /// Per document, per layer: the new kept rows' (keys, values).
     captured: Vec<Vec<(Tensor, Tensor)>>,
+    /// With the window, each document's last segment: its rows of the keys at window
+    /// positions (2N + row) and of the values (row).
+    held: Vec<Option<(Tensor, Tensor)>>,
+    /// Per document, per layer: that segment's (keys, values).
+    captured_held: Vec<Vec<(Tensor, Tensor)>>,
 }
 
 impl MemoryPlan<'_> {
@@ -80,12 +115,25 @@ impl MemoryPlan<'_> {
                 self.captured[doc].push((kd.index_select(keys, 1)?, vd.index_select(values, 1)?));
             }
         }
+        for (doc, held) in self.held.iter().enumerate() {
+            if let Some((keys, values)) = held {
+                self.captured_held[doc]
+                    .push((kd.index_select(keys, 1)?, vd.index_select(values, 1)?));
+            }
+        }
         let mut ks = vec![k.clone()];
         let mut vs = vec![v.clone()];
-        for m in self.memory.iter().filter(|m| m.rows > 0) {
-            let (mk, mv) = &m.layers[layer];
-            ks.push(mk.clone());
-            vs.push(mv.clone());
+        for m in self.memory {
+            if m.rows > 0 {
+                let (mk, mv) = &m.layers[layer];
+                ks.push(mk.clone());
+                vs.push(mv.clone());
+            }
+            if m.held_rows > 0 {
+                let (hk, hv) = &m.held[layer];
+                ks.push(hk.clone());
+                vs.push(hv.clone());
+            }
         }
         if ks.len() == 1 {
             return Ok((k.clone(), v.clone()));
@@ -116,7 +164,7 @@ pub fn loss_continued(
     gist_loss: bool,
     ops: Ops,
 ) -> anyhow::Result<(Tensor, usize, Vec<Memory>)> {
-    let layout = Layout::continued(model, seqs, true, &rows_of(memory));
+    let layout = Layout::continued(model, seqs, true, &carried(memory));
     let mut extended = Vec::new();
     let (loss, n) = scored_loss(model, &layout, gist_loss, |rows| {
         let (logits, more) = forward_continued(model, &layout, memory, ops, rows)?;
@@ -134,13 +182,13 @@ pub fn extend(
     memory: &[Memory],
     ops: Ops,
 ) -> anyhow::Result<Vec<Memory>> {
-    let layout = Layout::continued(model, seqs, true, &rows_of(memory));
+    let layout = Layout::continued(model, seqs, true, &carried(memory));
     let one_row = Logits::Rows(Tensor::new(&[0u32], model.llama.device())?);
     Ok(forward_continued(model, &layout, memory, ops, &one_row)?.1)
 }
 
-fn rows_of(memory: &[Memory]) -> Vec<u32> {
-    memory.iter().map(|m| m.rows as u32).collect()
+fn carried(memory: &[Memory]) -> Vec<Carried> {
+    memory.iter().map(Memory::carried).collect()
 }
 
 /// The sentence-attention forward of `layout` (made by [`Layout::continued`] with each
@@ -164,28 +212,47 @@ pub fn forward_continued(
         "a carried memory is read from every layer's attention: the forward must run them all"
     );
     ensure!(
-        !model.gist.previous_sentence_visible || memory.iter().all(|m| m.rows() == 0),
-        "a carried memory holds kept rows only, not the previous sentence that gist.json \
-         `previous_sentence_visible` keeps visible"
-    );
-    ensure!(
         layout.stored.is_some(),
         "a carried memory needs the compressed position scheme (gist.json `positions`)"
     );
     let dev = model.llama.device();
     let n = layout.ids.len();
-    let rows_per_doc: Vec<usize> = memory.iter().map(Memory::rows).collect();
     let inner = SentencePlan::compressed_with_memory(
         &layout.docs,
         n,
-        &rows_per_doc,
+        &carried(memory),
         model.llama.dtype(),
         dev,
         ops,
     )?;
     let mut kept = Vec::with_capacity(layout.docs.len());
     let mut new_rows = Vec::with_capacity(layout.docs.len());
+    let mut held = Vec::with_capacity(layout.docs.len());
+    let mut held_sizes = Vec::with_capacity(layout.docs.len());
     for d in &layout.docs {
+        // With the window, the last segment is what the next sequence's first one reads.
+        let last = match (d.window, d.segment.last()) {
+            (true, Some(&seg)) => {
+                let from = d.segment.iter().position(|&s| s == seg).unwrap_or(0);
+                Some(from..d.segment.len())
+            }
+            _ => None,
+        };
+        held_sizes.push(
+            last.as_ref()
+                .map(|r| (r.len(), d.kept[r.clone()].iter().filter(|&&k| k).count())),
+        );
+        held.push(match last {
+            Some(r) => {
+                let values: Vec<u32> = r.map(|i| (d.rows.start + i) as u32).collect();
+                let keys: Vec<u32> = values.iter().map(|v| v + 2 * n as u32).collect();
+                Some((
+                    Tensor::new(keys.as_slice(), dev)?,
+                    Tensor::new(values.as_slice(), dev)?,
+                ))
+            }
+            None => None,
+        });
         let rows: Vec<u32> = d
             .rows
             .clone()
@@ -209,6 +276,8 @@ pub fn forward_continued(
         memory,
         kept,
         captured: vec![Vec::new(); layout.docs.len()],
+        held,
+        captured_held: vec![Vec::new(); layout.docs.len()],
     };
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
     let stored = layout.stored.as_deref().unwrap_or_default();
@@ -224,7 +293,8 @@ pub fn forward_continued(
         .iter()
         .zip(plan.captured)
         .zip(new_rows)
-        .map(|((m, c), r)| m.extended(c, r))
+        .zip(plan.captured_held.into_iter().zip(held_sizes))
+        .map(|(((m, c), r), (h, size))| m.extended(c, r, size.map(|(rows, k)| (h, rows, k))))
         .collect::<Result<Vec<_>>>()?;
     Ok((out, extended))
 }

@@ -158,13 +158,6 @@ pub fn run(
             cfg.attention == Attention::Gist,
             "a memory span trains sentence attention (--attention gist)"
         );
-        // The memory carries kept rows only: the next sequence's first sentence would not
-        // read the window the incremental path holds there, so training would not be what
-        // inference computes.
-        ensure!(
-            !trainee.model.gist.previous_sentence_visible,
-            "a memory span does not carry the previous sentence across sequences yet: train              a model with gist.json `previous_sentence_visible` at --memory-span 1"
-        );
         let starts = memory::span_starts(data, span);
         ensure!(
             !starts.is_empty(),
