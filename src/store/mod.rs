@@ -186,11 +186,16 @@ impl Store {
         let base = stored.as_ref().filter(|_| u.part > 0);
         // A part's chunk starts at the first row it may have changed.
         let (first_row, chunk, precision) = match base {
-            Some(m) => (
-                (m.state_rows - m.state_open_rows) as usize,
-                m.state_chunks,
-                m.precision,
-            ),
+            Some(m) => {
+                let Some(stable) = m.state_rows.checked_sub(m.state_open_rows) else {
+                    bail!(
+                        "document {id:?}: its metadata says {} of its {} state rows are open",
+                        m.state_open_rows,
+                        m.state_rows
+                    );
+                };
+                (stable as usize, m.state_chunks, m.precision)
+            }
             None => (0, 0, u.precision),
         };
         let rows = u.state.kv_len();
