@@ -439,16 +439,7 @@ mod tests {
             for (lx, ly) in x.layers.iter().zip(&y.layers) {
                 let ((kx, vx), (ky, vy)) = (lx.view().unwrap(), ly.view().unwrap());
                 for (p, q) in [(kx, ky), (vx, vy)] {
-                    let d: f32 = (p - q)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap();
+                    let d = crate::model::simd::max_abs_diff(&p, &q);
                     assert!(d < 1e-5, "max |difference| {d}");
                 }
             }

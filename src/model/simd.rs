@@ -29,9 +29,13 @@ pub fn avx2_fma_f16c() -> bool {
 /// The largest absolute difference of two tensors (the kernels' tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// The largest absolute value of a tensor (the tests' scale for a tolerance).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
