@@ -385,6 +385,84 @@ pub fn continuation_open(
     )
 }
 
+/// The chat's user turn around a document: the template's opening (without its first
+/// marker when that marker is the BOS a document already starts with, SmolLM2's
+/// `<|im_start|>`) and what follows the content (the turn's end, the assistant's opening).
+/// A chat model looks for a document inside the turn: SmolLM2 finds a pass key there and
+/// not before the turns (README, "Passkey").
+pub fn user_turn(model: &GistModel) -> anyhow::Result<(String, String)> {
+    let t = model
+        .chat_template
+        .as_ref()
+        .context("the model has no chat template to put the text in a user turn")?;
+    let (before, after) = t.render_turn()?;
+    let before = match (
+        model.bos_token_id().is_some() && model.gist.add_bos,
+        before.strip_prefix(t.bos_token()),
+    ) {
+        (true, Some(rest)) if !t.bos_token().is_empty() => rest.to_string(),
+        _ => before,
+    };
+    Ok((before, after))
+}
+
+/// Where [`reread`] puts the text it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Before the question, as a stored document sits before `query`'s question.
+    Before,
+    /// Inside the chat's user turn, the question after it in the same turn
+    /// ([`user_turn`]).
+    InTurn,
+}
+
+/// Answers `question` after reading `text` whole with every token kept: full causal
+/// attention, no gist written. It is what the model answers without compression, the
+/// reference a stored state's answer (`query`) is measured against. It reads at most the
+/// positions the model was trained for (refused beyond, naming both numbers), and time and
+/// memory grow with the square of the text: this is a measuring tool, not a serving path.
+pub fn reread(
+    model: &GistModel,
+    text: &str,
+    question: &str,
+    placement: Placement,
+    sampling: &Sampling,
+    on_text: impl FnMut(&str),
+) -> anyhow::Result<Answer> {
+    let started = std::time::Instant::now();
+    ensure!(!text.trim().is_empty(), "the text to read is empty");
+    ensure!(!question.trim().is_empty(), "the question is empty");
+    let (document, prompt) = match placement {
+        Placement::Before => (
+            text.to_string(),
+            question_text(model, question, sampling.chat_template)?,
+        ),
+        Placement::InTurn => {
+            let (before, after) = user_turn(model)?;
+            (format!("{before}{text}"), format!("\n\n{question}{after}"))
+        }
+    };
+    let mut segments = model.segments(&document)?;
+    segments.extend(text_segments(model, &prompt)?);
+    let tokens: usize = segments.iter().map(|s| s.tokens.len()).sum();
+    if let Some(max) = model.llama.cfg.max_positions {
+        ensure!(
+            tokens + sampling.max_tokens <= max,
+            "the text and question are {tokens} tokens and the answer may add {}: past the \
+             {max} positions the model was trained for (max_position_embeddings), where full \
+             attention is not defined; store the text and `query` it instead",
+            sampling.max_tokens
+        );
+    }
+    for s in &mut segments {
+        s.close = false;
+    }
+    let state = GistState::new(model)?;
+    generate_with(
+        model, state, &segments, sampling, started, &never, true, on_text,
+    )
+}
+
 /// Continues the document: `text` is fed as its next words (no question framing) and the
 /// model writes on from there.
 pub fn continuation(

@@ -175,3 +175,56 @@ fn control_characters_in_ids_are_escaped() {
     assert!(!listed.contains('\u{1b}'), "{listed:?}");
     assert!(listed.contains("a\\u{1b}[2Jb"), "{listed:?}");
 }
+
+/// `reread` answers from the whole text as the library does, prints the API's answer
+/// object with --json, and refuses a text too long to read whole before loading anything.
+#[test]
+fn reread_answers_from_the_whole_text_and_refuses_an_oversized_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(&model, &RandomSpec::default()).unwrap();
+    let text = synthetic_text(6, 8, 2);
+    let file = dir.path().join("book.txt");
+    std::fs::write(&file, &text).unwrap();
+    let q = "Who went to the mill?";
+    let out = common::succeed(
+        giststream()
+            .args(["reread", "--max-tokens", "5", "--json", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&file)
+            .arg(q),
+    );
+    let printed: giststream::query::Answer = serde_json::from_slice(&out.stdout).unwrap();
+    let loaded = common::load_model(&model);
+    let sampling = giststream::query::Sampling {
+        max_tokens: 5,
+        temperature: 0.0,
+        top_p: None,
+        seed: 299_792_458,
+        chat_template: true,
+    };
+    let direct = giststream::query::reread(
+        &loaded,
+        &text,
+        q,
+        giststream::query::Placement::Before,
+        &sampling,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(printed.text, direct.text);
+    assert_eq!(printed.tokens, direct.tokens);
+
+    let big = dir.path().join("big.txt");
+    std::fs::write(&big, "A sentence. ".repeat(100_000)).unwrap();
+    let out = giststream()
+        .args(["reread", "--model", "/nonexistent/model", "--text"])
+        .arg(&big)
+        .arg(q)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("big.txt") && err.contains("bytes"), "{err}");
+}

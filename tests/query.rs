@@ -4,12 +4,16 @@
 mod common;
 
 use giststream::engine::compress::{compress, Document};
+use giststream::engine::whole::{forward, Layout, Mode};
+use giststream::model::ops::Ops;
 use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::query::{
-    answer, question_segments, question_tokens, score, Sampling, OPEN_QUESTION_TOKENS,
+    answer, question_segments, question_tokens, reread, score, Placement, Sampling,
+    OPEN_QUESTION_TOKENS,
 };
 use giststream::store::codec::Precision;
 use giststream::store::Store;
+use giststream::text::tokenize::Segment;
 use std::process::Command;
 
 fn greedy(max_tokens: usize) -> Sampling {
@@ -243,4 +247,60 @@ fn a_question_about_a_document_with_nothing_encoded_yet_warns() {
         err.contains("warning") && err.contains("none of its text is encoded"),
         "{err}"
     );
+}
+
+#[test]
+fn a_reread_answer_is_greedy_decoding_with_every_token_in_view() {
+    let (_d, mut model) = common::tiny_model(&RandomSpec::default());
+    let text = synthetic_text(5, 9, 3);
+    let q = "Where did the river go?";
+    let a = reread(&model, &text, q, Placement::Before, &greedy(6), |_| {}).unwrap();
+
+    // The reference: one causal forward over the text and the question, the best
+    // non-gist token appended, again, as a model without gists would decode.
+    let mut ids: Vec<u32> = all_tokens(model.segments(&text).unwrap());
+    ids.extend(all_tokens(question_segments(&model, q, true).unwrap()));
+    let (read, mut expected) = (ids.len(), Vec::new());
+    while expected.len() < 6 {
+        let doc = vec![Segment {
+            tokens: ids.clone(),
+            bytes: 0..0,
+            close: false,
+        }];
+        let layout = Layout::new(&model, std::slice::from_ref(&doc), false);
+        let logits = forward(&model, &layout, Mode::Causal, Ops::Fused).unwrap();
+        let last: Vec<f32> = logits.get(ids.len() - 1).unwrap().to_vec1().unwrap();
+        let next = (0..last.len() as u32)
+            .filter(|t| !model.gist.gist_token_ids.contains(t))
+            .max_by(|&x, &y| last[x as usize].total_cmp(&last[y as usize]))
+            .unwrap();
+        if Some(next) == model.eos_token_id() {
+            break;
+        }
+        expected.push(next);
+        ids.push(next);
+    }
+    assert!(read > 40, "the text is long enough to span many sentences");
+    assert!(!expected.is_empty(), "something to compare");
+    assert_eq!(a.text, model.tokenizer.decode(&expected).unwrap());
+    assert_eq!(a.tokens, expected.len());
+
+    // Past the trained positions full attention is undefined: refused, naming both counts.
+    model.llama.cfg.max_positions = Some(read);
+    let err = reread(&model, &text, q, Placement::Before, &greedy(6), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{read} tokens")) && err.contains(&format!("{read} positions")),
+        "{err}"
+    );
+    let err = reread(&model, &text, q, Placement::InTurn, &greedy(6), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no chat template"), "{err}");
+}
+
+/// All tokens of a run of segments, in order.
+fn all_tokens(segments: Vec<Segment>) -> Vec<u32> {
+    segments.into_iter().flat_map(|s| s.tokens).collect()
 }

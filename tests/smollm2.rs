@@ -398,3 +398,36 @@ fn the_base_finds_a_pass_key_inside_the_user_turn() {
     }
     assert!(found >= 2, "found {found} of 3 keys");
 }
+
+/// `reread`, the reference answer: SmolLM2 reading a short text whole, inside the chat's
+/// user turn, answers a question about it from the text (the place of birth appears only
+/// there, and a made-up town is not something the model knows). The README quotes the
+/// same probe for the gist model, which does not yet answer it from its stored state.
+#[test]
+fn the_base_rereading_a_text_in_the_user_turn_answers_from_it() {
+    use giststream::query::{reread, Placement, Sampling};
+    let m = load(Weights::Dequantized, 1);
+    let text = "Marta Kovel was born in the harbour town of Velmora, on the northern coast. \
+                Her father mended fishing nets and her mother kept a small bakery near the \
+                docks. When she was twelve, a storm destroyed half of the harbour, and the \
+                family moved inland to the city of Arden. There Marta studied mathematics at \
+                the old university.";
+    let sampling = Sampling {
+        max_tokens: 24,
+        temperature: 0.0,
+        top_p: None,
+        seed: 0,
+        chat_template: true,
+    };
+    let a = reread(
+        &m,
+        text,
+        "Where was Marta Kovel born?",
+        Placement::InTurn,
+        &sampling,
+        |_| {},
+    )
+    .unwrap();
+    eprintln!("{:?}", a.text);
+    assert!(a.text.contains("Velmora"), "{:?}", a.text);
+}

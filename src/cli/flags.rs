@@ -57,3 +57,19 @@ impl ModelArgs {
             .with_context(|| format!("loading model {}", dir.display()))
     }
 }
+
+/// How an answer's tokens are picked (`query`, `reread`).
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+}

@@ -14,6 +14,7 @@ mod passkey;
 mod produce;
 mod query;
 mod reindex;
+mod reread;
 mod serve;
 mod store;
 mod train;
@@ -55,6 +56,10 @@ pub enum Command {
     /// generates the answer token by token; `--score TEXT` gives the log-likelihood of a
     /// continuation instead.
     Query(query::QueryArgs),
+    /// The reference answer: read a text file whole with full attention (every token kept,
+    /// up to the model's trained positions) and answer a question, to set beside what
+    /// `query` answers from the same text's stored gist state.
+    Reread(reread::RereadArgs),
     /// List the documents of a store.
     Docs(docs::DocsArgs),
     /// Show one stored document's metadata (JSON), checking its state record.
@@ -104,6 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Passkey(args) => passkey::run(args),
         Command::Query(args) => query::run(args),
+        Command::Reread(args) => reread::run(args),
         Command::Docs(args) => docs::run_docs(args),
         Command::Inspect(args) => docs::run_inspect(args),
         Command::Store(args) => store::run(args),

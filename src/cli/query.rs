@@ -1,7 +1,7 @@
 //! `giststream query`: a question or a score against a stored document, through the
 //! serving process's API when one holds the store.
 
-use super::flags::ModelArgs;
+use super::flags::{ModelArgs, SamplingArgs};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::io::Write;
@@ -20,17 +20,8 @@ pub struct QueryArgs {
     pub id: String,
     /// The question (optional with --score).
     pub question: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 64)]
-    pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long, default_value_t = 299_792_458)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Score this text as the continuation (after the question, if given) instead of
     /// generating.
     #[arg(long, value_name = "TEXT")]
@@ -54,10 +45,10 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         id: args.id.clone(),
         question: args.question.clone(),
         score: args.score.clone(),
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
+        max_tokens: args.sampling.max_tokens,
+        temperature: args.sampling.temperature,
+        top_p: args.sampling.top_p,
+        seed: args.sampling.seed,
         chat_template: !args.no_chat_template,
     };
     // Refused here too, so a serving process is not asked in vain.

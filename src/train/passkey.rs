@@ -115,20 +115,7 @@ pub fn trial(
             crate::query::question_text(model, QUESTION, ask == Ask::Chat)?
         }
         Ask::InTurn => {
-            let t = model
-                .chat_template
-                .as_ref()
-                .context("--in-turn: the model has no chat template")?;
-            let (before, after) = t.render_turn()?;
-            // A document that already begins with BOS has the turn's first marker when
-            // that marker is the BOS (SmolLM2's `<|im_start|>`).
-            let before = match (
-                model.bos_token_id().is_some() && model.gist.add_bos,
-                before.strip_prefix(t.bos_token()),
-            ) {
-                (true, Some(rest)) if !t.bos_token().is_empty() => rest.to_string(),
-                _ => before,
-            };
+            let (before, after) = crate::query::user_turn(model).context("--in-turn")?;
             text.insert_str(0, &before);
             format!("\n\n{QUESTION}{after}")
         }
