@@ -256,9 +256,12 @@ pub struct Answer {
 
 /// `text` as model segments continuing a document: split into sentences like a document
 /// (no BOS), so that memory grows with the text's length, not its square; the last segment
-/// is left open (what follows continues its sentence).
+/// is left open (what follows continues its sentence). Special-token names in it are read
+/// as those tokens: it is the querying user's own text or a rendered chat template, and it
+/// is never stored.
 fn text_segments(model: &GistModel, text: &str) -> anyhow::Result<Vec<Segment>> {
-    let mut enc = DocumentEncoder::new(&model.tokenizer, &model.gist.segmentation, None);
+    let mut enc = DocumentEncoder::new(&model.tokenizer, &model.gist.segmentation, None)
+        .reading_special_tokens();
     let mut segments = enc.push(text)?;
     segments.extend(enc.finish()?);
     if let Some(last) = segments.last_mut() {
@@ -406,6 +409,20 @@ pub fn user_turn(model: &GistModel) -> anyhow::Result<(String, String)> {
     Ok((before, after))
 }
 
+/// `text` as a document inside the chat's user turn: its segments with the turn's opening
+/// (its special tokens read as such) before the first sentence, after the BOS; and what
+/// closes the turn, for after the question. The document's own text stays plain
+/// ([`GistTokenizer::encode_text`](crate::text::tokenize::GistTokenizer::encode_text)).
+pub fn document_in_turn(model: &GistModel, text: &str) -> anyhow::Result<(Vec<Segment>, String)> {
+    let (before, after) = user_turn(model)?;
+    let (opening, _) = model.tokenizer.encode(&before)?;
+    let mut segments = model.segments(text)?;
+    let first = segments.first_mut().context("the document is empty")?;
+    let at = usize::from(model.gist.add_bos && model.bos_token_id().is_some());
+    first.tokens.splice(at..at, opening);
+    Ok((segments, after))
+}
+
 /// Where [`reread`] puts the text it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -432,17 +449,16 @@ pub fn reread(
     let started = std::time::Instant::now();
     ensure!(!text.trim().is_empty(), "the text to read is empty");
     ensure!(!question.trim().is_empty(), "the question is empty");
-    let (document, prompt) = match placement {
+    let (mut segments, prompt) = match placement {
         Placement::Before => (
-            text.to_string(),
+            model.segments(text)?,
             question_text(model, question, sampling.chat_template)?,
         ),
         Placement::InTurn => {
-            let (before, after) = user_turn(model)?;
-            (format!("{before}{text}"), format!("\n\n{question}{after}"))
+            let (segments, after) = document_in_turn(model, text)?;
+            (segments, format!("\n\n{question}{after}"))
         }
     };
-    let mut segments = model.segments(&document)?;
     segments.extend(text_segments(model, &prompt)?);
     let tokens: usize = segments.iter().map(|s| s.tokens.len()).sum();
     if let Some(max) = model.llama.cfg.max_positions {

@@ -29,6 +29,8 @@ pub struct DocumentEncoder<'m> {
     text: String,
     text_base: usize,
     first: bool,
+    /// Special-token names are read as tokens (see `reading_special_tokens`).
+    specials: bool,
 }
 
 impl<'m> DocumentEncoder<'m> {
@@ -43,7 +45,15 @@ impl<'m> DocumentEncoder<'m> {
             text: String::new(),
             text_base: 0,
             first: true,
+            specials: false,
         }
+    }
+
+    /// Reads special-token names in the text as those tokens: for text the program
+    /// rendered (a chat template around a question), never for a document.
+    pub fn reading_special_tokens(mut self) -> Self {
+        self.specials = true;
+        self
     }
 
     /// An encoder that goes on where the one that wrote `carry` stopped (a document that
@@ -107,7 +117,14 @@ impl<'m> DocumentEncoder<'m> {
         };
         let bos = if self.first { self.bos } else { None };
         self.first = false;
-        let mut segs = sentence_segments(self.tokenizer, &text, &spaced, bos, self.max_tokens)?;
+        let mut segs = sentence_segments(
+            self.tokenizer,
+            &text,
+            &spaced,
+            bos,
+            self.max_tokens,
+            self.specials,
+        )?;
         for seg in &mut segs {
             seg.bytes = (s.range.start + seg.bytes.start).min(s.range.end)
                 ..(s.range.start + seg.bytes.end).min(s.range.end);
@@ -127,8 +144,14 @@ impl<'m> DocumentEncoder<'m> {
             };
             let bos = if self.first { self.bos } else { None };
             self.first = false;
-            let mut segs =
-                sentence_segments(self.tokenizer, &self.text, &local, bos, self.max_tokens)?;
+            let mut segs = sentence_segments(
+                self.tokenizer,
+                &self.text,
+                &local,
+                bos,
+                self.max_tokens,
+                self.specials,
+            )?;
             for seg in &mut segs {
                 seg.bytes = seg.bytes.start + self.text_base..seg.bytes.end + self.text_base;
             }
@@ -137,5 +160,33 @@ impl<'m> DocumentEncoder<'m> {
             self.text_base = s.range.end;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A document naming a gist token gets its characters; text the program rendered gets
+    /// the token.
+    #[test]
+    fn documents_read_special_token_names_as_text() {
+        let mut tok = crate::text::tokenize::tests::byte_tokenizer();
+        let gist = tok
+            .ensure_special_tokens(&["<end_of_sentence_0>".to_string()])
+            .unwrap()[0];
+        let text = "Before <end_of_sentence_0> after. The end.";
+        let read = |enc: DocumentEncoder| -> Vec<u32> {
+            let mut enc = enc;
+            let mut segs = enc.push(text).unwrap();
+            segs.extend(enc.finish().unwrap());
+            segs.into_iter().flat_map(|s| s.tokens).collect()
+        };
+        let seg = SegmentConfig::default();
+        let document = read(DocumentEncoder::new(&tok, &seg, None));
+        assert!(!document.contains(&gist));
+        assert_eq!(tok.decode(&document).unwrap(), text);
+        let rendered = read(DocumentEncoder::new(&tok, &seg, None).reading_special_tokens());
+        assert_eq!(rendered.iter().filter(|&&t| t == gist).count(), 1);
     }
 }

@@ -19,6 +19,9 @@ pub type Offsets = Vec<(usize, usize)>;
 #[derive(Clone)]
 pub struct GistTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer reading special-token names as ordinary text
+    /// (`encode_special_tokens`), for [`GistTokenizer::encode_text`].
+    plain: Tokenizer,
 }
 
 impl GistTokenizer {
@@ -26,11 +29,13 @@ impl GistTokenizer {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("reading tokenizer {}", path.display()))?;
-        Ok(Self { inner })
+        Ok(Self::from_tokenizer(inner))
     }
 
     pub fn from_tokenizer(inner: Tokenizer) -> Self {
-        Self { inner }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Self { inner, plain }
     }
 
     pub fn inner(&self) -> &Tokenizer {
@@ -46,9 +51,10 @@ impl GistTokenizer {
                 if let Some(id) = self.inner.token_to_id(name) {
                     return Ok(id);
                 }
-                self.inner
-                    .add_special_tokens([AddedToken::from(name.clone(), true)])
-                    .map_err(|e| anyhow!("adding special token {name:?}: {e}"))?;
+                for t in [&mut self.inner, &mut self.plain] {
+                    t.add_special_tokens([AddedToken::from(name.clone(), true)])
+                        .map_err(|e| anyhow!("adding special token {name:?}: {e}"))?;
+                }
                 self.inner
                     .token_to_id(name)
                     .with_context(|| format!("special token {name:?} has no id after adding it"))
@@ -69,13 +75,19 @@ impl GistTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Token ids and byte offsets (start, end) of `text`, with no special tokens added.
+    /// Token ids and byte offsets (start, end) of `text`, with no special tokens added; the
+    /// names of special tokens in it (`<|im_end|>`, a gist token) are read as those tokens.
+    /// For text the program writes: a rendered chat template.
     pub fn encode(&self, text: &str) -> anyhow::Result<(Vec<u32>, Offsets)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+        encode_with(&self.inner, text)
+    }
+
+    /// Like [`GistTokenizer::encode`], but special-token names in `text` are ordinary text.
+    /// For documents: a stranger's text must not open a chat turn or write a gist token
+    /// into a state that others' questions read (as `split_special_tokens` in HF
+    /// tokenizers, `parse_special = false` in llama.cpp).
+    pub fn encode_text(&self, text: &str) -> anyhow::Result<(Vec<u32>, Offsets)> {
+        encode_with(&self.plain, text)
     }
 
     pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
@@ -83,6 +95,13 @@ impl GistTokenizer {
             .decode(ids, false)
             .map_err(|e| anyhow!("decoding: {e}"))
     }
+}
+
+fn encode_with(t: &Tokenizer, text: &str) -> anyhow::Result<(Vec<u32>, Offsets)> {
+    let enc = t
+        .encode(text, false)
+        .map_err(|e| anyhow!("tokenizing: {e}"))?;
+    Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
 }
 
 /// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes its tokenizer.json
@@ -149,17 +168,24 @@ pub struct Segment {
 }
 
 /// Tokenizes one sentence of `doc` into segments. `bos` is prepended (the document's first
-/// sentence); `max_tokens` (0: none) cuts long sentences.
+/// sentence); `max_tokens` (0: none) cuts long sentences. `specials`: special-token names
+/// in the text are those tokens ([`GistTokenizer::encode`]), else ordinary text
+/// ([`GistTokenizer::encode_text`]).
 pub fn sentence_segments(
     tok: &GistTokenizer,
     doc: &str,
     sentence: &Sentence,
     bos: Option<u32>,
     max_tokens: usize,
+    specials: bool,
 ) -> anyhow::Result<Vec<Segment>> {
     let text = &doc[sentence.range.clone()];
     let base = sentence.range.start;
-    let (mut ids, offsets) = tok.encode(text)?;
+    let (mut ids, offsets) = if specials {
+        tok.encode(text)?
+    } else {
+        tok.encode_text(text)?
+    };
     // Byte where each token starts, relative to the document; a token that shares bytes
     // with the previous one (a character split by byte-level BPE) cannot start a piece.
     let mut starts: Vec<Option<usize>> = Vec::with_capacity(ids.len());
@@ -207,7 +233,7 @@ pub fn sentence_segments(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::text::segment::{split, SegmentConfig};
 
@@ -226,7 +252,7 @@ mod tests {
         let mut all = Vec::new();
         for (i, s) in sents.iter().enumerate() {
             let bos = (i == 0).then(|| tok.token_to_id("<s>").unwrap());
-            let segs = sentence_segments(&tok, doc, s, bos, 8).unwrap();
+            let segs = sentence_segments(&tok, doc, s, bos, 8, false).unwrap();
             for seg in &segs {
                 assert!(seg.tokens.len() <= 8);
                 assert!(seg.bytes.start >= s.range.start && seg.bytes.end <= s.range.end);
@@ -253,5 +279,10 @@ mod tests {
         assert_eq!(ids, tok.ensure_special_tokens(&names).unwrap());
         let (enc, _) = tok.encode("a<end_of_sentence_0>b").unwrap();
         assert_eq!(enc, vec![b'a' as u32, ids[0], b'b' as u32]);
+        // A document's text never holds a gist token: the name is its bytes.
+        let (plain, offsets) = tok.encode_text("a<end_of_sentence_0>b").unwrap();
+        assert_eq!(plain.len(), "a<end_of_sentence_0>b".len());
+        assert!(plain.iter().all(|t| !ids.contains(t)));
+        assert_eq!(offsets.last(), Some(&(20, 21)));
     }
 }

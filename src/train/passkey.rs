@@ -109,15 +109,16 @@ pub fn trial(
 ) -> anyhow::Result<Trial> {
     let key = format!("{:05}", 10_000 + rng.next_u64() % 90_000);
     let depth = rng.uniform() as f64;
-    let mut text = document(model, tokens, depth, &key)?;
-    let mut prompt = match ask {
-        Ask::Paragraph | Ask::Chat => {
-            crate::query::question_text(model, QUESTION, ask == Ask::Chat)?
-        }
+    let text = document(model, tokens, depth, &key)?;
+    let (segments, mut prompt) = match ask {
+        Ask::Paragraph | Ask::Chat => (
+            model.segments(&text)?,
+            crate::query::question_text(model, QUESTION, ask == Ask::Chat)?,
+        ),
         Ask::InTurn => {
-            let (before, after) = crate::query::user_turn(model).context("--in-turn")?;
-            text.insert_str(0, &before);
-            format!("\n\n{QUESTION}{after}")
+            let (segments, after) =
+                crate::query::document_in_turn(model, &text).context("--in-turn")?;
+            (segments, format!("\n\n{QUESTION}{after}"))
         }
     };
     let started = std::time::Instant::now();
@@ -128,7 +129,6 @@ pub fn trial(
         seed: 0,
         chat_template: true,
     };
-    let segments = model.segments(&text)?;
     let doc_tokens = segments.iter().map(|s| s.tokens.len()).sum();
     let mut state = GistState::new(model)?;
     for s in &segments {
