@@ -162,31 +162,3 @@ impl<'m> DocumentEncoder<'m> {
         Ok(out)
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A document naming a gist token gets its characters; text the program rendered gets
-    /// the token.
-    #[test]
-    fn documents_read_special_token_names_as_text() {
-        let mut tok = crate::text::tokenize::tests::byte_tokenizer();
-        let gist = tok
-            .ensure_special_tokens(&["<end_of_sentence_0>".to_string()])
-            .unwrap()[0];
-        let text = "Before <end_of_sentence_0> after. The end.";
-        let read = |enc: DocumentEncoder| -> Vec<u32> {
-            let mut enc = enc;
-            let mut segs = enc.push(text).unwrap();
-            segs.extend(enc.finish().unwrap());
-            segs.into_iter().flat_map(|s| s.tokens).collect()
-        };
-        let seg = SegmentConfig::default();
-        let document = read(DocumentEncoder::new(&tok, &seg, None));
-        assert!(!document.contains(&gist));
-        assert_eq!(tok.decode(&document).unwrap(), text);
-        let rendered = read(DocumentEncoder::new(&tok, &seg, None).reading_special_tokens());
-        assert_eq!(rendered.iter().filter(|&&t| t == gist).count(), 1);
-    }
-}

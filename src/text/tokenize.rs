@@ -233,8 +233,9 @@ pub fn sentence_segments(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::text::encoder::DocumentEncoder;
     use crate::text::segment::{split, SegmentConfig};
 
     /// A byte-level tokenizer with no merges: one token per byte (ids 0..256), plus BOS.
@@ -284,5 +285,28 @@ pub(crate) mod tests {
         assert_eq!(plain.len(), "a<end_of_sentence_0>b".len());
         assert!(plain.iter().all(|t| !ids.contains(t)));
         assert_eq!(offsets.last(), Some(&(20, 21)));
+    }
+
+    /// A document naming a gist token gets its characters; text the program rendered gets
+    /// the token.
+    #[test]
+    fn documents_read_special_token_names_as_text() {
+        let mut tok = byte_tokenizer();
+        let gist = tok
+            .ensure_special_tokens(&["<end_of_sentence_0>".to_string()])
+            .unwrap()[0];
+        let text = "Before <end_of_sentence_0> after. The end.";
+        let read = |enc: DocumentEncoder| -> Vec<u32> {
+            let mut enc = enc;
+            let mut segs = enc.push(text).unwrap();
+            segs.extend(enc.finish().unwrap());
+            segs.into_iter().flat_map(|s| s.tokens).collect()
+        };
+        let seg = SegmentConfig::default();
+        let document = read(DocumentEncoder::new(&tok, &seg, None));
+        assert!(!document.contains(&gist));
+        assert_eq!(tok.decode(&document).unwrap(), text);
+        let rendered = read(DocumentEncoder::new(&tok, &seg, None).reading_special_tokens());
+        assert_eq!(rendered.iter().filter(|&&t| t == gist).count(), 1);
     }
 }
