@@ -454,6 +454,50 @@ fn validation_can_be_added_when_a_run_is_resumed() {
     );
 }
 
+/// A run cut short by hand (its checkpoint's plan shrunk to the steps already taken, to
+/// ship the weights as they stand) ends on resume and writes its model, instead of
+/// looping for ever on a stage with no steps left.
+#[test]
+fn a_run_whose_plan_is_cut_to_its_checkpoint_finishes_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    let mut cfg = config(64 * 8 * 12, Trainable::All);
+    cfg.checkpoint_every = 4;
+    let seqs = data(&t, cfg.seq_tokens);
+    let out = dir.path().join("out");
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train::run(&mut t, &cfg, &seqs, &[], &out, false, |e| {
+            if let train::Event::Step(l, _) = e {
+                assert!(l.step < 5, "stopped here");
+            }
+        })
+    }));
+    assert!(stopped.is_err());
+    let meta = out.join("checkpoint/trainer.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(v["progress"]["stage_step"], 4);
+    let per_step = v["config"]["stages"][0]["batch"].as_u64().unwrap()
+        * v["config"]["seq_tokens"].as_u64().unwrap();
+    v["config"]["stages"][0]["tokens"] = (4 * per_step).into();
+    std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out2 = out.clone();
+    std::thread::spawn(move || {
+        let (mut t, cfg) = train::resume_trainee(&out2, &Device::Cpu).unwrap();
+        let done = train::run(&mut t, &cfg, &seqs, &[], &out2, true, |_| {}).map(|p| p.step);
+        tx.send(done.map_err(|e| e.to_string())).unwrap();
+    });
+    let done = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the resumed run ends");
+    assert_eq!(done.unwrap(), 4);
+    assert!(
+        out.join("model.safetensors").exists(),
+        "the model is written"
+    );
+}
+
 /// Held-out text must be held out: `--valid` naming the training folder is refused.
 #[test]
 fn validation_on_the_training_folder_is_refused() {

@@ -250,6 +250,13 @@ pub fn run(
                 save_checkpoint(trainee, &opt, &cfg, &progress, &ckpt)?;
             }
         }
+        if progress.stage_step >= steps {
+            // A checkpoint whose stage has no steps left (its plan was cut short to end a
+            // run where it stands): on to the next stage, not round this loop for ever.
+            progress.stage += 1;
+            progress.stage_step = 0;
+            progress.optimizer_t = 0;
+        }
     }
     trainee.save_model(out)?;
     Ok(progress)
