@@ -402,26 +402,33 @@ fn a_run_logs_a_falling_validation_curve_on_held_out_text() {
     );
 }
 
+/// A 12-step run (checkpoints every 4 steps) stopped when step `stop` starts, as a kill
+/// would: its output folder, and its training sequences for the resume.
+fn stopped_run(dir: &Path, stop: usize) -> (std::path::PathBuf, Vec<Vec<Segment>>) {
+    let mut t = trainee(&dir.join("init"));
+    let mut cfg = config(64 * 8 * 12, Trainable::All);
+    cfg.checkpoint_every = 4;
+    let seqs = data(&t, cfg.seq_tokens);
+    let out = dir.join("out");
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train::run(&mut t, &cfg, &seqs, &[], &out, false, |e| {
+            if let train::Event::Step(l, _) = e {
+                assert!(l.step < stop, "stopped here");
+            }
+        })
+    }));
+    assert!(stopped.is_err());
+    (out, seqs)
+}
+
 /// Validation added when a run is resumed (the run was started without it): the
 /// checkpoint's settings are kept, the held-out set is scored from then on, and the curve
 /// starts at the step the run resumed from.
 #[test]
 fn validation_can_be_added_when_a_run_is_resumed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut t = trainee(&dir.path().join("init"));
-    let mut cfg = config(64 * 8 * 12, Trainable::All);
-    cfg.checkpoint_every = 4;
-    let seqs = data(&t, cfg.seq_tokens);
-    let out = dir.path().join("out");
     // Stopped after step 9 (the checkpoint holds step 8), as a kill would.
-    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train::run(&mut t, &cfg, &seqs, &[], &out, false, |e| {
-            if let train::Event::Step(l, _) = e {
-                assert!(l.step < 9, "stopped here");
-            }
-        })
-    }));
-    assert!(stopped.is_err());
+    let (out, seqs) = stopped_run(dir.path(), 9);
     assert!(!out.join("valid-log.jsonl").exists());
 
     let (mut t, mut cfg) = train::resume_trainee(&out, &Device::Cpu).unwrap();
@@ -460,19 +467,7 @@ fn validation_can_be_added_when_a_run_is_resumed() {
 #[test]
 fn a_run_whose_plan_is_cut_to_its_checkpoint_finishes_on_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let mut t = trainee(&dir.path().join("init"));
-    let mut cfg = config(64 * 8 * 12, Trainable::All);
-    cfg.checkpoint_every = 4;
-    let seqs = data(&t, cfg.seq_tokens);
-    let out = dir.path().join("out");
-    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train::run(&mut t, &cfg, &seqs, &[], &out, false, |e| {
-            if let train::Event::Step(l, _) = e {
-                assert!(l.step < 5, "stopped here");
-            }
-        })
-    }));
-    assert!(stopped.is_err());
+    let (out, seqs) = stopped_run(dir.path(), 5);
     let meta = out.join("checkpoint/trainer.json");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
     assert_eq!(v["progress"]["stage_step"], 4);

@@ -238,25 +238,19 @@ pub fn run(
                     trainee, valid, &cfg, &progress, &valid_log,
                 )?));
             }
-            if progress.stage_step == steps {
-                // The next stage starts with fresh optimizer moments.
-                progress.stage += 1;
-                progress.stage_step = 0;
-                progress.optimizer_t = 0;
-                save_checkpoint(trainee, &AdamW::new(Vec::new())?, &cfg, &progress, &ckpt)?;
-                break;
-            }
-            if progress.step.is_multiple_of(cfg.checkpoint_every.max(1)) {
+            if progress.stage_step < steps
+                && progress.step.is_multiple_of(cfg.checkpoint_every.max(1))
+            {
                 save_checkpoint(trainee, &opt, &cfg, &progress, &ckpt)?;
             }
         }
-        if progress.stage_step >= steps {
-            // A checkpoint whose stage has no steps left (its plan was cut short to end a
-            // run where it stands): on to the next stage, not round this loop for ever.
-            progress.stage += 1;
-            progress.stage_step = 0;
-            progress.optimizer_t = 0;
-        }
+        // The stage is done: its last step, or a checkpoint with no steps left (a plan cut
+        // short by hand to end a run where it stands). The next stage starts with fresh
+        // optimizer moments.
+        progress.stage += 1;
+        progress.stage_step = 0;
+        progress.optimizer_t = 0;
+        save_checkpoint(trainee, &AdamW::new(Vec::new())?, &cfg, &progress, &ckpt)?;
     }
     trainee.save_model(out)?;
     Ok(progress)
