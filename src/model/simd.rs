@@ -43,6 +43,17 @@ pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// A trainable CPU tensor of standard-normal values times `scale` (the attention kernels'
+/// gradient tests).
+#[cfg(test)]
+pub(crate) fn random_var(shape: (usize, usize, usize), scale: f64) -> candle_core::Var {
+    let dev = candle_core::Device::Cpu;
+    candle_core::Var::from_tensor(
+        &(candle_core::Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap(),
+    )
+    .unwrap()
+}
+
 /// The values a CPU custom op reads: contiguous f32 storage, or an error naming the op.
 /// (Every kernel of ours takes contiguous f32 and falls back to candle otherwise.)
 pub fn f32s<'a>(

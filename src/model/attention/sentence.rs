@@ -440,12 +440,7 @@ mod tests {
             }
             .unwrap();
             assert!(plan.groups.len() > 3, "{} groups", plan.groups.len());
-            let var = |shape: (usize, usize, usize), k: f64| {
-                candle_core::Var::from_tensor(
-                    &(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * k).unwrap(),
-                )
-                .unwrap()
-            };
+            let var = crate::model::simd::random_var;
             let (q, k, v) = (
                 var((hq, n, d), 0.2),
                 var((hkv, nk, d), 1.0),

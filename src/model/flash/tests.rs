@@ -125,12 +125,7 @@ fn assert_gradients_match(
     mask: Option<&Tensor>,
 ) {
     let dev = Device::Cpu;
-    let var = |shape: (usize, usize, usize), scale: f64| {
-        candle_core::Var::from_tensor(
-            &(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap(),
-        )
-        .unwrap()
-    };
+    let var = crate::model::simd::random_var;
     let (q, k, v) = (
         var((hq, l, d), 0.3),
         var((hkv, s + 3, d), 1.0),
