@@ -110,6 +110,13 @@ impl Request {
         if self.score.is_none() && self.question.as_deref().is_none_or(|q| q.trim().is_empty()) {
             return Err(BadRequest::EmptyQuestion);
         }
+        self.sampling().check()
+    }
+}
+
+impl Sampling {
+    /// Refuses settings no answer could honour.
+    pub fn check(&self) -> Result<(), BadRequest> {
         if self.max_tokens > MAX_TOKENS {
             return Err(BadRequest::MaxTokens(self.max_tokens));
         }
@@ -449,6 +456,7 @@ pub fn reread(
     let started = std::time::Instant::now();
     ensure!(!text.trim().is_empty(), "the text to read is empty");
     ensure!(!question.trim().is_empty(), "the question is empty");
+    sampling.check()?;
     let (mut segments, prompt) = match placement {
         Placement::Before => (
             model.segments(text)?,

@@ -110,7 +110,7 @@ fn train_adapter(root: &Path, tie: bool, steps: u64) -> (Trainee, Vec<f32>) {
         &seqs,
         &[],
         &root.join("adapter"),
-        false,
+        train::Resume::No,
         |e| {
             if let train::Event::Step(l, _) = e {
                 losses.push(l.loss)
@@ -319,7 +319,7 @@ fn the_paper_recipes_first_stage_trains_only_the_gist_rows_of_an_adapter() {
         &seqs,
         &[],
         &root.path().join("a"),
-        false,
+        train::Resume::No,
         |_| {},
     )
     .unwrap();

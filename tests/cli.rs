@@ -177,7 +177,8 @@ fn control_characters_in_ids_are_escaped() {
 }
 
 /// `reread` answers from the whole text as the library does, prints the API's answer
-/// object with --json, and refuses a text too long to read whole before loading anything.
+/// object with --json, and refuses a text too long to read whole, or sampling no answer
+/// could honour, before loading anything.
 #[test]
 fn reread_answers_from_the_whole_text_and_refuses_an_oversized_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,4 +228,22 @@ fn reread_answers_from_the_whole_text_and_refuses_an_oversized_one() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("big.txt") && err.contains("bytes"), "{err}");
+
+    // Sampling no answer could honour is refused before the model loads, as `query` does.
+    let out = giststream()
+        .args([
+            "reread",
+            "--model",
+            "/nonexistent/model",
+            "--top-p",
+            "0",
+            "--text",
+        ])
+        .arg(&file)
+        .arg(q)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("top_p 0 is not in (0, 1]"), "{err}");
 }

@@ -156,7 +156,7 @@ fn training_logs_match_their_schemas() {
         tokens: 200,
     });
     let out = dir.path().join("out");
-    train::run(&mut t, &cfg, &data, &valid, &out, false, |_| {}).unwrap();
+    train::run(&mut t, &cfg, &data, &valid, &out, train::Resume::No, |_| {}).unwrap();
     for (file, schema_name, misspelt) in [
         ("train-log.jsonl", "train-log.schema.json", "tokens_per_sec"),
         ("valid-log.jsonl", "valid-log.schema.json", "perplexty"),

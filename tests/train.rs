@@ -121,7 +121,7 @@ fn stage_one_leaves_frozen_weights_bit_identical() {
         &seqs,
         &[],
         &dir.path().join("out"),
-        false,
+        train::Resume::No,
         |_| {},
     )
     .unwrap();
@@ -366,7 +366,7 @@ fn a_run_logs_a_falling_validation_curve_on_held_out_text() {
     let out = dir.path().join("out");
     let mut reported = Vec::new();
     let seqs = data(&t, cfg.seq_tokens);
-    train::run(&mut t, &cfg, &seqs, &valid, &out, false, |e| {
+    train::run(&mut t, &cfg, &seqs, &valid, &out, train::Resume::No, |e| {
         if let train::Event::Validated(v) = e {
             reported.push(v.clone())
         }
@@ -411,7 +411,7 @@ fn stopped_run(dir: &Path, stop: usize) -> (std::path::PathBuf, Vec<Vec<Segment>
     let seqs = data(&t, cfg.seq_tokens);
     let out = dir.join("out");
     let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train::run(&mut t, &cfg, &seqs, &[], &out, false, |e| {
+        train::run(&mut t, &cfg, &seqs, &[], &out, train::Resume::No, |e| {
             if let train::Event::Step(l, _) = e {
                 assert!(l.step < stop, "stopped here");
             }
@@ -443,7 +443,16 @@ fn validation_can_be_added_when_a_run_is_resumed() {
         t.model.bos_token_id(),
         500,
     );
-    train::run(&mut t, &cfg, &seqs, &valid, &out, true, |_| {}).unwrap();
+    train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &valid,
+        &out,
+        train::Resume::Continue,
+        |_| {},
+    )
+    .unwrap();
     let steps: Vec<usize> = valid_losses(&out).iter().map(|p| p.0).collect();
     assert_eq!(
         steps,
@@ -461,36 +470,75 @@ fn validation_can_be_added_when_a_run_is_resumed() {
     );
 }
 
-/// A run cut short by hand (its checkpoint's plan shrunk to the steps already taken, to
-/// ship the weights as they stand) ends on resume and writes its model, instead of
-/// looping for ever on a stage with no steps left.
+/// A run stopped early is finished where its checkpoint stands (`train --finish`): no
+/// step is trained, the model written holds the checkpoint's weights, and the checkpoint
+/// records the plan as ended, so a later resume trains nothing either. It used to loop for
+/// ever on a stage with no steps left (hence the guard). A folder with no checkpoint has
+/// no run to finish.
 #[test]
-fn a_run_whose_plan_is_cut_to_its_checkpoint_finishes_on_resume() {
+fn a_run_stopped_early_is_finished_where_its_checkpoint_stands() {
     let dir = tempfile::tempdir().unwrap();
     let (out, seqs) = stopped_run(dir.path(), 5);
-    let meta = out.join("checkpoint/trainer.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
-    assert_eq!(v["progress"]["stage_step"], 4);
-    let per_step = v["config"]["stages"][0]["batch"].as_u64().unwrap()
-        * v["config"]["seq_tokens"].as_u64().unwrap();
-    v["config"]["stages"][0]["tokens"] = (4 * per_step).into();
-    std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
-
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out2 = out.clone();
-    std::thread::spawn(move || {
-        let (mut t, cfg) = train::resume_trainee(&out2, &Device::Cpu).unwrap();
-        let done = train::run(&mut t, &cfg, &seqs, &[], &out2, true, |_| {}).map(|p| p.step);
-        tx.send(done.map_err(|e| e.to_string())).unwrap();
-    });
-    let done = rx
-        .recv_timeout(std::time::Duration::from_secs(120))
-        .expect("the resumed run ends");
-    assert_eq!(done.unwrap(), 4);
-    assert!(
-        out.join("model.safetensors").exists(),
-        "the model is written"
+    let ckpt_weights =
+        candle_core::safetensors::load(out.join("checkpoint/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let finish = |resume| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = out.clone();
+        let seqs = seqs.clone();
+        std::thread::spawn(move || {
+            let (mut t, cfg) = train::resume_trainee(&out, &Device::Cpu).unwrap();
+            let done = train::run(&mut t, &cfg, &seqs, &[], &out, resume, |_| {});
+            tx.send(done.map(|p| (p.step, p.stage)).map_err(|e| e.to_string()))
+                .unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the run ends")
+            .unwrap()
+    };
+    let log = || std::fs::read_to_string(out.join("train-log.jsonl")).unwrap();
+    let logged = log();
+    assert_eq!(finish(train::Resume::Finish), (4, 1));
+    assert_eq!(log(), logged, "no step trained");
+    let model =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut compared = 0;
+    for (name, w) in &ckpt_weights {
+        if let Some(m) = model.get(name) {
+            let d = (m.to_dtype(DType::F32).unwrap() - w.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{name}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "the model holds the checkpoint's tensors");
+    assert_eq!(
+        finish(train::Resume::Continue),
+        (4, 1),
+        "the plan stays ended"
     );
+
+    let (mut t, cfg) = (
+        trainee(&dir.path().join("init2")),
+        config(64 * 8, Trainable::All),
+    );
+    let err = train::run(
+        &mut t,
+        &cfg,
+        &seqs,
+        &[],
+        &dir.path().join("empty"),
+        train::Resume::Finish,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no run to finish"), "{err}");
 }
 
 /// Held-out text must be held out: `--valid` naming the training folder is refused.
@@ -524,7 +572,7 @@ fn loss_falls_with_a_memory_span() {
 fn assert_loss_falls(t: &mut Trainee, cfg: &TrainConfig, steps: usize, out: &Path) {
     let seqs = data(t, cfg.seq_tokens);
     let mut losses = Vec::new();
-    train::run(t, cfg, &seqs, &[], out, false, |e| {
+    train::run(t, cfg, &seqs, &[], out, train::Resume::No, |e| {
         if let train::Event::Step(l, _) = e {
             losses.push(l.loss)
         }

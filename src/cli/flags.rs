@@ -73,3 +73,16 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
 }
+
+impl SamplingArgs {
+    /// These settings, with the question wrapped in the chat template or not.
+    pub fn sampling(&self, chat_template: bool) -> crate::query::Sampling {
+        crate::query::Sampling {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            chat_template,
+        }
+    }
+}

@@ -38,17 +38,9 @@ pub struct RereadArgs {
 }
 
 pub fn run(args: RereadArgs) -> anyhow::Result<()> {
-    let request = crate::query::Request {
-        id: String::new(),
-        question: Some(args.question.clone()),
-        score: None,
-        max_tokens: args.sampling.max_tokens,
-        temperature: args.sampling.temperature,
-        top_p: args.sampling.top_p,
-        seed: args.sampling.seed,
-        chat_template: !args.no_chat_template,
-    };
-    request.check()?;
+    anyhow::ensure!(!args.question.trim().is_empty(), "the question is empty");
+    let sampling = args.sampling.sampling(!args.no_chat_template);
+    sampling.check()?;
     let text = read_text(&args.text)?;
     let model = args.model.load()?;
     let placement = if args.in_turn {
@@ -64,7 +56,7 @@ pub fn run(args: RereadArgs) -> anyhow::Result<()> {
         &text,
         &args.question,
         placement,
-        &request.sampling(),
+        &sampling,
         |piece| {
             if !json && write_err.is_none() {
                 if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {

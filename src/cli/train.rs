@@ -33,6 +33,12 @@ pub struct TrainArgs {
     /// --valid ones, which may be added or changed: scoring changes no weight).
     #[arg(long)]
     pub resume: bool,
+    /// End the run in --out where its checkpoint stands and write its model (in
+    /// --save-dtype), without training further: the plan is cut to the steps taken. For
+    /// shipping a run stopped early; more training later starts from the written model
+    /// with --init-adapter.
+    #[arg(long)]
+    pub finish: bool,
     /// Folder of held-out .txt documents, never trained on, scored every --valid-every
     /// steps, before the first and after the last: the validation curve, in
     /// DIR/valid-log.jsonl of --out. Each book's opening is read like a training
@@ -198,7 +204,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let ckpt = args.out.join("checkpoint").join("trainer.json");
     let save_dtype = parse_dtype(&args.save_dtype)?;
-    let (mut trainee, mut cfg) = if args.resume && ckpt.exists() {
+    if args.finish && !ckpt.exists() {
+        bail!(
+            "--finish: {} holds no checkpoint (checkpoint/trainer.json)",
+            args.out.display()
+        );
+    }
+    let resume = if args.finish {
+        train::Resume::Finish
+    } else if args.resume {
+        train::Resume::Continue
+    } else {
+        train::Resume::No
+    };
+    let (mut trainee, mut cfg) = if resume != train::Resume::No && ckpt.exists() {
         train::resume_trainee(&args.out, &device)?
     } else {
         let cfg = {
@@ -358,7 +377,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &data,
         &valid,
         &args.out,
-        args.resume,
+        resume,
         |event| {
             let (line, steps) = match event {
                 train::Event::Step(line, steps) => (line, steps),

@@ -170,6 +170,19 @@ impl TrainConfig {
         }
     }
 
+    /// Ends the plan where `progress` stands: the stage under way keeps the steps it has
+    /// taken, and the stages after it are dropped. Nothing else changes, so a checkpoint's
+    /// weights are shipped as they are (the schedule it was trained on is not replayed).
+    pub fn cut_to(&mut self, progress: &super::TrainProgress) {
+        let stage = progress.stage;
+        if progress.stage_step == 0 {
+            self.stages.truncate(stage);
+        } else if let Some(s) = self.stages.get_mut(stage) {
+            s.tokens = (progress.stage_step * s.batch * self.seq_tokens) as u64;
+            self.stages.truncate(stage + 1);
+        }
+    }
+
     /// Optimizer steps of a stage.
     pub fn steps(&self, stage: usize) -> usize {
         let s = &self.stages[stage];
@@ -192,5 +205,39 @@ pub fn learning_rate(stage: &Stage, step: usize, steps: usize) -> f64 {
                 + 0.5 * (stage.lr - stage.lr_end) * (1.0 + (std::f64::consts::PI * t).cos())
         }
         Schedule::Linear => stage.lr + (stage.lr_end - stage.lr) * t,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::TrainProgress;
+
+    fn at(stage: usize, stage_step: usize) -> TrainProgress {
+        TrainProgress {
+            stage,
+            stage_step,
+            step: 0,
+            sequences_seen: 0,
+            tokens_seen: 0,
+            optimizer_t: 0,
+            last_loss: f32::NAN,
+        }
+    }
+
+    /// A plan cut mid-stage ends at the steps taken; one cut at a stage boundary ends
+    /// before the stage that has not started.
+    #[test]
+    fn a_cut_plan_ends_where_the_run_stands() {
+        let full = TrainConfig::paper(1_000_000, 1e-4, 4);
+        assert!(full.stages.len() >= 2 && full.steps(0) > 7);
+        let mut cut = full.clone();
+        cut.cut_to(&at(0, 7));
+        assert_eq!(cut.stages.len(), 1);
+        assert_eq!(cut.steps(0), 7);
+        let mut cut = full.clone();
+        cut.cut_to(&at(1, 0));
+        assert_eq!(cut.stages.len(), 1);
+        assert_eq!(cut.steps(0), full.steps(0));
     }
 }

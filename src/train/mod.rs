@@ -73,6 +73,18 @@ pub enum Event<'a> {
     Validated(&'a ValidLine),
 }
 
+/// What `run` does with a checkpoint already in `out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Refuse it: a new run never overwrites one.
+    No,
+    /// Continue its plan.
+    Continue,
+    /// End the run where the checkpoint stands: the plan is cut to the steps taken
+    /// (`TrainConfig::cut_to`) and the model is written, to ship a run stopped early.
+    Finish,
+}
+
 /// Runs (or resumes) training, writing the model to `out`. `valid`: the held-out
 /// documents scored every `cfg.validation.every` steps (empty: none). `report` sees every
 /// step and every scoring.
@@ -82,7 +94,7 @@ pub fn run(
     data: &[Vec<Segment>],
     valid: &[ValidDoc],
     out: &Path,
-    resume: bool,
+    resume: Resume,
     mut report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
     ensure!(
@@ -105,7 +117,7 @@ pub fn run(
     };
     let mut opt_state: Option<HashMap<String, Tensor>> = None;
     if ckpt.join("trainer.json").exists() {
-        if !resume {
+        if resume == Resume::No {
             bail!(
                 "{} holds a checkpoint: pass --resume to continue it, or choose another --out",
                 out.display()
@@ -121,6 +133,9 @@ pub fn run(
             validation: cfg_in.validation.clone(),
             ..meta.config
         };
+        if resume == Resume::Finish {
+            cfg.cut_to(&progress);
+        }
         sequences_at_start = progress.sequences_seen;
         let dev = trainee.model.llama.device().clone();
         let weights = candle_core::safetensors::load(ckpt.join("model.safetensors"), &dev)?;
@@ -136,6 +151,11 @@ pub fn run(
             ckpt.join("optimizer.safetensors"),
             &dev,
         )?);
+    } else if resume == Resume::Finish {
+        bail!(
+            "{} holds no checkpoint (checkpoint/trainer.json): there is no run to finish",
+            out.display()
+        );
     }
     trainee.save_model_files(out)?;
     let log_path = out.join("train-log.jsonl");
