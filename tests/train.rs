@@ -505,15 +505,8 @@ fn a_run_stopped_early_is_finished_where_its_checkpoint_stands() {
     let mut compared = 0;
     for (name, w) in &ckpt_weights {
         if let Some(m) = model.get(name) {
-            let d = (m.to_dtype(DType::F32).unwrap() - w.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(d, 0.0, "{name}");
+            let f32 = |t: &candle_core::Tensor| t.to_dtype(DType::F32).unwrap();
+            assert_eq!(common::max_abs_diff(&f32(m), &f32(w)), 0.0, "{name}");
             compared += 1;
         }
     }
