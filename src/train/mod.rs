@@ -265,7 +265,7 @@ pub fn run(
             }
         }
         // The stage is done: its last step, or a checkpoint with no steps left (a plan cut
-        // short by hand to end a run where it stands). The next stage starts with fresh
+        // to end a run where it stands: `Resume::Finish`). The next stage starts with fresh
         // optimizer moments.
         progress.stage += 1;
         progress.stage_step = 0;
