@@ -217,33 +217,24 @@ fn reread_answers_from_the_whole_text_and_refuses_an_oversized_one() {
     assert_eq!(printed.text, direct.text);
     assert_eq!(printed.tokens, direct.tokens);
 
+    // A refusal before anything loads: the model named does not exist.
+    let refused = |flags: &[&str], text: &std::path::Path| {
+        let out = giststream()
+            .args(["reread", "--model", "/nonexistent/model"])
+            .args(flags)
+            .arg("--text")
+            .arg(text)
+            .arg(q)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     let big = dir.path().join("big.txt");
     std::fs::write(&big, "A sentence. ".repeat(100_000)).unwrap();
-    let out = giststream()
-        .args(["reread", "--model", "/nonexistent/model", "--text"])
-        .arg(&big)
-        .arg(q)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[], &big);
     assert!(err.contains("big.txt") && err.contains("bytes"), "{err}");
-
-    // Sampling no answer could honour is refused before the model loads, as `query` does.
-    let out = giststream()
-        .args([
-            "reread",
-            "--model",
-            "/nonexistent/model",
-            "--top-p",
-            "0",
-            "--text",
-        ])
-        .arg(&file)
-        .arg(q)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Sampling no answer could honour is refused too, as `query` does.
+    let err = refused(&["--top-p", "0"], &file);
     assert!(err.contains("top_p 0 is not in (0, 1]"), "{err}");
 }
