@@ -351,13 +351,21 @@ fn a_carried_memory_continues_a_document_exactly() {
     };
     // With the window the memory also holds the last segment of the text before, which
     // the next sequence's first segment reads whole.
+    // With a BOS sink, the memory's BOS is read at each segment's sink; cut after the
+    // first sentence, the window's held segment is the one BOS starts.
     let specs = [
         compressed(2),
         kept_bos.clone(),
         windowed(compressed(2)),
-        windowed(kept_bos),
+        windowed(kept_bos.clone()),
+        sunk(kept_bos.clone(), 6),
+        sunk(windowed(kept_bos), 6),
     ];
     for spec in specs {
+        let cuts = match spec.sink_distance {
+            None => [0..4, 4..9, 9..usize::MAX],
+            Some(_) => [0..1, 1..6, 6..usize::MAX],
+        };
         let (_dir, model) = common::tiny_model(&spec);
         let doc = model.segments(&synthetic_text(14, 7, 4)).unwrap();
         assert!(doc.len() >= 10 && doc[..doc.len() - 1].iter().all(|s| s.close));
@@ -366,7 +374,8 @@ fn a_carried_memory_continues_a_document_exactly() {
         for ops in [Ops::Fused, Ops::Differentiable] {
             let mut memory = vec![Memory::default()];
             let (mut row, mut worst_alone) = (0, 0f32);
-            for cut in [0..4, 4..9, 9..doc.len()] {
+            for cut in cuts.clone() {
+                let cut = cut.start..cut.end.min(doc.len());
                 let seq = match cut.start {
                     0 => doc[cut].to_vec(),
                     _ => without_bos(&doc[cut], model.bos_token_id()),
@@ -507,5 +516,112 @@ fn the_window_slots_equal_per_document_states() {
         }),
     ] {
         engines_agree(&spec);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// BOS read at a bounded distance (gist.json `sink_distance`)
+// ---------------------------------------------------------------------------------------
+
+fn sunk(spec: RandomSpec, distance: u32) -> RandomSpec {
+    RandomSpec {
+        bos_always_visible: true,
+        sink_distance: Some(distance),
+        ..spec
+    }
+}
+
+/// Each sentence reading BOS's key re-rotated to D positions before it: the incremental
+/// path (a rotated copy of row 0) computes what the parallel path (sink copies per
+/// segment, BOS's stored rows masked from those segments) computes, with the window too,
+/// and at D = 1 where every later segment (and the window's copy of BOS) is moved.
+#[test]
+fn a_bos_sink_incremental_equals_parallel() {
+    for d in [1, 9, 40] {
+        check(sunk(compressed(1), d), 1, false);
+        check(sunk(compressed(2), d), 3, true);
+        check(sunk(windowed(compressed(2)), d), 2, true);
+        check(sunk(windowed(compressed(4)), d), 1, true);
+    }
+}
+
+/// The sink changes what far sentences read (the comparisons above have teeth), only
+/// them: a distance past every document's end changes nothing; and the sink positions
+/// are D before each segment.
+#[test]
+fn a_bos_sink_moves_only_far_sentences() {
+    let kept = RandomSpec {
+        bos_always_visible: true,
+        ..compressed(2)
+    };
+    let (_d0, plain) = common::tiny_model(&kept);
+    let (_d1, near) = common::tiny_model(&sunk(kept.clone(), 9));
+    let (_d2, far) = common::tiny_model(&sunk(kept, 100_000));
+    let docs = documents(&plain);
+    let forward = |m: &GistModel| {
+        let l = Layout::new(m, &docs, true);
+        (
+            whole::forward(m, &l, Mode::Sentence, Ops::Fused).unwrap(),
+            l,
+        )
+    };
+    let ((pp, lp), (pn, ln), (pf, _)) = (forward(&plain), forward(&near), forward(&far));
+    // (BOS moves among the masked keys with a sink: the sums run in another order.)
+    assert!(common::max_diff_regular(&pp, &pn, &lp.regular) > 1e-3);
+    assert!(common::max_diff_regular(&pp, &pf, &lp.regular) < 1e-5);
+    for doc in &ln.docs {
+        let mut segs = 0;
+        for i in 0..doc.segment.len() {
+            if i == 0 || doc.segment[i] != doc.segment[i - 1] {
+                let w = ln.positions[doc.rows.start + i];
+                let expected = w.saturating_sub(9);
+                assert_eq!(doc.bos_sink[doc.segment[i] as usize], expected);
+                segs += 1;
+            }
+        }
+        assert_eq!(doc.bos_sink.len(), segs);
+    }
+    // The first sentence of every document reads BOS where it is stored.
+    let rows = ln.docs[0].rows.clone();
+    let first = ln.docs[0].segment.iter().take_while(|&&s| s == 0).count();
+    let head = |t: &candle_core::Tensor| t.i(rows.start..rows.start + first).unwrap();
+    assert!(common::max_abs_diff(&head(&pp), &head(&pn)) < 1e-5);
+}
+
+/// Both incremental engines read the sink the same way.
+#[test]
+fn a_bos_sink_slots_equal_per_document_states() {
+    for spec in [sunk(compressed(3), 5), sunk(windowed(compressed(1)), 12)] {
+        engines_agree(&spec);
+    }
+}
+
+/// A sink needs what it moves: compressed positions and a kept BOS.
+#[test]
+fn a_sink_without_a_kept_bos_or_compressed_positions_is_refused() {
+    for spec in [
+        RandomSpec {
+            sink_distance: Some(8),
+            ..compressed(2)
+        },
+        sunk(
+            RandomSpec {
+                num_gists: 2,
+                ..RandomSpec::default()
+            },
+            8,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &spec).unwrap();
+        let err = GistModel::load(
+            dir.path(),
+            &Device::Cpu,
+            DType::F32,
+            &LoadOptions::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{err:#}").contains("sink_distance"), "{err:#}");
     }
 }

@@ -25,6 +25,30 @@ fn gist_json_matches_its_schema_both_ways() {
     let written: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("gist.json")).unwrap()).unwrap();
     assert_valid(&v, &written);
+    // Every optional setting written, and the shipped adapter's file.
+    let dir2 = tempfile::tempdir().unwrap();
+    let all = RandomSpec {
+        positions: giststream::model::config::PositionScheme::Compressed,
+        previous_sentence_visible: true,
+        bos_always_visible: true,
+        sink_distance: Some(512),
+        ..RandomSpec::default()
+    };
+    write_random_model(dir2.path(), &all).unwrap();
+    let full: Value =
+        serde_json::from_slice(&std::fs::read(dir2.path().join("gist.json")).unwrap()).unwrap();
+    for key in ["positions", "previous_sentence_visible", "sink_distance"] {
+        assert!(full.get(key).is_some(), "{key} written");
+    }
+    assert_valid(&v, &full);
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-gist/gist.json");
+    assert_valid(
+        &v,
+        &serde_json::from_slice(&std::fs::read(shipped).unwrap()).unwrap(),
+    );
+    let mut zero = full;
+    zero["sink_distance"] = 0.into();
+    assert!(!v.is_valid(&zero));
     // A typo is caught by the schema and by our reader alike.
     let mut typo = written.clone();
     typo["num_gist_token"] = typo["num_gist_tokens"].clone();

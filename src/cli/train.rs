@@ -81,6 +81,12 @@ pub struct TrainArgs {
     /// memory carries each sequence's last sentence to the next.
     #[arg(long)]
     pub previous_sentence_visible: bool,
+    /// Read the kept BOS at most this many positions before each sentence (gist.json
+    /// `sink_distance`): in a long document BOS, stored at position 0, otherwise drifts
+    /// far from the sentences that use it as their attention sink. Needs `--positions
+    /// compressed` (or an adapter that has it) and `--keep-bos`.
+    #[arg(long, value_name = "D")]
+    pub sink_distance: Option<u32>,
     /// The adapter's scale numerator (a projection adds alpha / r · x·Aᵀ·Bᵀ).
     #[arg(long, default_value_t = 32.0)]
     pub adapter_alpha: f64,
@@ -308,6 +314,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             );
             trainee.model.gist.add_bos = true;
             trainee.model.gist.bos_always_visible = true;
+        }
+        if let Some(d) = args.sink_distance {
+            trainee.model.gist.sink_distance = Some(d);
+            trainee.model.gist.validate().context("--sink-distance")?;
         }
         (trainee, cfg)
     };

@@ -15,7 +15,7 @@
 //! length hold stale values that the mask hides.
 
 use crate::engine::state::{
-    closing, moved_angles, step_rows, Chunk, GistState, KvBuffer, StepRows,
+    closing, moved_angles, open_sentence_sink, step_rows, Chunk, GistState, KvBuffer, StepRows,
 };
 use crate::model::attention::{padded_mask, AttentionPlan};
 use crate::model::config::PositionScheme;
@@ -215,8 +215,21 @@ pub fn advance_slots(
     } else {
         Some((Tensor::new(from, &dev)?, spread(to)?))
     };
+    // Where each slot's open sentence reads BOS (gist.json `sink_distance`): one rotation
+    // per slot, by 0 for slots that read it where stored or have no chunk this step.
+    let mut sinks = vec![0u32; slots];
+    for (slot, _) in items {
+        let state = cache.states[*slot].as_ref().expect("checked above");
+        sinks[*slot] = open_sentence_sink(model, state, cache.len[*slot]).unwrap_or(0);
+    }
+    let sink = if sinks.iter().any(|&p| p > 0) {
+        Some(moved_angles(model, sinks.iter().map(|&p| (0, p)))?)
+    } else {
+        None
+    };
     let mut plan = SlotPlan {
         cache,
+        sink,
         write,
         gather_q: Tensor::new(gather_q, &dev)?,
         unpad: Tensor::new(unpad, &dev)?,
@@ -270,6 +283,9 @@ struct SlotPlan<'a> {
     compact: Option<(Tensor, Tensor)>,
     /// cos and sin (M, D/2) re-rotating the moved keys (compressed positions).
     shift: Option<(Tensor, Tensor)>,
+    /// cos and sin (S, D/2) re-rotating each slot's BOS (row 0) to where its open sentence
+    /// reads it (gist.json `sink_distance`); None: every slot reads it where stored.
+    sink: Option<(Tensor, Tensor)>,
     lmax: usize,
     t: usize,
 }
@@ -325,6 +341,15 @@ impl AttentionPlan for SlotPlan<'_> {
         let kc = self.cache.k[layer]
             .reshape((hkv, s, cap, d))?
             .narrow(2, 0, t)?;
+        let kc = match &self.sink {
+            // Each slot's BOS read at its sink: rotated copies of row 0, the cache untouched.
+            Some((cos, sin)) => {
+                let bos = kc.narrow(2, 0, 1)?.squeeze(2)?.contiguous()?; // (Hkv, S, D)
+                let bos = rope(&bos, cos, sin, Ops::Fused)?.unsqueeze(2)?;
+                Tensor::cat(&[&bos, &kc.narrow(2, 1, t - 1)?], 2)?
+            }
+            None => kc,
+        };
         let vc = self.cache.v[layer]
             .reshape((hkv, s, cap, d))?
             .narrow(2, 0, t)?;

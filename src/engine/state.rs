@@ -273,7 +273,15 @@ pub fn advance(
     }
     let device = model.llama.device();
     let ids_t = Tensor::new(ids.as_slice(), device)?;
+    let sinks = items
+        .iter()
+        .map(|(s, _)| match open_sentence_sink(model, s, s.kv_len()) {
+            Some(p) => moved_angles(model, std::iter::once((0, p))).map(Some),
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut plan = IncrementalPlan {
+        sinks,
         states: items.iter_mut().map(|(s, _)| &mut **s).collect(),
         groups: groups.iter().map(|(r, _)| r.clone()).collect(),
         masks: Vec::new(),
@@ -377,9 +385,21 @@ pub(crate) fn moved_angles(
     rope_shift_angles(&deltas, model.llama.inv_freq(), model.llama.dtype())
 }
 
+/// Where the open sentence of `state` (its cache `rows` long, tail included) reads BOS,
+/// when gist.json's `sink_distance` moves it from its stored position 0: the sentence's
+/// first token is written at its row (compressed positions), and BOS is read D positions
+/// before it. Both incremental engines read through this.
+pub(crate) fn open_sentence_sink(model: &GistModel, state: &GistState, rows: usize) -> Option<u32> {
+    let w = rows - state.tail_kept.len();
+    model.gist.bos_sink(w as u32)
+}
+
 /// Incremental attention: each document's new rows attend to its cache (all visible: kept
 /// gists and the tail of the same sentence) and causally to each other.
 struct IncrementalPlan<'a> {
+    /// Per document: cos and sin (1, D/2) re-rotating BOS (row 0) to where its open
+    /// sentence reads it (gist.json `sink_distance`); None: where it is stored.
+    sinks: Vec<Option<(Tensor, Tensor)>>,
     states: Vec<&'a mut GistState>,
     groups: Vec<std::ops::Range<usize>>,
     /// Each document's causal (L, L) mask over its new rows, built at the first layer and
@@ -398,6 +418,14 @@ impl AttentionPlan for IncrementalPlan<'_> {
             let buf = &mut state.layers[layer];
             buf.append(&k.narrow(1, rows.start, l)?, &v.narrow(1, rows.start, l)?)?;
             let (kb, vb) = buf.view()?; // (Hkv, P + L, D): the cache, then the new rows
+            let kb = match &self.sinks[i] {
+                // BOS read at its sink: a rotated copy of row 0, the stored row untouched.
+                Some((cos, sin)) => {
+                    let bos = rope(&kb.narrow(1, 0, 1)?.contiguous()?, cos, sin, Ops::Fused)?;
+                    Tensor::cat(&[&bos, &kb.narrow(1, 1, kb.dim(1)? - 1)?], 1)?
+                }
+                None => kb,
+            };
             if first {
                 // One query row sees everything: no mask.
                 let mask = if l > 1 {

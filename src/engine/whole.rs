@@ -125,11 +125,28 @@ impl Layout {
                     }
                 }
             }
+            // With `sink_distance`, where each segment reads BOS: D positions before its
+            // first token (which the memory holds when this text continues one).
+            let has_bos = b.kept > 0 || kept.first() == Some(&true);
+            let bos_sink = match (&l.stored, model.gist.sink_distance) {
+                (Some(_), Some(_)) if bos.is_some() && has_bos => {
+                    let mut sinks = vec![0; segs.len()];
+                    for (i, &s) in segment.iter().enumerate() {
+                        if i == 0 || segment[i - 1] != s {
+                            let w = l.positions[start + i];
+                            sinks[s as usize] = model.gist.bos_sink(w).unwrap_or(0);
+                        }
+                    }
+                    sinks
+                }
+                _ => Vec::new(),
+            };
             l.docs.push(SentenceDoc {
                 rows: start..end,
                 segment,
                 kept,
                 window,
+                bos_sink,
             });
         }
         l
@@ -164,7 +181,8 @@ impl Layout {
             }
             Some(stored) => {
                 let n = self.ids.len();
-                let mut plan = SentencePlan::compressed(&self.docs, n, dtype, dev, ops)?;
+                let inv_freq = model.llama.inv_freq();
+                let mut plan = SentencePlan::compressed(&self.docs, n, inv_freq, dtype, dev, ops)?;
                 model.llama.forward_stored(
                     ids,
                     &self.positions,

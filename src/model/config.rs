@@ -174,6 +174,16 @@ pub struct GistConfig {
     /// checkpoints and stored states keep their fingerprints.
     #[serde(default, skip_serializing_if = "is_false")]
     pub previous_sentence_visible: bool,
+    /// In the compressed scheme with BOS kept: the farthest a sentence reads BOS from.
+    /// BOS is stored at position 0, so in a long document it drifts thousands of
+    /// positions away from the sentences reading it, farther than training showed them,
+    /// and the attention sink weakens (measured: most of the long-range loss at 64k). With
+    /// a distance D, a sentence whose first token sits at position w reads BOS's key
+    /// re-rotated to max(0, w − D): the same sink at a bounded distance, whatever the
+    /// length. Only the reading changes; BOS is stored as before. Left out of the file
+    /// when off, so earlier checkpoints and stored states keep their fingerprints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_distance: Option<u32>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -212,6 +222,14 @@ fn yes() -> bool {
 }
 
 impl GistConfig {
+    /// Where a segment whose first token is written at `w` reads BOS (see `sink_distance`):
+    /// None where it reads BOS where it is stored, at 0.
+    pub fn bos_sink(&self, w: u32) -> Option<u32> {
+        self.sink_distance
+            .and_then(|d| w.checked_sub(d))
+            .filter(|&p| p > 0)
+    }
+
     /// Names of the reference code's gist tokens.
     pub fn reference_names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("<end_of_sentence_{i}>")).collect()
@@ -239,6 +257,16 @@ impl GistConfig {
             ids.len() == self.num_gist_tokens,
             "gist.json: gist token ids repeat"
         );
+        if let Some(d) = self.sink_distance {
+            ensure!(d >= 1, "gist.json: sink_distance must be at least 1");
+            ensure!(
+                self.positions == PositionScheme::Compressed
+                    && self.bos_always_visible
+                    && self.add_bos,
+                "gist.json: sink_distance needs positions \"compressed\", add_bos and \
+                 bos_always_visible (it moves where the kept BOS is read)"
+            );
+        }
         Ok(())
     }
 }

@@ -388,6 +388,7 @@ fn resolve_gist(
         add_bos,
         positions: Default::default(),
         previous_sentence_visible: false,
+        sink_distance: None,
     };
     gist.validate()?;
     Ok(gist)
@@ -446,6 +447,7 @@ impl ReferenceKeys {
             add_bos: true,
             positions: Default::default(),
             previous_sentence_visible: false,
+            sink_distance: None,
         };
         gist.validate()?;
         Ok(gist)

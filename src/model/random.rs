@@ -33,6 +33,8 @@ pub struct RandomSpec {
     pub positions: crate::model::config::PositionScheme,
     /// gist.json's `previous_sentence_visible`.
     pub previous_sentence_visible: bool,
+    /// gist.json's `sink_distance`.
+    pub sink_distance: Option<u32>,
     /// Standard deviation of the random projection weights.
     pub scale: f32,
     /// Standard deviation of the embedding rows.
@@ -76,6 +78,7 @@ impl Default for RandomSpec {
             bos_always_visible: false,
             positions: Default::default(),
             previous_sentence_visible: false,
+            sink_distance: None,
             scale: 0.2,
             embed_scale: 1.0,
             norm_noise: 0.1,
@@ -257,6 +260,7 @@ pub fn write_random_model(dir: &Path, spec: &RandomSpec) -> anyhow::Result<()> {
             add_bos: true,
             positions: spec.positions,
             previous_sentence_visible: spec.previous_sentence_visible,
+            sink_distance: spec.sink_distance,
         };
         std::fs::write(dir.join("gist.json"), serde_json::to_string_pretty(&gist)?)?;
     }

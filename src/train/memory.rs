@@ -221,6 +221,7 @@ pub fn forward_continued(
         &layout.docs,
         n,
         &carried(memory),
+        model.llama.inv_freq(),
         model.llama.dtype(),
         dev,
         ops,

@@ -381,6 +381,7 @@ pub fn trainee_from_dir(dir: &Path, num_gists: usize, device: &Device) -> anyhow
                 add_bos: true,
                 positions: Default::default(),
                 previous_sentence_visible: false,
+                sink_distance: None,
             }
         }
     };
@@ -421,6 +422,7 @@ pub fn trainee_from_scratch(
         add_bos: true,
         positions: Default::default(),
         previous_sentence_visible: false,
+        sink_distance: None,
     };
     let model_config = crate::model::random::config_json(spec, vocab, bos, eos);
     let weights = crate::model::random::random_weights(spec, vocab)?;

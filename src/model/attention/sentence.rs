@@ -5,7 +5,7 @@
 
 use super::{as_rows, attend, mask_tensor, sentence_mask, AttentionPlan, BLOCK};
 use crate::model::flash::Group;
-use crate::model::ops::Ops;
+use crate::model::ops::{rope, Ops};
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
 
@@ -34,6 +34,9 @@ pub struct SentenceDoc {
     /// Whether each segment also sees the whole segment before it (gist.json
     /// `previous_sentence_visible`).
     pub window: bool,
+    /// With gist.json `sink_distance` (compressed scheme): per segment, the position it
+    /// reads BOS at (0: where BOS is stored). Empty: every segment reads it at 0.
+    pub bos_sink: Vec<u32>,
 }
 
 impl SentenceDoc {
@@ -59,9 +62,20 @@ pub struct SentencePlan {
     /// The groups as index and mask tensors, for attention group by group; built on first
     /// use (training runs the groups in one node and never needs them).
     composed: Option<Vec<SentenceGroup>>,
+    /// BOS's key copies at the positions segments read it (gist.json `sink_distance`),
+    /// appended after the forward's keys.
+    sinks: Option<Sinks>,
     dtype: DType,
     device: Device,
     ops: Ops,
+}
+
+/// Key rows appended to a forward's keys: `src` (R,) u32, rows of keys at position 0 (BOS,
+/// where it is stored), each re-rotated by cos and sin (R, D/2) to where it is read.
+struct Sinks {
+    src: Tensor,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 struct SentenceGroup {
@@ -102,6 +116,7 @@ impl SentencePlan {
         Ok(Self {
             groups: groups.into(),
             composed: None,
+            sinks: None,
             dtype,
             device: device.clone(),
             ops,
@@ -181,14 +196,19 @@ impl SentencePlan {
     /// (the incremental path holds a closed segment whole, right after the stored gists
     /// before it, until the next one closes). A query then reads the segment before its own
     /// at window positions, and the stored copies only of the gists before that.
+    ///
+    /// With `sink_distance` ([`SentenceDoc::bos_sink`]), a segment reading BOS away from 0
+    /// reads instead a copy of BOS's key rotated there (keys appended after all others,
+    /// made with `inv_freq`), and BOS's own rows are masked from it.
     pub fn compressed(
         docs: &[SentenceDoc],
         n: usize,
+        inv_freq: &Tensor,
         dtype: DType,
         device: &Device,
         ops: Ops,
     ) -> Result<Self> {
-        Self::compressed_with_memory(docs, n, &[], dtype, device, ops)
+        Self::compressed_with_memory(docs, n, &[], inv_freq, dtype, device, ops)
     }
 
     /// [`Self::compressed`] where document `d` also reads the rows `memory[d]` carries:
@@ -203,6 +223,7 @@ impl SentencePlan {
         docs: &[SentenceDoc],
         n: usize,
         memory: &[Carried],
+        inv_freq: &Tensor,
         dtype: DType,
         device: &Device,
         ops: Ops,
@@ -210,8 +231,15 @@ impl SentencePlan {
         let mut groups = Vec::new();
         let mut memory_start = 0;
         // Key copies in the forward: written and stored, and window positions with the
-        // window; the memory's keys follow them.
+        // window; the memory's keys follow them, then BOS's sink copies.
         let copies = if docs.iter().any(|d| d.window) { 3 } else { 2 };
+        let sink_base = copies * n
+            + memory
+                .iter()
+                .take(docs.len())
+                .map(|c| (c.kept + c.held) as usize)
+                .sum::<usize>();
+        let mut sink_rows: Vec<(u32, u32)> = Vec::new(); // (key row at position 0, position)
         for (d, doc) in docs.iter().enumerate() {
             let carried = memory.get(d).copied().unwrap_or_default();
             let (kept_m, held_m) = (carried.kept as usize, carried.held as usize);
@@ -226,6 +254,28 @@ impl SentencePlan {
             };
             let len = doc.rows.len();
             let flat = |i: usize| (doc.rows.start + i) as u32;
+            // With a sink: BOS is the memory's first row, or this document's first.
+            let sinking = !doc.bos_sink.is_empty();
+            let bos_kv = if kept_m > 0 {
+                (
+                    (copies * n + kept_rows.start) as u32,
+                    (n + kept_rows.start) as u32,
+                )
+            } else {
+                (n as u32 + flat(0), flat(0))
+            };
+            // BOS among the memory's rows: the first kept row, and the held segment's first
+            // row when that segment is the document's first (all kept rows are its).
+            let bos_in_memory = |m: usize| {
+                sinking
+                    && kept_m > 0
+                    && (m == kept_rows.start
+                        || (held_m > 0
+                            && carried.kept == carried.held_kept
+                            && m == held_rows.start))
+            };
+            let bos_here = |j: usize| sinking && kept_m == 0 && j == 0;
+            let sink_of = |s: u32| doc.bos_sink.get(s as usize).copied().unwrap_or(0);
             let mut kept_before: Vec<usize> = Vec::new(); // local rows
             let mut a = 0;
             while a < len {
@@ -246,25 +296,55 @@ impl SentencePlan {
                     open_before.iter().chain(&kept_here).copied().collect();
                 // Memory rows only some of the block reads: in the first block, the held
                 // segment (for segment 0) and its gists among the kept rows (for the rest).
-                let (memory_visible, memory_masked) = if a == 0 {
+                let (mut memory_visible, memory_masked): (Vec<usize>, Vec<usize>) = if a == 0 {
                     (
-                        kept_rows.start..hidden.start,
+                        (kept_rows.start..hidden.start).collect(),
                         hidden.clone().chain(held_rows.clone()).collect(),
                     )
                 } else {
-                    (kept_rows.clone(), Vec::new())
+                    (kept_rows.clone().collect(), Vec::new())
                 };
-                let cols = memory_masked.len() + stored_masked.len() + windowed.len() + (b - a);
+                // With a sink, BOS leaves the all-visible prefix: a masked column, read there
+                // only by segments whose sink is at 0; the others read their own copy.
+                let mut bos_col = None;
+                if sinking {
+                    if let Some(at) = memory_visible.iter().position(|&m| bos_in_memory(m)) {
+                        memory_visible.remove(at);
+                        bos_col = Some(bos_kv);
+                    } else if kept_before.first() == Some(&0) && kept_m == 0 {
+                        bos_col = Some(bos_kv);
+                    }
+                }
+                let mut sinks_here: Vec<u32> = Vec::new(); // segments, one sink column each
+                if sinking {
+                    for i in a..b {
+                        let s = doc.segment[i];
+                        if sink_of(s) > 0 && sinks_here.last() != Some(&s) {
+                            sinks_here.push(s);
+                        }
+                    }
+                }
+                let cols = usize::from(bos_col.is_some())
+                    + memory_masked.len()
+                    + stored_masked.len()
+                    + windowed.len()
+                    + sinks_here.len()
+                    + (b - a);
                 let mut inner = Vec::with_capacity((b - a) * cols);
+                let mask = |visible: bool| if visible { 0.0 } else { f32::NEG_INFINITY };
                 for i in a..b {
                     let s = doc.segment[i];
+                    let sunk = sink_of(s) > 0;
+                    if bos_col.is_some() {
+                        inner.push(mask(!sunk));
+                    }
                     for &m in &memory_masked {
                         let visible = if held_rows.contains(&m) {
                             s == 0
                         } else {
                             s > 0
                         };
-                        inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                        inner.push(mask(visible && !(sunk && bos_in_memory(m))));
                     }
                     let reads_stored = |j: usize| {
                         if doc.window {
@@ -274,34 +354,47 @@ impl SentencePlan {
                         }
                     };
                     for &j in &stored_masked {
-                        inner.push(if reads_stored(j) {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        });
+                        inner.push(mask(reads_stored(j) && !(sunk && bos_here(j))));
                     }
                     for &j in &windowed {
                         let visible = doc.segment[j] + 1 == s;
-                        inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                        inner.push(mask(visible && !(sunk && bos_here(j))));
+                    }
+                    for &t in &sinks_here {
+                        inner.push(mask(t == s));
                     }
                     for j in a..b {
                         let visible = j <= i && doc.segment[j] == s;
-                        inner.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+                        inner.push(mask(visible));
                     }
                 }
-                let mut keys: Vec<u32> = memory_visible
-                    .clone()
-                    .map(|m| (copies * n + m) as u32)
+                let prefix: Vec<usize> = kept_before
+                    .iter()
+                    .copied()
+                    .filter(|&i| !bos_here(i))
                     .collect();
-                let mut values: Vec<u32> = memory_visible.clone().map(|m| (n + m) as u32).collect();
-                keys.extend(kept_before.iter().map(|&i| n as u32 + flat(i)));
-                values.extend(kept_before.iter().map(|&i| flat(i)));
+                let mut keys: Vec<u32> = memory_visible
+                    .iter()
+                    .map(|&m| (copies * n + m) as u32)
+                    .collect();
+                let mut values: Vec<u32> = memory_visible.iter().map(|&m| (n + m) as u32).collect();
+                keys.extend(prefix.iter().map(|&i| n as u32 + flat(i)));
+                values.extend(prefix.iter().map(|&i| flat(i)));
+                if let Some((k, v)) = bos_col {
+                    keys.push(k);
+                    values.push(v);
+                }
                 keys.extend(memory_masked.iter().map(|&m| (copies * n + m) as u32));
                 values.extend(memory_masked.iter().map(|&m| (n + m) as u32));
                 keys.extend(stored_masked.iter().map(|&i| n as u32 + flat(i)));
                 values.extend(stored_masked.iter().map(|&i| flat(i)));
                 keys.extend(windowed.iter().map(|&i| 2 * n as u32 + flat(i)));
                 values.extend(windowed.iter().map(|&i| flat(i)));
+                for &t in &sinks_here {
+                    keys.push((sink_base + sink_rows.len()) as u32);
+                    values.push(bos_kv.1);
+                    sink_rows.push((bos_kv.0, sink_of(t)));
+                }
                 keys.extend((a..b).map(flat));
                 values.extend((a..b).map(flat));
                 groups.push(Group {
@@ -316,23 +409,34 @@ impl SentencePlan {
                 a = b;
             }
         }
-        Self::from_groups(groups, dtype, device, ops)
+        let mut plan = Self::from_groups(groups, dtype, device, ops)?;
+        if !sink_rows.is_empty() {
+            let (src, at): (Vec<u32>, Vec<u32>) = sink_rows.into_iter().unzip();
+            let (cos, sin) = crate::model::ops::rope_angles(&at, inv_freq, dtype)?;
+            plan.sinks = Some(Sinks {
+                src: Tensor::new(src, device)?,
+                cos,
+                sin,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// The forward's keys (Hkv, S, D), followed by BOS's sink copies when there are any.
+    fn with_sinks(&self, k: &Tensor) -> Result<Tensor> {
+        match &self.sinks {
+            Some(s) => {
+                let bos = rope(&k.index_select(&s.src, 1)?, &s.cos, &s.sin, self.ops)?;
+                Tensor::cat(&[k, &bos], 1)
+            }
+            None => Ok(k.clone()),
+        }
     }
 }
 
-impl AttentionPlan for SentencePlan {
-    /// In training, every group in one node of the graph (see [`super::flash::grouped`]);
-    /// at inference, and where the tiled kernel does not apply, group by group.
-    fn attend_rows(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        if self.ops == Ops::Differentiable {
-            if let Some(y) = crate::model::flash::attend_groups(q, k, v, &self.groups)? {
-                return Ok(y);
-            }
-        }
-        as_rows(&self.attend(layer, q, k, v)?)
-    }
-
-    fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+impl SentencePlan {
+    /// The groups one by one; `k` already holds the sink copies.
+    fn attend_each(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let ops = self.ops;
         let groups = self.composed()?;
         let mut outs = Vec::with_capacity(groups.len());
@@ -344,6 +448,25 @@ impl AttentionPlan for SentencePlan {
             outs.push(attend(&qb, &kb, &vb, Some(&g.inner), ops)?);
         }
         Tensor::cat(&outs, 1)
+    }
+}
+
+impl AttentionPlan for SentencePlan {
+    /// In training, every group in one node of the graph (see [`super::flash::grouped`]);
+    /// at inference, and where the tiled kernel does not apply, group by group.
+    fn attend_rows(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let k = &self.with_sinks(k)?;
+        if self.ops == Ops::Differentiable {
+            if let Some(y) = crate::model::flash::attend_groups(q, k, v, &self.groups)? {
+                return Ok(y);
+            }
+        }
+        as_rows(&self.attend_each(q, k, v)?)
+    }
+
+    fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let k = self.with_sinks(k)?;
+        self.attend_each(q, &k, v)
     }
 }
 
@@ -409,6 +532,7 @@ mod tests {
                 segment,
                 kept,
                 window: false,
+                bos_sink: Vec::new(),
             });
             start += n;
         }
@@ -434,7 +558,8 @@ mod tests {
                 (true, true) => 3 * n,
             };
             let mut plan = if compressed {
-                SentencePlan::compressed(&docs, n, DType::F32, &dev, Ops::Differentiable)
+                let inv_freq = Tensor::ones(d / 2, DType::F32, &dev).unwrap();
+                SentencePlan::compressed(&docs, n, &inv_freq, DType::F32, &dev, Ops::Differentiable)
             } else {
                 SentencePlan::new(&docs, DType::F32, &dev, Ops::Differentiable)
             }
