@@ -597,3 +597,29 @@ fn loss_falls_with_the_previous_sentence_visible() {
     t.model.gist.previous_sentence_visible = true;
     assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("span-out"));
 }
+
+/// A model reading BOS at a bounded distance trains (sink key copies in the
+/// differentiable forward, their gradient flowing back into BOS's key), alone and with a
+/// memory span (the memory's BOS read at each segment's sink).
+#[test]
+fn loss_falls_with_a_bos_sink() {
+    let sink = |t: &mut Trainee| {
+        let g = &mut t.model.gist;
+        g.positions = giststream::model::config::PositionScheme::Compressed;
+        (g.add_bos, g.bos_always_visible) = (true, true);
+        g.sink_distance = Some(8);
+        g.validate().unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    sink(&mut t);
+    let cfg = config(64 * 8 * 45, Trainable::All);
+    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/gist.json")).unwrap()).unwrap();
+    assert_eq!(saved["sink_distance"], 8);
+
+    let (mut t, cfg) = span_run(&dir.path().join("span"), 45);
+    sink(&mut t);
+    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("span-out"));
+}

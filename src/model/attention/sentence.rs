@@ -550,8 +550,26 @@ mod tests {
         let dev = Device::Cpu;
         let (mut docs, n) = sentence_docs();
         let (hq, hkv, d) = (4, 2, 32);
-        for (compressed, window) in [(false, false), (true, false), (false, true), (true, true)] {
-            docs.iter_mut().for_each(|doc| doc.window = window);
+        // The last case reads BOS (row 0, kept) at sinks: key copies after the others.
+        let cases = [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (true, true, false),
+            (true, true, true),
+        ];
+        for (compressed, window, sink) in cases {
+            for doc in docs.iter_mut() {
+                doc.window = window;
+                doc.kept[0] |= sink;
+                let segments = *doc.segment.last().unwrap() as usize + 1;
+                doc.bos_sink = match sink {
+                    true => (0..segments as u32)
+                        .map(|s| s.saturating_sub(2) * 3)
+                        .collect(),
+                    false => Vec::new(),
+                };
+            }
             let nk = match (compressed, window) {
                 (false, _) => n,
                 (true, false) => 2 * n,
@@ -574,7 +592,10 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, hq * d), &dev).unwrap();
             let grouped = plan.attend_rows(0, &q, &k, &v).unwrap();
             // The grouped kernel ran (not the per-group fallback).
-            let direct = crate::model::flash::attend_groups(&q, &k, &v, &plan.groups).unwrap();
+            assert_eq!(plan.sinks.is_some(), sink);
+            let with_sinks = plan.with_sinks(&k).unwrap();
+            let direct =
+                crate::model::flash::attend_groups(&q, &with_sinks, &v, &plan.groups).unwrap();
             assert!(direct.is_some_and(|y| crate::model::simd::max_abs_diff(&y, &grouped) == 0.0));
             let one_by_one = plan
                 .attend(0, &q, &k, &v)
