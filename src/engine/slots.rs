@@ -223,7 +223,14 @@ pub fn advance_slots(
         sinks[*slot] = open_sentence_sink(model, state, cache.len[*slot]).unwrap_or(0);
     }
     let sink = if sinks.iter().any(|&p| p > 0) {
-        Some(moved_angles(model, sinks.iter().map(|&p| (0, p)))?)
+        let (cos, sin) = moved_angles(model, sinks.iter().map(|&p| (0, p)))?;
+        let rows: Vec<u32> = (0..slots).map(|s| (s * cap) as u32).collect();
+        Some(SlotSinks {
+            rows: Tensor::new(rows.as_slice(), &dev)?,
+            spread: spread(rows)?,
+            cos,
+            sin,
+        })
     } else {
         None
     };
@@ -283,11 +290,20 @@ struct SlotPlan<'a> {
     compact: Option<(Tensor, Tensor)>,
     /// cos and sin (M, D/2) re-rotating the moved keys (compressed positions).
     shift: Option<(Tensor, Tensor)>,
-    /// cos and sin (S, D/2) re-rotating each slot's BOS (row 0) to where its open sentence
-    /// reads it (gist.json `sink_distance`); None: every slot reads it where stored.
-    sink: Option<(Tensor, Tensor)>,
+    /// Each slot's BOS (row 0) re-rotated to where its open sentence reads it (gist.json
+    /// `sink_distance`); None: every slot reads it where stored.
+    sink: Option<SlotSinks>,
     lmax: usize,
     t: usize,
+}
+
+/// The cache rows of every slot's BOS (S,), spread over (Hkv, S, D) for scatter_set, and
+/// the cos and sin (S, D/2) rotating each to its sink (by 0 where none).
+struct SlotSinks {
+    rows: Tensor,
+    spread: Tensor,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl SlotPlan<'_> {
@@ -337,19 +353,21 @@ impl AttentionPlan for SlotPlan<'_> {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((hkv, s, g * lmax, d))?;
+        // Each slot's BOS read at its sink: rotated in place for this attention and put
+        // back after it (S rows copied, not the whole cache).
+        let stored_bos = match &self.sink {
+            Some(sk) => {
+                let bos = self.cache.k[layer].index_select(&sk.rows, 1)?; // (Hkv, S, D), a copy
+                let moved = rope(&bos, &sk.cos, &sk.sin, Ops::Fused)?;
+                self.cache.k[layer].scatter_set(&sk.spread, &moved, 1)?;
+                Some(bos)
+            }
+            None => None,
+        };
         // Every slot's first T rows: (Hkv, S, T, D), a view.
         let kc = self.cache.k[layer]
             .reshape((hkv, s, cap, d))?
             .narrow(2, 0, t)?;
-        let kc = match &self.sink {
-            // Each slot's BOS read at its sink: rotated copies of row 0, the cache untouched.
-            Some((cos, sin)) => {
-                let bos = kc.narrow(2, 0, 1)?.squeeze(2)?.contiguous()?; // (Hkv, S, D)
-                let bos = rope(&bos, cos, sin, Ops::Fused)?.unsqueeze(2)?;
-                Tensor::cat(&[&bos, &kc.narrow(2, 1, t - 1)?], 2)?
-            }
-            None => kc,
-        };
         let vc = self.cache.v[layer]
             .reshape((hkv, s, cap, d))?
             .narrow(2, 0, t)?;
@@ -365,6 +383,9 @@ impl AttentionPlan for SlotPlan<'_> {
             .contiguous()?
             .reshape((hq, s * lmax, d))?
             .index_select(&self.unpad, 1)?; // (Hq, N, D)
+        if let (Some(sk), Some(bos)) = (&self.sink, stored_bos) {
+            self.cache.k[layer].scatter_set(&sk.spread, &bos, 1)?;
+        }
         self.compact(layer)?;
         Ok(out)
     }

@@ -116,6 +116,15 @@ impl KvBuffer {
         Ok(())
     }
 
+    /// Rotates row 0's key by cos and sin (1, D/2) in place, returning the key it held
+    /// (Hkv, 1, D) for the caller to put back.
+    fn rotate_key_row0(&mut self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let stored = self.k.narrow(1, 0, 1)?.contiguous()?; // a copy
+        self.k
+            .slice_set(&rope(&stored, cos, sin, Ops::Fused)?, 1, 0)?;
+        Ok(stored)
+    }
+
     /// A buffer holding exactly these rows (Hkv, len, D).
     pub fn from_tensors(k: Tensor, v: Tensor) -> Result<Self> {
         let len = k.dim(1)?;
@@ -417,15 +426,13 @@ impl AttentionPlan for IncrementalPlan<'_> {
             let l = rows.len();
             let buf = &mut state.layers[layer];
             buf.append(&k.narrow(1, rows.start, l)?, &v.narrow(1, rows.start, l)?)?;
-            let (kb, vb) = buf.view()?; // (Hkv, P + L, D): the cache, then the new rows
-            let kb = match &self.sinks[i] {
-                // BOS read at its sink: a rotated copy of row 0, the stored row untouched.
-                Some((cos, sin)) => {
-                    let bos = rope(&kb.narrow(1, 0, 1)?.contiguous()?, cos, sin, Ops::Fused)?;
-                    Tensor::cat(&[&bos, &kb.narrow(1, 1, kb.dim(1)? - 1)?], 1)?
-                }
-                None => kb,
+            // BOS read at its sink: row 0's key rotated there in place for this attention
+            // and put back after it (one row copied, not the whole cache).
+            let stored_bos = match &self.sinks[i] {
+                Some((cos, sin)) => Some(buf.rotate_key_row0(cos, sin)?),
+                None => None,
             };
+            let (kb, vb) = buf.view()?; // (Hkv, P + L, D): the cache, then the new rows
             if first {
                 // One query row sees everything: no mask.
                 let mask = if l > 1 {
@@ -437,6 +444,9 @@ impl AttentionPlan for IncrementalPlan<'_> {
             }
             let qb = q.narrow(1, rows.start, l)?;
             outs.push(attend(&qb, &kb, &vb, self.masks[i].as_ref(), Ops::Fused)?);
+            if let Some(bos) = stored_bos {
+                buf.k.slice_set(&bos, 1, 0)?;
+            }
         }
         Tensor::cat(&outs, 1)
     }
