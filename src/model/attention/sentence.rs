@@ -311,19 +311,18 @@ impl SentencePlan {
                     if let Some(at) = memory_visible.iter().position(|&m| bos_in_memory(m)) {
                         memory_visible.remove(at);
                         bos_col = Some(bos_kv);
-                    } else if kept_before.first() == Some(&0) && kept_m == 0 {
+                    } else if kept_before.first().is_some_and(|&i| bos_here(i)) {
                         bos_col = Some(bos_kv);
                     }
                 }
-                let mut sinks_here: Vec<u32> = Vec::new(); // segments, one sink column each
-                if sinking {
-                    for i in a..b {
-                        let s = doc.segment[i];
-                        if sink_of(s) > 0 && sinks_here.last() != Some(&s) {
-                            sinks_here.push(s);
-                        }
-                    }
-                }
+                // Segments of the block reading BOS at a sink, one key copy each (none
+                // without a sink: `sink_of` is then 0).
+                let mut sinks_here: Vec<u32> = doc.segment[a..b]
+                    .iter()
+                    .copied()
+                    .filter(|&s| sink_of(s) > 0)
+                    .collect();
+                sinks_here.dedup();
                 let cols = usize::from(bos_col.is_some())
                     + memory_masked.len()
                     + stored_masked.len()
@@ -432,9 +431,7 @@ impl SentencePlan {
             None => Ok(k.clone()),
         }
     }
-}
 
-impl SentencePlan {
     /// The groups one by one; `k` already holds the sink copies.
     fn attend_each(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let ops = self.ops;
