@@ -474,7 +474,8 @@ fn validation_can_be_added_when_a_run_is_resumed() {
 /// step is trained, the model written holds the checkpoint's weights, and the checkpoint
 /// records the plan as ended, so a later resume trains nothing either. It used to loop for
 /// ever on a stage with no steps left (hence the guard). A folder with no checkpoint has
-/// no run to finish.
+/// no run to finish. Finishing reads no training data (the CLI's `--data` is optional
+/// with `--finish`).
 #[test]
 fn a_run_stopped_early_is_finished_where_its_checkpoint_stands() {
     let dir = tempfile::tempdir().unwrap();
@@ -485,7 +486,10 @@ fn a_run_stopped_early_is_finished_where_its_checkpoint_stands() {
     let finish = |resume| {
         let (tx, rx) = std::sync::mpsc::channel();
         let out = out.clone();
-        let seqs = seqs.clone();
+        let seqs = match resume {
+            train::Resume::Finish => Vec::new(),
+            _ => seqs.clone(),
+        };
         std::thread::spawn(move || {
             let (mut t, cfg) = train::resume_trainee(&out, &Device::Cpu).unwrap();
             let done = train::run(&mut t, &cfg, &seqs, &[], &out, resume, |_| {});
@@ -532,6 +536,33 @@ fn a_run_stopped_early_is_finished_where_its_checkpoint_stands() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("no run to finish"), "{err}");
+
+    // The CLI: `--finish` without `--data` writes the model again from the ended plan, and
+    // on a folder with no checkpoint names that, not a missing flag.
+    std::fs::remove_file(out.join("model.safetensors")).unwrap();
+    let cli = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_giststream"))
+            .env("RAYON_NUM_THREADS", "1")
+            .args(["train", "--finish", "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let done = cli(&out);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(log(), logged, "no step trained");
+    assert!(
+        out.join("model.safetensors").exists(),
+        "the model is written"
+    );
+    let refused = cli(&dir.path().join("empty2"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("holds no checkpoint"), "{stderr}");
 }
 
 /// Held-out text must be held out: `--valid` naming the training folder is refused.

@@ -23,9 +23,9 @@ pub struct TrainTokenizerArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Folder of .txt training documents.
-    #[arg(long, value_name = "DIR")]
-    pub data: PathBuf,
+    /// Folder of .txt training documents (not needed with --finish, which trains nothing).
+    #[arg(long, value_name = "DIR", required_unless_present = "finish")]
+    pub data: Option<PathBuf>,
     /// Output model directory (checkpoints go to DIR/checkpoint).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -328,7 +328,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .ok()
                 .is_some_and(|a| Some(a) == b.canonicalize().ok())
         };
-        if same(dir, &args.data) {
+        if args.data.as_deref().is_some_and(|data| same(dir, data)) {
             bail!(
                 "--valid {} is the training folder: held-out text must not be trained on",
                 dir.display()
@@ -340,7 +340,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             tokens: args.valid_tokens,
         });
     }
-    let texts = train::read_texts(&args.data)?;
+    // --finish trains no step, so it reads no training text (tokenizing a corpus takes
+    // about a minute).
+    let texts = match &args.data {
+        Some(data) if !args.finish => train::read_texts(data)?,
+        _ => Vec::new(),
+    };
     let bos = trainee.model.bos_token_id();
     // Training and held-out text are cut into sequences the same way.
     let cut = |texts: &[String]| {

@@ -87,7 +87,7 @@ pub enum Resume {
 
 /// Runs (or resumes) training, writing the model to `out`. `valid`: the held-out
 /// documents scored every `cfg.validation.every` steps (empty: none). `report` sees every
-/// step and every scoring.
+/// step and every scoring. `data` may be empty with `Resume::Finish`, which trains nothing.
 pub fn run(
     trainee: &mut Trainee,
     cfg_in: &TrainConfig,
@@ -98,7 +98,7 @@ pub fn run(
     mut report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
     ensure!(
-        !data.is_empty(),
+        !data.is_empty() || resume == Resume::Finish,
         "no training sequences: is the data folder empty?"
     );
     let mut cfg = cfg_in.clone();
@@ -173,7 +173,7 @@ pub fn run(
     }
     let mut perm = (u64::MAX, Vec::new());
     let span = cfg.memory_span.max(1);
-    let spans = if span > 1 {
+    let spans = if span > 1 && resume != Resume::Finish {
         ensure!(
             cfg.attention == Attention::Gist,
             "a memory span trains sentence attention (--attention gist)"
