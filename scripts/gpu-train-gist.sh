@@ -10,7 +10,7 @@
 #      with the previous sentence kept visible (WINDOW=1, the default: gist.json
 #      `previous_sentence_visible`, 1.13x the ceiling at 2k against 1.31x on the CPU),
 #      and BOS read at most SINK positions before each sentence (gist.json
-#      `sink_distance`, 1024 as shipped; 0: off);
+#      `sink_distance`, 128 as shipped; 0: off);
 #      Held-out valid/ is scored every 50 steps (`train --valid`: the validation curve);
 #   2. evaluates it on valid/ against the base (ceiling: full attention; floor: each
 #      sentence alone) at 2k tokens per book;
@@ -35,7 +35,7 @@ BATCH=${BATCH:-16}
 NG=${NG:-2}
 MEMORY_SPAN=${MEMORY_SPAN:-3}
 WINDOW=${WINDOW:-1}
-SINK=${SINK:-1024}
+SINK=${SINK:-128}
 EVAL_TOKENS=${EVAL_TOKENS:-2048}
 mkdir -p "$OUT" "$STASH"
 exec > >(tee -a "$OUT/log.txt") 2>&1

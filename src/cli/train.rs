@@ -370,14 +370,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let total_steps: usize = (0..cfg.stages.len()).map(|i| cfg.steps(i)).sum();
-    eprintln!(
-        "{} sequences of up to {} tokens from {} documents; {} steps in {} stage(s)",
-        data.len(),
-        cfg.seq_tokens,
-        texts.len(),
-        total_steps,
-        cfg.stages.len()
-    );
+    if !args.finish {
+        eprintln!(
+            "{} sequences of up to {} tokens from {} documents; {} steps in {} stage(s)",
+            data.len(),
+            cfg.seq_tokens,
+            texts.len(),
+            total_steps,
+            cfg.stages.len()
+        );
+    }
     let bar = indicatif::ProgressBar::new(total_steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
