@@ -357,6 +357,28 @@ fn a_writer_killed_while_appending_parts_leaves_whole_parts_and_resumes() {
     }
 }
 
+/// sled 0.34 takes a half-written snapshot (`snap.<lsn>.generating`, left by a writer killed
+/// while writing one) for the newest and refuses the whole store as corrupt; about one run
+/// in three of the two kill tests above met it. `Store::open` removes such a file and opens
+/// the store from its previous snapshot and log, every record as it was.
+#[test]
+fn an_unfinished_sled_snapshot_left_by_a_kill_costs_nothing() {
+    let (dir, model_dir, store_dir) = setup();
+    let files = write_docs(dir.path(), 3, 1);
+    common::succeed(&mut compress_cmd(&model_dir, &store_dir, &files, 1));
+    let before = all_records(&store_dir);
+    assert_eq!(before.len(), 3);
+    // Sorted last of the snap.* files: sled reads it as the newest snapshot.
+    let half = store_dir.join("snap.FFFFFFFFFFFFFFFF.generating");
+    std::fs::write(&half, [7u8; 100]).unwrap();
+    match sled::open(&store_dir) {
+        Err(sled::Error::Corruption { .. }) => {}
+        other => panic!("sled itself refuses it: {:?}", other.map(|_| ())),
+    }
+    assert_eq!(all_records(&store_dir), before);
+    assert!(!half.exists(), "the unfinished snapshot is removed");
+}
+
 /// Every document's raw records (metadata, state chunks, text parts), by id.
 fn all_records(store_dir: &Path) -> std::collections::BTreeMap<String, Vec<Vec<u8>>> {
     let store = Store::open(store_dir).unwrap();
