@@ -18,6 +18,7 @@ pub mod codec;
 pub mod parts;
 pub mod records;
 pub mod salvage;
+mod sled_snapshot;
 
 use records::{chunk_key, seal, unseal};
 pub use records::{
@@ -60,40 +61,6 @@ pub struct Store {
     jobs: sled::Tree,
 }
 
-/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, syncs it, then renames it to
-/// `snap.<lsn>`; but at open it takes every `snap.*` file for a snapshot, so a process killed
-/// while writing one leaves a half file that sled then reads as the newest snapshot and
-/// refuses the whole store as corrupt (sled issue #1527; seen here in the kill tests of
-/// `tests/store.rs`, about one run in three). Such a file was never committed: without it
-/// sled recovers from the previous snapshot and the log, as if the kill had come before the
-/// snapshot began. It is removed only while no other process holds the store (sled's own
-/// lock on `db`, an exclusive flock, taken here and released before sled takes it). True
-/// when one was removed.
-fn remove_unfinished_snapshots(dir: &Path) -> anyhow::Result<bool> {
-    let Ok(db) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("db"))
-    else {
-        return Ok(false); // no store (or none readable: sled::open says why)
-    };
-    if db.try_lock().is_err() {
-        return Ok(false); // in use by another process: not ours to repair
-    }
-    let mut removed = false;
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating")) {
-            std::fs::remove_file(&path).with_context(|| {
-                format!("removing the unfinished sled snapshot {}", path.display())
-            })?;
-            removed = true;
-        }
-    }
-    Ok(removed)
-}
-
 impl Store {
     /// Opens (or creates) the store in `dir`. sled allows one process at a time.
     /// Opens the store in `dir` for reading what is there: a folder that does not exist is
@@ -112,7 +79,7 @@ impl Store {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         // Only after a refusal: the extra lock would otherwise be taken on every open.
         let db = match sled::open(dir) {
-            Err(sled::Error::Corruption { .. }) if remove_unfinished_snapshots(dir)? => {
+            Err(sled::Error::Corruption { .. }) if sled_snapshot::remove_unfinished(dir)? => {
                 sled::open(dir)
             }
             opened => opened,
