@@ -77,14 +77,7 @@ impl Store {
 
     /// Opens the store in `dir`, creating it if there is none.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        // Only after a refusal: the extra lock would otherwise be taken on every open.
-        let db = match sled::open(dir) {
-            Err(sled::Error::Corruption { .. }) if sled_snapshot::remove_unfinished(dir)? => {
-                sled::open(dir)
-            }
-            opened => opened,
-        };
-        let db = db.map_err(|e| {
+        let db = sled_snapshot::open(dir).map_err(|e| {
             let why = match &e {
                 sled::Error::Corruption { .. } => format!(
                     "the store {} is damaged: `giststream store verify {0}` says more, \

@@ -182,7 +182,7 @@ pub fn salvage(dir: &Path, out: &Path) -> anyhow::Result<SalvageReport> {
         doubtful: Vec::new(),
         lost: Vec::new(),
     };
-    match sled::open(&copy) {
+    match super::sled_snapshot::open(&copy) {
         Ok(db) => {
             drop(db);
             let store = Store::open(&copy)?;

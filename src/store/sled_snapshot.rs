@@ -3,6 +3,20 @@
 use anyhow::Context;
 use std::path::Path;
 
+/// `sled::open`, and after a refusal as corrupt caused by an unfinished snapshot (below),
+/// that file removed and a second open. If the repair itself fails, the first refusal
+/// stands: it is the error that names what is wrong. Every open of a store goes through
+/// here (`Store::open`, and salvage's open of its copy). The repair's lock is taken only
+/// after a refusal, never on a normal open.
+pub(super) fn open(dir: &Path) -> sled::Result<sled::Db> {
+    match sled::open(dir) {
+        Err(sled::Error::Corruption { .. }) if remove_unfinished(dir).unwrap_or(false) => {
+            sled::open(dir)
+        }
+        opened => opened,
+    }
+}
+
 /// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, syncs it, then renames it to
 /// `snap.<lsn>`; but at open it takes every `snap.*` file for a snapshot, so a process killed
 /// while writing one leaves a half file that sled then reads as the newest snapshot and
@@ -12,7 +26,7 @@ use std::path::Path;
 /// snapshot began. It is removed only while no other process holds the store (sled's own
 /// lock on `db`, an exclusive flock, taken here and released before sled takes it). True
 /// when one was removed.
-pub(super) fn remove_unfinished(dir: &Path) -> anyhow::Result<bool> {
+fn remove_unfinished(dir: &Path) -> anyhow::Result<bool> {
     let Ok(db) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
