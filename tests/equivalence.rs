@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp};
 use giststream::engine::state::{advance, Chunk, GistState};
 use giststream::engine::whole::{self, Layout, Mode};
-use giststream::model::config::{Incremental, PositionScheme};
+use giststream::model::config::{DistanceDecay, Incremental, PositionScheme};
 use giststream::model::ops::Ops;
 use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::model::{GistModel, LoadOptions};
@@ -359,7 +359,11 @@ fn a_carried_memory_continues_a_document_exactly() {
         windowed(compressed(2)),
         windowed(kept_bos.clone()),
         sunk(kept_bos.clone(), 6),
-        sunk(windowed(kept_bos), 6),
+        sunk(windowed(kept_bos.clone()), 6),
+        // Faded keys: the memory's rows (kept and held) at the positions the whole
+        // document reads them from.
+        decayed(compressed(2), 1.5, 2),
+        decayed(sunk(windowed(kept_bos), 6), 1.0, 3),
     ];
     for spec in specs {
         let cuts = match spec.sink_distance {
@@ -519,6 +523,46 @@ fn the_window_slots_equal_per_document_states() {
     }
 }
 
+/// The parallel logits of the test documents without a setting (`plain`), with it where it
+/// reaches them (`near`) and with it past their end (`far`): checks that `near` changes
+/// them and `far` does not. Returns the logits of `plain` and `near`, and near's layout.
+fn only_near_changes(
+    plain: &RandomSpec,
+    near: RandomSpec,
+    far: RandomSpec,
+) -> (candle_core::Tensor, candle_core::Tensor, Layout) {
+    let (_d0, plain) = common::tiny_model(plain);
+    let (_d1, near) = common::tiny_model(&near);
+    let (_d2, far) = common::tiny_model(&far);
+    let docs = documents(&plain);
+    let forward = |m: &GistModel| {
+        let l = Layout::new(m, &docs, true);
+        (
+            whole::forward(m, &l, Mode::Sentence, Ops::Fused).unwrap(),
+            l,
+        )
+    };
+    let ((pp, lp), (pn, ln), (pf, _)) = (forward(&plain), forward(&near), forward(&far));
+    assert!(common::max_diff_regular(&pp, &pn, &lp.regular) > 1e-3);
+    assert!(common::max_diff_regular(&pp, &pf, &lp.regular) < 1e-5);
+    (pp, pn, ln)
+}
+
+/// Why a model written from `spec` fails to load, with its cause chain.
+fn load_error(spec: &RandomSpec) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), spec).unwrap();
+    let err = GistModel::load(
+        dir.path(),
+        &Device::Cpu,
+        DType::F32,
+        &LoadOptions::default(),
+    )
+    .err()
+    .unwrap();
+    format!("{err:#}")
+}
+
 // ---------------------------------------------------------------------------------------
 // BOS read at a bounded distance (gist.json `sink_distance`)
 // ---------------------------------------------------------------------------------------
@@ -554,21 +598,8 @@ fn a_bos_sink_moves_only_far_sentences() {
         bos_always_visible: true,
         ..compressed(2)
     };
-    let (_d0, plain) = common::tiny_model(&kept);
-    let (_d1, near) = common::tiny_model(&sunk(kept.clone(), 9));
-    let (_d2, far) = common::tiny_model(&sunk(kept, 100_000));
-    let docs = documents(&plain);
-    let forward = |m: &GistModel| {
-        let l = Layout::new(m, &docs, true);
-        (
-            whole::forward(m, &l, Mode::Sentence, Ops::Fused).unwrap(),
-            l,
-        )
-    };
-    let ((pp, lp), (pn, ln), (pf, _)) = (forward(&plain), forward(&near), forward(&far));
     // (BOS moves among the masked keys with a sink: the sums run in another order.)
-    assert!(common::max_diff_regular(&pp, &pn, &lp.regular) > 1e-3);
-    assert!(common::max_diff_regular(&pp, &pf, &lp.regular) < 1e-5);
+    let (pp, pn, ln) = only_near_changes(&kept, sunk(kept.clone(), 9), sunk(kept.clone(), 100_000));
     for doc in &ln.docs {
         let mut segs = 0;
         for i in 0..doc.segment.len() {
@@ -612,16 +643,96 @@ fn a_sink_without_a_kept_bos_or_compressed_positions_is_refused() {
             8,
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        write_random_model(dir.path(), &spec).unwrap();
-        let err = GistModel::load(
-            dir.path(),
-            &Device::Cpu,
-            DType::F32,
-            &LoadOptions::default(),
-        )
-        .err()
-        .unwrap();
-        assert!(format!("{err:#}").contains("sink_distance"), "{err:#}");
+        let err = load_error(&spec);
+        assert!(err.contains("sink_distance"), "{err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Far keys faded (gist.json `distance_decay`)
+// ---------------------------------------------------------------------------------------
+
+fn decayed(spec: RandomSpec, strength: f32, from: u32) -> RandomSpec {
+    RandomSpec {
+        distance_decay: Some(DistanceDecay { strength, from }),
+        ..spec
+    }
+}
+
+/// Every key faded by how far it is read from: the incremental path (row = position, BOS
+/// at its sink) computes what the parallel path (each group's mask over all its keys, the
+/// stored, window and sink copies at their own positions) computes, on both ops paths.
+#[test]
+fn a_distance_decay_incremental_equals_parallel() {
+    for (strength, from) in [(0.5, 1), (2.0, 4), (1.0, 12)] {
+        check(decayed(compressed(1), strength, from), 1, false);
+        check(decayed(compressed(2), strength, from), 3, true);
+        check(decayed(windowed(compressed(2)), strength, from), 2, true);
+        check(
+            decayed(sunk(windowed(compressed(4)), 5), strength, from),
+            1,
+            true,
+        );
+    }
+}
+
+/// The decay changes what queries read from far away (the comparisons above have teeth),
+/// and only that: a `from` past every document's length changes nothing, and the first
+/// sentence, whose keys are all near, reads what it read without the decay.
+#[test]
+fn a_distance_decay_fades_only_far_keys() {
+    let spec = RandomSpec {
+        bos_always_visible: true,
+        ..compressed(2)
+    };
+    let (pp, pn, ln) = only_near_changes(
+        &spec,
+        decayed(spec.clone(), 1.0, 3),
+        decayed(spec.clone(), 1.0, 100_000),
+    );
+    // The first three tokens of each document read keys at most 2 positions away.
+    for doc in &ln.docs {
+        let head = |t: &candle_core::Tensor| t.i(doc.rows.start..doc.rows.start + 3).unwrap();
+        assert!(ln.positions[doc.rows.start + 2] == 2);
+        assert!(common::max_abs_diff(&head(&pp), &head(&pn)) < 1e-5);
+    }
+}
+
+/// Both incremental engines fade the same keys.
+#[test]
+fn a_distance_decay_slots_equal_per_document_states() {
+    for spec in [
+        decayed(compressed(3), 1.0, 2),
+        decayed(sunk(windowed(compressed(1)), 4), 2.0, 3),
+    ] {
+        engines_agree(&spec);
+    }
+}
+
+/// A decay needs compressed positions (its distances are rows of the state) and a
+/// strength above 0.
+#[test]
+fn a_distance_decay_without_compressed_positions_or_strength_is_refused() {
+    for (spec, says) in [
+        (
+            decayed(
+                RandomSpec {
+                    num_gists: 2,
+                    ..RandomSpec::default()
+                },
+                1.0,
+                4,
+            ),
+            "compressed",
+        ),
+        (decayed(compressed(2), 0.0, 4), "strength above 0"),
+        (decayed(compressed(2), 1.0, 0), "from at least 1"),
+    ] {
+        let err = load_error(&spec);
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("distance_decay") && msg.contains(says),
+            "{msg}"
+        );
     }
 }

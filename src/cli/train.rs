@@ -1,5 +1,6 @@
 //! `giststream train-tokenizer` and `giststream train`.
 
+use crate::model::config::DistanceDecay;
 use crate::model::device::{parse_device, parse_dtype};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -87,6 +88,12 @@ pub struct TrainArgs {
     /// compressed` (or an adapter that has it) and `--keep-bos`.
     #[arg(long, value_name = "D")]
     pub sink_distance: Option<u32>,
+    /// Fade keys read from farther than FROM positions by (FROM / distance)^STRENGTH
+    /// (gist.json `distance_decay`), so that the thousands of gist rows of a long document
+    /// do not crowd out the near ones. Needs `--positions compressed` (or an adapter that
+    /// has it).
+    #[arg(long, value_name = "STRENGTH,FROM", value_parser = parse_distance_decay)]
+    pub distance_decay: Option<DistanceDecay>,
     /// The adapter's scale numerator (a projection adds alpha / r · x·Aᵀ·Bᵀ).
     #[arg(long, default_value_t = 32.0)]
     pub adapter_alpha: f64,
@@ -319,6 +326,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             trainee.model.gist.sink_distance = Some(d);
             trainee.model.gist.validate().context("--sink-distance")?;
         }
+        if let Some(d) = args.distance_decay {
+            trainee.model.gist.distance_decay = Some(d);
+            trainee.model.gist.validate().context("--distance-decay")?;
+        }
         (trainee, cfg)
     };
     trainee.save_dtype = save_dtype;
@@ -442,4 +453,39 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// `--distance-decay STRENGTH,FROM`.
+fn parse_distance_decay(s: &str) -> Result<DistanceDecay, String> {
+    let (strength, from) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?} is not STRENGTH,FROM (for example 1,256)"))?;
+    Ok(DistanceDecay {
+        strength: strength
+            .trim()
+            .parse()
+            .map_err(|e| format!("strength {strength:?}: {e}"))?,
+        from: from
+            .trim()
+            .parse()
+            .map_err(|e| format!("from {from:?}: {e}"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distance_decay_parses_strength_and_from_and_names_what_is_wrong() {
+        let d = parse_distance_decay("1.5, 256").unwrap();
+        assert_eq!((d.strength, d.from), (1.5, 256));
+        assert!(parse_distance_decay("1.5")
+            .unwrap_err()
+            .contains("STRENGTH,FROM"));
+        assert!(parse_distance_decay("x,256")
+            .unwrap_err()
+            .contains("strength"));
+        assert!(parse_distance_decay("1,-3").unwrap_err().contains("from"));
+    }
 }

@@ -234,6 +234,26 @@ pub fn advance_slots(
     } else {
         None
     };
+    // gist.json `distance_decay`: each real query's visible keys faded by how far it reads
+    // them (row = position; BOS at its sink), as `state::decay_mask` fades them.
+    let mask = match &model.gist.distance_decay {
+        Some(decay) => {
+            let mut fade = vec![0f32; slots * lmax * t];
+            for ((slot, _), (rows, _)) in items.iter().zip(&groups) {
+                for (i, r) in rows.clone().enumerate() {
+                    let at = (slot * lmax + i) * t;
+                    let visible = cache.len[*slot] + i + 1;
+                    for (j, f) in fade[at..at + visible].iter_mut().enumerate() {
+                        let key = if j == 0 { sinks[*slot] } else { j as u32 };
+                        *f = decay.bias(positions[r], key);
+                    }
+                }
+            }
+            let fade = Tensor::from_vec(fade, (slots, 1, lmax, t), &dev)?;
+            (mask + fade.to_dtype(cache.dtype)?)?
+        }
+        None => mask,
+    };
     let mut plan = SlotPlan {
         cache,
         sink,

@@ -14,7 +14,7 @@
 //! its own cache. This is what `compress`, ingestion and queries use.
 
 use crate::model::attention::{attend, causal_mask_tensor, AttentionPlan};
-use crate::model::config::PositionScheme;
+use crate::model::config::{DistanceDecay, PositionScheme};
 use crate::model::llama::Logits;
 use crate::model::ops::{rope, rope_shift_angles, Ops};
 use crate::model::GistModel;
@@ -289,8 +289,15 @@ pub fn advance(
             None => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
+    let sink_at = items
+        .iter()
+        .map(|(s, _)| open_sentence_sink(model, s, s.kv_len()))
+        .collect();
     let mut plan = IncrementalPlan {
         sinks,
+        sink_at,
+        decay: model.gist.distance_decay,
+        positions: &positions,
         states: items.iter_mut().map(|(s, _)| &mut **s).collect(),
         groups: groups.iter().map(|(r, _)| r.clone()).collect(),
         masks: Vec::new(),
@@ -403,12 +410,44 @@ pub(crate) fn open_sentence_sink(model: &GistModel, state: &GistState, rows: usi
     model.gist.bos_sink(w as u32)
 }
 
+/// The (L, S) additive mask of one document's L new rows (at `queries`, the last L of its
+/// S cached rows) with gist.json's `distance_decay`: each cached row faded by how far it
+/// is read from (row = position in the compressed scheme; BOS, row 0, at `sink`), the new
+/// rows causal among themselves and faded too.
+pub(crate) fn decay_mask(
+    decay: &DistanceDecay,
+    queries: &[u32],
+    keys: usize,
+    sink: u32,
+    device: &Device,
+) -> Result<Tensor> {
+    let l = queries.len();
+    let held = keys - l;
+    let mut mask = Vec::with_capacity(l * keys);
+    for (i, &q) in queries.iter().enumerate() {
+        mask.extend((0..keys).map(|j| {
+            if j > held + i {
+                f32::NEG_INFINITY
+            } else {
+                decay.bias(q, if j == 0 { sink } else { j as u32 })
+            }
+        }));
+    }
+    Tensor::from_vec(mask, (l, keys), device)
+}
+
 /// Incremental attention: each document's new rows attend to its cache (all visible: kept
 /// gists and the tail of the same sentence) and causally to each other.
 struct IncrementalPlan<'a> {
     /// Per document: cos and sin (1, D/2) re-rotating BOS (row 0) to where its open
     /// sentence reads it (gist.json `sink_distance`); None: where it is stored.
     sinks: Vec<Option<(Tensor, Tensor)>>,
+    /// Per document: the position its open sentence reads BOS at (None: 0).
+    sink_at: Vec<Option<u32>>,
+    /// gist.json `distance_decay`: then each document's mask covers all of its keys.
+    decay: Option<DistanceDecay>,
+    /// Position of each new row (compressed scheme: its row in its document's cache).
+    positions: &'a [u32],
     states: Vec<&'a mut GistState>,
     groups: Vec<std::ops::Range<usize>>,
     /// Each document's causal (L, L) mask over its new rows, built at the first layer and
@@ -434,11 +473,16 @@ impl AttentionPlan for IncrementalPlan<'_> {
             };
             let (kb, vb) = buf.view()?; // (Hkv, P + L, D): the cache, then the new rows
             if first {
-                // One query row sees everything: no mask.
-                let mask = if l > 1 {
-                    Some(causal_mask_tensor(l, self.dtype, &self.device)?)
-                } else {
-                    None
+                let mask = match &self.decay {
+                    Some(decay) => {
+                        let sink = self.sink_at[i].unwrap_or(0);
+                        let queries = &self.positions[rows.clone()];
+                        let mask = decay_mask(decay, queries, kb.dim(1)?, sink, &self.device)?;
+                        Some(mask.to_dtype(self.dtype)?)
+                    }
+                    // One query row sees everything: no mask.
+                    None if l > 1 => Some(causal_mask_tensor(l, self.dtype, &self.device)?),
+                    None => None,
                 };
                 self.masks.push(mask);
             }

@@ -183,6 +183,12 @@ impl Layout {
                 let n = self.ids.len();
                 let inv_freq = model.llama.inv_freq();
                 let mut plan = SentencePlan::compressed(&self.docs, n, inv_freq, dtype, dev, ops)?;
+                if let Some(decay) = &model.gist.distance_decay {
+                    let copies: Vec<&[u32]> = std::iter::once(self.positions.as_slice())
+                        .chain(self.more_positions(stored))
+                        .collect();
+                    plan = plan.with_distance_decay(decay, &self.positions, &copies);
+                }
                 model.llama.forward_stored(
                     ids,
                     &self.positions,

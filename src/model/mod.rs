@@ -389,6 +389,7 @@ fn resolve_gist(
         positions: Default::default(),
         previous_sentence_visible: false,
         sink_distance: None,
+        distance_decay: None,
     };
     gist.validate()?;
     Ok(gist)
@@ -448,6 +449,7 @@ impl ReferenceKeys {
             positions: Default::default(),
             previous_sentence_visible: false,
             sink_distance: None,
+            distance_decay: None,
         };
         gist.validate()?;
         Ok(gist)

@@ -35,6 +35,8 @@ pub struct RandomSpec {
     pub previous_sentence_visible: bool,
     /// gist.json's `sink_distance`.
     pub sink_distance: Option<u32>,
+    /// gist.json's `distance_decay`.
+    pub distance_decay: Option<crate::model::config::DistanceDecay>,
     /// Standard deviation of the random projection weights.
     pub scale: f32,
     /// Standard deviation of the embedding rows.
@@ -79,6 +81,7 @@ impl Default for RandomSpec {
             positions: Default::default(),
             previous_sentence_visible: false,
             sink_distance: None,
+            distance_decay: None,
             scale: 0.2,
             embed_scale: 1.0,
             norm_noise: 0.1,
@@ -261,6 +264,7 @@ pub fn write_random_model(dir: &Path, spec: &RandomSpec) -> anyhow::Result<()> {
             positions: spec.positions,
             previous_sentence_visible: spec.previous_sentence_visible,
             sink_distance: spec.sink_distance,
+            distance_decay: spec.distance_decay,
         };
         std::fs::write(dir.join("gist.json"), serde_json::to_string_pretty(&gist)?)?;
     }

@@ -217,7 +217,7 @@ pub fn forward_continued(
     );
     let dev = model.llama.device();
     let n = layout.ids.len();
-    let inner = SentencePlan::compressed_with_memory(
+    let mut inner = SentencePlan::compressed_with_memory(
         &layout.docs,
         n,
         &carried(memory),
@@ -226,6 +226,13 @@ pub fn forward_continued(
         dev,
         ops,
     )?;
+    let stored = layout.stored.as_deref().unwrap_or_default();
+    if let Some(decay) = &model.gist.distance_decay {
+        let copies: Vec<&[u32]> = std::iter::once(layout.positions.as_slice())
+            .chain(layout.more_positions(stored))
+            .collect();
+        inner = inner.with_distance_decay(decay, &layout.positions, &copies);
+    }
     let mut kept = Vec::with_capacity(layout.docs.len());
     let mut new_rows = Vec::with_capacity(layout.docs.len());
     let mut held = Vec::with_capacity(layout.docs.len());
@@ -281,7 +288,6 @@ pub fn forward_continued(
         captured_held: vec![Vec::new(); layout.docs.len()],
     };
     let ids = Tensor::new(layout.ids.as_slice(), dev)?;
-    let stored = layout.stored.as_deref().unwrap_or_default();
     let out = model.llama.forward_stored(
         &ids,
         &layout.positions,

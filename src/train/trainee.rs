@@ -382,6 +382,7 @@ pub fn trainee_from_dir(dir: &Path, num_gists: usize, device: &Device) -> anyhow
                 positions: Default::default(),
                 previous_sentence_visible: false,
                 sink_distance: None,
+                distance_decay: None,
             }
         }
     };
@@ -423,6 +424,7 @@ pub fn trainee_from_scratch(
         positions: Default::default(),
         previous_sentence_visible: false,
         sink_distance: None,
+        distance_decay: None,
     };
     let model_config = crate::model::random::config_json(spec, vocab, bos, eos);
     let weights = crate::model::random::random_weights(spec, vocab)?;

@@ -4,6 +4,7 @@
 //! the reference code's way, for comparison.
 
 use super::{as_rows, attend, mask_tensor, sentence_mask, AttentionPlan, BLOCK};
+use crate::model::config::DistanceDecay;
 use crate::model::flash::Group;
 use crate::model::ops::{rope, Ops};
 use candle_core::{DType, Device, Result, Tensor};
@@ -65,6 +66,9 @@ pub struct SentencePlan {
     /// BOS's key copies at the positions segments read it (gist.json `sink_distance`),
     /// appended after the forward's keys.
     sinks: Option<Sinks>,
+    /// Positions of the key rows past the forward's copies: each carried memory row (kept,
+    /// then held), then each BOS sink copy. What [`Self::with_distance_decay`] reads.
+    extra_positions: Vec<u32>,
     dtype: DType,
     device: Device,
     ops: Ops,
@@ -117,6 +121,7 @@ impl SentencePlan {
             groups: groups.into(),
             composed: None,
             sinks: None,
+            extra_positions: Vec::new(),
             dtype,
             device: device.clone(),
             ops,
@@ -240,9 +245,15 @@ impl SentencePlan {
                 .map(|c| (c.kept + c.held) as usize)
                 .sum::<usize>();
         let mut sink_rows: Vec<(u32, u32)> = Vec::new(); // (key row at position 0, position)
+                                                         // Where the memory's rows sit: a kept row at its index, the held segment right
+                                                         // after the kept rows before it (`Layout::continued` starts the text after them).
+        let mut memory_positions = Vec::new();
         for (d, doc) in docs.iter().enumerate() {
             let carried = memory.get(d).copied().unwrap_or_default();
             let (kept_m, held_m) = (carried.kept as usize, carried.held as usize);
+            memory_positions.extend(0..carried.kept);
+            let held_at = carried.kept - carried.held_kept;
+            memory_positions.extend(held_at..held_at + carried.held);
             let kept_rows = memory_start..memory_start + kept_m;
             let held_rows = kept_rows.end..kept_rows.end + held_m;
             memory_start += kept_m + held_m;
@@ -409,8 +420,10 @@ impl SentencePlan {
             }
         }
         let mut plan = Self::from_groups(groups, dtype, device, ops)?;
+        plan.extra_positions = memory_positions;
         if !sink_rows.is_empty() {
             let (src, at): (Vec<u32>, Vec<u32>) = sink_rows.into_iter().unzip();
+            plan.extra_positions.extend(&at);
             let (cos, sin) = crate::model::ops::rope_angles(&at, inv_freq, dtype)?;
             plan.sinks = Some(Sinks {
                 src: Tensor::new(src, device)?,
@@ -419,6 +432,55 @@ impl SentencePlan {
             });
         }
         Ok(plan)
+    }
+
+    /// This plan with gist.json's `distance_decay`: every key a query reads is faded by how
+    /// far it is read from, as the incremental engines fade it (`engine::state::decay_mask`).
+    /// `queries` are the forward's N written positions; `copies` the positions of its key
+    /// copies (written, stored, and window with the window), N each, in the order
+    /// [`Self::compressed_with_memory`] lays them out. Each group's mask then covers all of
+    /// its keys, not only the last M.
+    pub fn with_distance_decay(
+        mut self,
+        decay: &DistanceDecay,
+        queries: &[u32],
+        copies: &[&[u32]],
+    ) -> Self {
+        let at: Vec<u32> = copies
+            .iter()
+            .flat_map(|c| c.iter().copied())
+            .chain(self.extra_positions.iter().copied())
+            .collect();
+        let groups: Vec<Group> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let (s, m) = (g.keys.len(), g.masked);
+                let mut mask = Vec::with_capacity(g.rows.len() * s);
+                for (i, r) in g.rows.clone().enumerate() {
+                    let q = queries[r];
+                    let inner = &g.mask[i * m..(i + 1) * m];
+                    let shown = std::iter::repeat_n(&0.0, s - m).chain(inner);
+                    mask.extend(g.keys.iter().zip(shown).map(|(&k, &v)| {
+                        if v == f32::NEG_INFINITY {
+                            v
+                        } else {
+                            v + decay.bias(q, at[k as usize])
+                        }
+                    }));
+                }
+                Group {
+                    rows: g.rows.clone(),
+                    keys: g.keys.clone(),
+                    values: g.values.clone(),
+                    mask,
+                    masked: s,
+                }
+            })
+            .collect();
+        self.groups = groups.into();
+        self.composed = None;
+        self
     }
 
     /// The forward's keys (Hkv, S, D), followed by BOS's sink copies when there are any.
