@@ -654,3 +654,31 @@ fn loss_falls_with_a_bos_sink() {
     sink(&mut t);
     assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("span-out"));
 }
+
+/// A model fading far keys trains (every group's mask over all its keys in the
+/// differentiable forward), alone and with a memory span (the memory's rows faded by the
+/// positions they are read from).
+#[test]
+fn loss_falls_with_far_keys_faded() {
+    let fade = |t: &mut Trainee| {
+        let g = &mut t.model.gist;
+        g.positions = giststream::model::config::PositionScheme::Compressed;
+        g.distance_decay = Some(giststream::model::config::DistanceDecay {
+            strength: 1.0,
+            from: 4,
+        });
+        g.validate().unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainee(&dir.path().join("init"));
+    fade(&mut t);
+    let cfg = config(64 * 8 * 45, Trainable::All);
+    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/gist.json")).unwrap()).unwrap();
+    assert_eq!(saved["distance_decay"]["from"], 4);
+
+    let (mut t, cfg) = span_run(&dir.path().join("span"), 45);
+    fade(&mut t);
+    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("span-out"));
+}
