@@ -641,18 +641,25 @@ fn loss_falls_with_a_bos_sink() {
         g.sink_distance = Some(8);
         g.validate().unwrap();
     };
+    let saved = loss_falls_alone_and_at_span(sink);
+    assert_eq!(saved["sink_distance"], 8);
+}
+
+/// Trains a model set up by `set` alone, then at memory span 3 ([`span_run`]), checking
+/// each time that the loss falls. Returns the first run's gist.json.
+fn loss_falls_alone_and_at_span(set: impl Fn(&mut Trainee)) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let mut t = trainee(&dir.path().join("init"));
-    sink(&mut t);
+    set(&mut t);
     let cfg = config(64 * 8 * 45, Trainable::All);
     assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
-    let saved: serde_json::Value =
+    let saved =
         serde_json::from_slice(&std::fs::read(dir.path().join("out/gist.json")).unwrap()).unwrap();
-    assert_eq!(saved["sink_distance"], 8);
 
     let (mut t, cfg) = span_run(&dir.path().join("span"), 45);
-    sink(&mut t);
+    set(&mut t);
     assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("span-out"));
+    saved
 }
 
 /// A model fading far keys trains (every group's mask over all its keys in the
@@ -669,16 +676,6 @@ fn loss_falls_with_far_keys_faded() {
         });
         g.validate().unwrap();
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut t = trainee(&dir.path().join("init"));
-    fade(&mut t);
-    let cfg = config(64 * 8 * 45, Trainable::All);
-    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("out"));
-    let saved: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("out/gist.json")).unwrap()).unwrap();
+    let saved = loss_falls_alone_and_at_span(fade);
     assert_eq!(saved["distance_decay"]["from"], 4);
-
-    let (mut t, cfg) = span_run(&dir.path().join("span"), 45);
-    fade(&mut t);
-    assert_loss_falls(&mut t, &cfg, 45, &dir.path().join("span-out"));
 }

@@ -282,17 +282,17 @@ pub fn advance(
     }
     let device = model.llama.device();
     let ids_t = Tensor::new(ids.as_slice(), device)?;
-    let sinks = items
-        .iter()
-        .map(|(s, _)| match open_sentence_sink(model, s, s.kv_len()) {
-            Some(p) => moved_angles(model, std::iter::once((0, p))).map(Some),
-            None => Ok(None),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let sink_at = items
+    let sink_at: Vec<Option<u32>> = items
         .iter()
         .map(|(s, _)| open_sentence_sink(model, s, s.kv_len()))
         .collect();
+    let sinks = sink_at
+        .iter()
+        .map(|at| match at {
+            Some(p) => moved_angles(model, std::iter::once((0, *p))).map(Some),
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut plan = IncrementalPlan {
         sinks,
         sink_at,
