@@ -10,7 +10,9 @@
 #      with the previous sentence kept visible (WINDOW=1, the default: gist.json
 #      `previous_sentence_visible`, 1.13x the ceiling at 2k against 1.31x on the CPU),
 #      and BOS read at most SINK positions before each sentence (gist.json
-#      `sink_distance`, 128 as shipped; 0: off);
+#      `sink_distance`, 128 as shipped; 0: off), keys read from farther than FROM
+#      positions faded by (FROM / d)^STRENGTH (DECAY=STRENGTH,FROM, gist.json
+#      `distance_decay`, 1,256 as shipped; empty: off);
 #      Held-out valid/ is scored every 50 steps (`train --valid`: the validation curve);
 #   2. evaluates it on valid/ against the base (ceiling: full attention; floor: each
 #      sentence alone) at 2k tokens per book;
@@ -36,6 +38,7 @@ NG=${NG:-2}
 MEMORY_SPAN=${MEMORY_SPAN:-3}
 WINDOW=${WINDOW:-1}
 SINK=${SINK:-128}
+DECAY=${DECAY-1,256}
 EVAL_TOKENS=${EVAL_TOKENS:-2048}
 mkdir -p "$OUT" "$STASH"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -74,13 +77,14 @@ if [ -z "${BIN:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv
 fi
 
-echo "== training: rank $RANK, N_g $NG, compressed positions, kept BOS, previous sentence visible $WINDOW, sink distance $SINK, $SEQ-token sequences, memory span $MEMORY_SPAN, ${TRAIN_SECONDS}s"
+echo "== training: rank $RANK, N_g $NG, compressed positions, kept BOS, previous sentence visible $WINDOW, sink distance $SINK, distance decay ${DECAY:-off}, $SEQ-token sequences, memory span $MEMORY_SPAN, ${TRAIN_SECONDS}s"
 # A rerun on the same warm machine trains afresh: an earlier call's checkpoint would make
 # `train` refuse, and its adapter would be evaluated and returned as if new.
 rm -rf "$WORK/adapter"
 "$BIN" train --from "$BASE" --adapter-rank "$RANK" --adapter-alpha $(( 2 * RANK )) \
   --positions compressed --keep-bos $( [ "$WINDOW" = 1 ] && echo --previous-sentence-visible ) \
   $( [ "$SINK" != 0 ] && echo --sink-distance "$SINK" ) \
+  $( [ -n "$DECAY" ] && echo --distance-decay "$DECAY" ) \
   --num-gists "$NG" --data "$WORK/corpus/train" --out "$WORK/adapter" \
   --tokens 100000000 --batch "$BATCH" --micro-batch "$BATCH" --seq-tokens "$SEQ" --lr 1e-3 \
   --memory-span "$MEMORY_SPAN" --valid "$WORK/corpus/valid" --valid-every 50 \
