@@ -15,7 +15,8 @@
 //! length hold stale values that the mask hides.
 
 use crate::engine::state::{
-    closing, moved_angles, open_sentence_sink, step_rows, Chunk, GistState, KvBuffer, StepRows,
+    closing, fade_row, moved_angles, open_sentence_sink, step_rows, Chunk, GistState, KvBuffer,
+    StepRows,
 };
 use crate::model::attention::{padded_mask, AttentionPlan};
 use crate::model::config::PositionScheme;
@@ -235,7 +236,7 @@ pub fn advance_slots(
         None
     };
     // gist.json `distance_decay`: each real query's visible keys faded by how far it reads
-    // them (row = position; BOS at its sink), as `state::decay_mask` fades them.
+    // them (row = position; BOS at its sink), as `state::decay_mask` does.
     let mask = match &model.gist.distance_decay {
         Some(decay) => {
             let mut fade = vec![0f32; slots * lmax * t];
@@ -243,10 +244,12 @@ pub fn advance_slots(
                 for (i, r) in rows.clone().enumerate() {
                     let at = (slot * lmax + i) * t;
                     let visible = cache.len[*slot] + i + 1;
-                    for (j, f) in fade[at..at + visible].iter_mut().enumerate() {
-                        let key = if j == 0 { sinks[*slot] } else { j as u32 };
-                        *f = decay.bias(positions[r], key);
-                    }
+                    fade_row(
+                        decay,
+                        positions[r],
+                        sinks[*slot],
+                        &mut fade[at..at + visible],
+                    );
                 }
             }
             let fade = Tensor::from_vec(fade, (slots, 1, lmax, t), &dev)?;

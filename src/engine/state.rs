@@ -423,17 +423,20 @@ pub(crate) fn decay_mask(
 ) -> Result<Tensor> {
     let l = queries.len();
     let held = keys - l;
-    let mut mask = Vec::with_capacity(l * keys);
-    for (i, &q) in queries.iter().enumerate() {
-        mask.extend((0..keys).map(|j| {
-            if j > held + i {
-                f32::NEG_INFINITY
-            } else {
-                decay.bias(q, if j == 0 { sink } else { j as u32 })
-            }
-        }));
+    let mut mask = vec![f32::NEG_INFINITY; l * keys];
+    for (i, (&q, row)) in queries.iter().zip(mask.chunks_mut(keys)).enumerate() {
+        fade_row(decay, q, sink, &mut row[..held + i + 1]);
     }
     Tensor::from_vec(mask, (l, keys), device)
+}
+
+/// Writes into `row` the fade of cache rows `0..row.len()` as a query at position `query`
+/// reads them: row j at position j (the compressed scheme), BOS (row 0) at `sink`. Both
+/// incremental engines fade through this.
+pub(crate) fn fade_row(decay: &DistanceDecay, query: u32, sink: u32, row: &mut [f32]) {
+    for (j, f) in row.iter_mut().enumerate() {
+        *f = decay.bias(query, if j == 0 { sink } else { j as u32 });
+    }
 }
 
 /// Incremental attention: each document's new rows attend to its cache (all visible: kept
