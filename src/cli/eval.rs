@@ -124,3 +124,69 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct EvalQaArgs {
+    #[command(flatten)]
+    pub model: super::flags::ModelArgs,
+    /// JSON lines of {"document", "question", "answer", "key"} (`scripts/make-qa.py` on
+    /// held-out books).
+    #[arg(long, value_name = "FILE")]
+    pub qa: PathBuf,
+    /// Questions to ask, from the start of the file (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Most answer tokens (greedy).
+    #[arg(long, default_value_t = 24)]
+    pub max_tokens: usize,
+    /// Read each document whole with full attention instead of from its stored gist state
+    /// (`reread`: the same model without compression): `before` the question, as a stored
+    /// document sits, or `in-turn`, inside the chat's user turn.
+    #[arg(long, value_name = "PLACE", value_parser = ["before", "in-turn"])]
+    pub reread: Option<String>,
+}
+
+/// `giststream eval-qa`: one JSON line per question, then the accuracy.
+pub fn run_qa(args: EvalQaArgs) -> anyhow::Result<()> {
+    use crate::train::qa::{evaluate, read_records, Reading};
+    let mut records = read_records(&args.qa)?;
+    if args.limit > 0 {
+        records.truncate(args.limit);
+    }
+    if records.is_empty() {
+        bail!("{}: no questions", args.qa.display());
+    }
+    let model = args.model.load()?;
+    let reading = match args.reread.as_deref() {
+        None => Reading::Stored,
+        Some("in-turn") => Reading::Whole(crate::query::Placement::InTurn),
+        Some(_) => Reading::Whole(crate::query::Placement::Before),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let results = evaluate(&model, &records, reading, args.max_tokens, |r| {
+        if write_err.is_none() {
+            if let Err(e) = serde_json::to_string(r)
+                .map_err(std::io::Error::from)
+                .and_then(|line| writeln!(out, "{line}"))
+            {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    let keyed: Vec<bool> = results.iter().filter_map(|r| r.correct).collect();
+    let right = keyed.iter().filter(|&&c| c).count();
+    let nll: Vec<f64> = results.iter().filter_map(|r| r.answer_nll).collect();
+    let summary = serde_json::json!({
+        "questions": results.len(),
+        "correct": right,
+        "accuracy": if keyed.is_empty() { None } else { Some(right as f64 / keyed.len() as f64) },
+        "answer_nll_per_token": if nll.is_empty() { None } else { Some(nll.iter().sum::<f64>() / nll.len() as f64) },
+        "reading": args.reread.as_deref().unwrap_or("stored"),
+    });
+    writeln!(out, "{summary}")?;
+    Ok(())
+}

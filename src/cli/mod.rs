@@ -47,6 +47,10 @@ pub enum Command {
     /// get), baselines with full attention; R_c, stored bytes per token, and a long-range
     /// check (second halves scored after their compressed first half vs alone).
     Eval(eval::EvalArgs),
+    /// Questions over documents (JSON lines from scripts/make-qa.py): each document stored
+    /// as gists, its question answered greedily from the state (or, with --reread, from the
+    /// whole text); prints each answer, whether it holds the key, and the accuracy.
+    EvalQa(eval::EvalQaArgs),
     /// Passkey retrieval: a five-digit key at a random depth in filler text, asked for
     /// after the document (in a new paragraph, or with --chat through the chat template);
     /// gist models answer from the gist state, baselines with full attention. Prints each
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainTokenizer(args) => train::run_tokenizer(args),
         Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),
+        Command::EvalQa(args) => eval::run_qa(args),
         Command::Passkey(args) => passkey::run(args),
         Command::Query(args) => query::run(args),
         Command::Reread(args) => reread::run(args),

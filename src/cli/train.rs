@@ -24,9 +24,23 @@ pub struct TrainTokenizerArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Folder of .txt training documents (not needed with --finish, which trains nothing).
-    #[arg(long, value_name = "DIR", required_unless_present = "finish")]
+    /// Folder of .txt training documents (not needed with --finish, which trains nothing,
+    /// or with --qa).
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["finish", "qa"], conflicts_with = "qa")]
     pub data: Option<PathBuf>,
+    /// Train on questions and answers over compressed documents instead of text: a
+    /// JSON-lines file of {"document", "question", "answer"} (`scripts/make-qa.py` makes
+    /// them). Each document is read sentence by sentence, then the question (in the chat
+    /// template) and the answer, which reads only the document's gists; the loss is the
+    /// answer's tokens plus --qa-text-weight times the document's. Documents longer than
+    /// --seq-tokens with their question are skipped; --tokens counts each question as
+    /// --seq-tokens tokens.
+    #[arg(long, value_name = "FILE")]
+    pub qa: Option<PathBuf>,
+    /// With --qa: the weight of the documents' own tokens in the loss beside the answers'
+    /// (0: answers only).
+    #[arg(long, value_name = "W", default_value_t = 1.0, requires = "qa")]
+    pub qa_text_weight: f64,
     /// Output model directory (checkpoints go to DIR/checkpoint).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -246,6 +260,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             c.checkpoint_every = args.checkpoint_every;
             c.seed = args.seed;
             c.max_seconds = args.max_seconds;
+            c.qa_text_weight = args.qa.is_some().then_some(args.qa_text_weight);
             if let Some(w) = args.warmup_steps {
                 for st in &mut c.stages {
                     st.warmup_steps = w.min(st.warmup_steps);
@@ -364,6 +379,34 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         train::sequences(texts, &m.tokenizer, &m.gist, bos, cfg.seq_tokens)
     };
     let data = cut(&texts)?;
+    let qa = match (&args.qa, cfg.qa_text_weight) {
+        (Some(file), Some(_)) => {
+            let records = train::qa::read_records(file)?;
+            let mut seqs = Vec::with_capacity(records.len());
+            for r in &records {
+                seqs.extend(train::qa::encode(&trainee.model, r, cfg.seq_tokens)?);
+            }
+            eprintln!(
+                "{} questions from {}, {} skipped (longer than {} tokens)",
+                seqs.len(),
+                file.display(),
+                records.len() - seqs.len(),
+                cfg.seq_tokens
+            );
+            seqs
+        }
+        (None, Some(_)) if !args.finish => {
+            bail!(
+                "the checkpoint in {} trains on questions: give them with --qa",
+                args.out.display()
+            )
+        }
+        (Some(_), None) => bail!(
+            "--qa: the checkpoint in {} trains on text, not questions",
+            args.out.display()
+        ),
+        _ => Vec::new(),
+    };
     let valid = match &cfg.validation {
         Some(v) => {
             let seqs = cut(&train::read_texts(&v.data).context("--valid")?)?;
@@ -381,7 +424,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let total_steps: usize = (0..cfg.stages.len()).map(|i| cfg.steps(i)).sum();
-    if !args.finish {
+    if !args.finish && qa.is_empty() {
         eprintln!(
             "{} sequences of up to {} tokens from {} documents; {} steps in {} stage(s)",
             data.len(),
@@ -399,51 +442,56 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .expect("a valid template"),
     );
     let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let progress = train::run(
-        &mut trainee,
-        &cfg,
-        &data,
-        &valid,
-        &args.out,
-        resume,
-        |event| {
-            let (line, steps) = match event {
-                train::Event::Step(line, steps) => (line, steps),
-                train::Event::Validated(v) => {
-                    let msg = format!(
-                        "validation at step {}: loss {:.4}, perplexity {:.2} ({} tokens of {} \
+    let on_event = |event: train::Event<'_>| {
+        let (line, steps) = match event {
+            train::Event::Step(line, steps) => (line, steps),
+            train::Event::Validated(v) => {
+                let msg = format!(
+                    "validation at step {}: loss {:.4}, perplexity {:.2} ({} tokens of {} \
                          document{}, {:.0} s)",
-                        v.step,
-                        v.loss,
-                        v.perplexity,
-                        v.tokens,
-                        v.documents,
-                        if v.documents == 1 { "" } else { "s" },
-                        v.seconds
-                    );
-                    if plain {
-                        eprintln!("{msg}");
-                    } else {
-                        bar.println(msg);
-                    }
-                    return;
+                    v.step,
+                    v.loss,
+                    v.perplexity,
+                    v.tokens,
+                    v.documents,
+                    if v.documents == 1 { "" } else { "s" },
+                    v.seconds
+                );
+                if plain {
+                    eprintln!("{msg}");
+                } else {
+                    bar.println(msg);
                 }
-            };
-            let msg = format!(
-                "{} loss {:.4} lr {:.2e} {:.0} tok/s",
-                line.stage, line.loss, line.lr, line.tokens_per_second
-            );
-            // A log file or pipe gets plain lines instead of the bar.
-            if plain {
-                if line.step % 10 == 0 || line.step <= 3 {
-                    eprintln!("step {} (stage plan {steps}): {msg}", line.step);
-                }
-            } else {
-                bar.set_position(line.step as u64);
-                bar.set_message(msg);
+                return;
             }
-        },
-    )?;
+        };
+        let msg = format!(
+            "{} loss {:.4} lr {:.2e} {:.0} tok/s",
+            line.stage, line.loss, line.lr, line.tokens_per_second
+        );
+        // A log file or pipe gets plain lines instead of the bar.
+        if plain {
+            if line.step % 10 == 0 || line.step <= 3 {
+                eprintln!("step {} (stage plan {steps}): {msg}", line.step);
+            }
+        } else {
+            bar.set_position(line.step as u64);
+            bar.set_message(msg);
+        }
+    };
+    let progress = if cfg.qa_text_weight.is_some() {
+        train::run_qa(&mut trainee, &cfg, &qa, &valid, &args.out, resume, on_event)?
+    } else {
+        train::run(
+            &mut trainee,
+            &cfg,
+            &data,
+            &valid,
+            &args.out,
+            resume,
+            on_event,
+        )?
+    };
     bar.finish();
     println!(
         "trained {} steps, {} tokens, final loss {:.4}: {}",

@@ -86,6 +86,10 @@ pub struct TrainConfig {
     /// Held-out text scored during the run (the validation curve); None: not scored.
     #[serde(default)]
     pub validation: Option<super::validation::ValidationConfig>,
+    /// A question/answer run (`train --qa`, see [`super::qa`]): the weight of the
+    /// documents' own tokens beside the answers' in the loss. None: language modelling.
+    #[serde(default)]
+    pub qa_text_weight: Option<f64>,
 }
 
 fn one() -> usize {
@@ -167,6 +171,7 @@ impl TrainConfig {
             max_seconds: None,
             calibrated: false,
             validation: None,
+            qa_text_weight: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod eval;
 pub mod memory;
 pub mod optim;
 pub mod passkey;
+pub mod qa;
 pub mod trainee;
 pub mod validation;
 
@@ -85,6 +86,24 @@ pub enum Resume {
     Finish,
 }
 
+/// What a run trains on.
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    /// Text sequences, every regular token scored.
+    Text(&'a [Vec<Segment>]),
+    /// Questions over documents (see [`qa`]).
+    Qa(&'a [qa::QaSequence]),
+}
+
+impl Data<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Data::Text(d) => d.len(),
+            Data::Qa(d) => d.len(),
+        }
+    }
+}
+
 /// Runs (or resumes) training, writing the model to `out`. `valid`: the held-out
 /// documents scored every `cfg.validation.every` steps (empty: none). `report` sees every
 /// step and every scoring. `data` may be empty with `Resume::Finish`, which trains nothing.
@@ -95,10 +114,52 @@ pub fn run(
     valid: &[ValidDoc],
     out: &Path,
     resume: Resume,
+    report: impl FnMut(Event<'_>),
+) -> anyhow::Result<TrainProgress> {
+    ensure!(
+        cfg_in.qa_text_weight.is_none(),
+        "this run trains on questions and answers: give them (train --qa)"
+    );
+    run_on(
+        trainee,
+        cfg_in,
+        Data::Text(data),
+        valid,
+        out,
+        resume,
+        report,
+    )
+}
+
+/// [`run`] on questions and answers over documents (see [`qa`]); `cfg_in.qa_text_weight`
+/// must be set.
+pub fn run_qa(
+    trainee: &mut Trainee,
+    cfg_in: &TrainConfig,
+    data: &[qa::QaSequence],
+    valid: &[ValidDoc],
+    out: &Path,
+    resume: Resume,
+    report: impl FnMut(Event<'_>),
+) -> anyhow::Result<TrainProgress> {
+    ensure!(
+        cfg_in.qa_text_weight.is_some(),
+        "a question/answer run needs TrainConfig::qa_text_weight"
+    );
+    run_on(trainee, cfg_in, Data::Qa(data), valid, out, resume, report)
+}
+
+fn run_on(
+    trainee: &mut Trainee,
+    cfg_in: &TrainConfig,
+    data: Data<'_>,
+    valid: &[ValidDoc],
+    out: &Path,
+    resume: Resume,
     mut report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
     ensure!(
-        !data.is_empty() || resume == Resume::Finish,
+        data.len() > 0 || resume == Resume::Finish,
         "no training sequences: is the data folder empty?"
     );
     let mut cfg = cfg_in.clone();
@@ -127,6 +188,21 @@ pub fn run(
             serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
                 .context("reading checkpoint/trainer.json")?;
         progress = meta.progress;
+        ensure!(
+            meta.config.qa_text_weight.is_some() == matches!(data, Data::Qa(_)),
+            "the checkpoint in {} is a {} run: resume it with its kind of data{}",
+            out.display(),
+            if meta.config.qa_text_weight.is_some() {
+                "question/answer"
+            } else {
+                "text"
+            },
+            if meta.config.qa_text_weight.is_some() {
+                " (--qa FILE)"
+            } else {
+                ""
+            }
+        );
         // The checkpoint's settings, but validation as given (`cfg_in` holds the
         // checkpoint's unless the caller added or changed it: scoring changes no weight).
         cfg = TrainConfig {
@@ -173,12 +249,22 @@ pub fn run(
     }
     let mut perm = (u64::MAX, Vec::new());
     let span = cfg.memory_span.max(1);
+    let text = match data {
+        Data::Text(d) => d,
+        Data::Qa(_) => {
+            ensure!(
+                span == 1,
+                "questions and answers train without a memory span"
+            );
+            &[]
+        }
+    };
     let spans = if span > 1 && resume != Resume::Finish {
         ensure!(
             cfg.attention == Attention::Gist,
             "a memory span trains sentence attention (--attention gist)"
         );
-        let starts = memory::span_starts(data, span);
+        let starts = memory::span_starts(text, span);
         ensure!(
             !starts.is_empty(),
             "no document has {span} consecutive sequences: lower the memory span or the \
@@ -216,21 +302,28 @@ pub fn run(
             }
             let started = std::time::Instant::now();
             let lr = learning_rate(&stage, progress.stage_step, steps);
-            let (loss, tokens) = if span == 1 {
+            let mut pick = |i: u64| {
+                let k = progress.sequences_seen + i;
+                stream_index(k, data.len(), cfg.seed, &mut perm)
+            };
+            let (loss, tokens) = if let Data::Qa(qa) = data {
+                let batch: Vec<qa::QaSequence> = (0..stage.batch as u64)
+                    .map(|i| qa[pick(i)].clone())
+                    .collect();
+                let weight = cfg.qa_text_weight.unwrap_or(1.0);
+                qa_step(trainee, &mut opt, &batch, weight, lr, &cfg)?
+            } else if span == 1 {
                 let batch: Vec<Vec<Segment>> = (0..stage.batch as u64)
-                    .map(|i| {
-                        let k = progress.sequences_seen + i;
-                        data[stream_index(k, data.len(), cfg.seed, &mut perm)].clone()
-                    })
+                    .map(|i| text[pick(i)].clone())
                     .collect();
                 train_step(trainee, &mut opt, &batch, lr, &cfg)?
             } else {
                 let texts = SpanStep::at(&progress, stage.batch, span, &spans, cfg.seed, &mut perm);
                 let bos = trainee.model.bos_token_id();
                 if texts.part == 0 || memories.len() != stage.batch {
-                    memories = texts.rebuild_memory(trainee, data, bos, &cfg)?;
+                    memories = texts.rebuild_memory(trainee, text, bos, &cfg)?;
                 }
-                let batch = texts.sequences(data, texts.part, bos);
+                let batch = texts.sequences(text, texts.part, bos);
                 let (loss, tokens, carried) =
                     train_step_carried(trainee, &mut opt, &batch, Some(&memories), lr, &cfg)?;
                 memories = carried;
@@ -438,13 +531,11 @@ pub fn train_step_carried(
     cfg: &TrainConfig,
 ) -> anyhow::Result<(f32, usize, Vec<Memory>)> {
     let model = &trainee.model;
-    // Gradients of the batch's summed NLL, divided by its token count once at the end:
-    // the mean over all scored tokens, however the micro-batches split them.
-    let mut grads: HashMap<String, Tensor> = HashMap::new();
-    let (mut loss_sum, mut total) = (0f64, 0usize);
     let mut carried = Vec::new();
     let mb = cfg.micro_batch.max(1);
-    for (i, micro) in batch.chunks(mb).enumerate() {
+    let micros: Vec<&[Vec<Segment>]> = batch.chunks(mb).collect();
+    let (loss, total) = accumulate_step(opt, micros.len(), lr, cfg, |i| {
+        let micro = micros[i];
         let (loss, n) = match memory {
             None => loss(
                 model,
@@ -461,8 +552,48 @@ pub fn train_step_carried(
                 (loss, n)
             }
         };
+        Ok((loss, n, n))
+    })?;
+    Ok((loss, total, carried))
+}
+
+/// One optimizer step on questions and answers (see [`qa::loss`]): every sequence weighs
+/// the same in the step, however long its answer. Returns the mean loss and the tokens
+/// scored.
+pub fn qa_step(
+    trainee: &Trainee,
+    opt: &mut AdamW,
+    batch: &[qa::QaSequence],
+    text_weight: f64,
+    lr: f64,
+    cfg: &TrainConfig,
+) -> anyhow::Result<(f32, usize)> {
+    let micros: Vec<&[qa::QaSequence]> = batch.chunks(cfg.micro_batch.max(1)).collect();
+    accumulate_step(opt, micros.len(), lr, cfg, |i| {
+        let (loss, tokens) = qa::loss(&trainee.model, micros[i], text_weight, Ops::Differentiable)?;
+        Ok((loss, micros[i].len(), tokens))
+    })
+}
+
+/// Forward and backward over `micros` micro-batches (`micro(i)`: its mean loss, its
+/// weight in the step, the tokens it scored), gradient clipping, AdamW. Returns the
+/// step's weighted mean loss and the tokens scored.
+fn accumulate_step(
+    opt: &mut AdamW,
+    micros: usize,
+    lr: f64,
+    cfg: &TrainConfig,
+    mut micro: impl FnMut(usize) -> anyhow::Result<(Tensor, usize, usize)>,
+) -> anyhow::Result<(f32, usize)> {
+    // Gradients of the summed weighted loss, divided by the total weight once at the end:
+    // the mean over all scored tokens (or sequences), however the micro-batches split them.
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let (mut loss_sum, mut total, mut tokens) = (0f64, 0usize, 0usize);
+    for i in 0..micros {
+        let (loss, n, scored) = micro(i)?;
         loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
         total += n;
+        tokens += scored;
         let store: GradStore = (loss * n as f64)?.backward()?;
         for (name, var) in opt.params() {
             let Some(g) = store.get(var.as_tensor()) else {
@@ -499,7 +630,7 @@ pub fn train_step_carried(
         }
     }
     opt.step(&grads, lr, cfg)?;
-    Ok(((loss_sum / total as f64) as f32, total, carried))
+    Ok(((loss_sum / total as f64) as f32, tokens))
 }
 
 fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
