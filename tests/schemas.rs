@@ -200,3 +200,29 @@ fn training_logs_match_their_schemas() {
         assert!(!v.is_valid(&typo), "{file}: {typo}");
     }
 }
+
+/// The question/answer file's schema and its reader agree, line by line.
+#[test]
+fn the_question_schema_and_the_reader_agree() {
+    let v = schema("qa.schema.json");
+    let cases = [
+        r#"{"document": "A text.", "question": "Why?", "answer": "So."}"#,
+        r#"{"document": "A text.", "question": "Why?", "answer": "So.", "key": "so"}"#,
+        r#"{"document": "A text.", "question": "Why?", "answer": "So.", "key": null}"#,
+        r#"{"document": "A text.", "question": "Why?"}"#,
+        r#"{"document": " ", "question": "Why?", "answer": "So."}"#,
+        r#"{"document": "A text.", "question": "", "answer": "So."}"#,
+        r#"{"document": "A text.", "question": "Why?", "answer": "\n"}"#,
+        r#"{"document": "A text.", "question": "Why?", "answer": "So.", "extra": 1}"#,
+        r#"{"document": "A text.", "question": "Why?", "answer": 7}"#,
+        r#"["A text.", "Why?", "So."]"#,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for c in cases {
+        let json: Value = serde_json::from_str(c).unwrap();
+        let f = dir.path().join("qa.jsonl");
+        std::fs::write(&f, c).unwrap();
+        let read = giststream::train::qa::read_records(&f);
+        assert_eq!(v.is_valid(&json), read.is_ok(), "{c}: {read:?}");
+    }
+}

@@ -68,12 +68,20 @@ pub fn read_records(path: &Path) -> anyhow::Result<Vec<QaRecord>> {
         if line.trim().is_empty() {
             continue;
         }
-        let rec: QaRecord = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "{}: line {n} is not a {{\"document\", \"question\", \"answer\"}} object",
-                path.display()
+        // An object only: serde would also take the fields as an array.
+        let rec: QaRecord = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .map_or_else(
+                || Err(anyhow::anyhow!("not a JSON object")),
+                |v| serde_json::from_value(v).map_err(anyhow::Error::from),
             )
-        })?;
+            .with_context(|| {
+                format!(
+                    "{}: line {n} is not a {{\"document\", \"question\", \"answer\"}} object",
+                    path.display()
+                )
+            })?;
         for (what, s) in [("question", &rec.question), ("answer", &rec.answer)] {
             ensure!(
                 !s.trim().is_empty() && s.len() <= MAX_QA_BYTES,
