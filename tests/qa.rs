@@ -11,6 +11,7 @@ use giststream::model::random::{synthetic_text, write_random_model, RandomSpec};
 use giststream::model::GistModel;
 use giststream::train::qa::{self, QaRecord};
 use giststream::train::{self, TrainConfig};
+use std::path::PathBuf;
 
 /// Documents of synthetic sentences with a made-up fact written in, and a question on it.
 fn records(n: usize) -> Vec<QaRecord> {
@@ -183,4 +184,69 @@ fn a_bad_line_is_refused_by_its_number() {
     let f = dir.path().join("ok.jsonl");
     std::fs::write(&f, format!("{good}\n\n{good}\n")).unwrap();
     assert_eq!(qa::read_records(&f).unwrap().len(), 2);
+}
+
+/// `train --qa` and `eval-qa` from the command line: a run on a question file, resumed
+/// refusing text data, then the questions answered from stored states with the accuracy.
+#[test]
+fn train_qa_and_eval_qa_run_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init");
+    write_random_model(&init, &common::small_spec()).unwrap();
+    let file = dir.path().join("qa.jsonl");
+    let lines: Vec<String> = records(6)
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    let bin = env!("CARGO_BIN_EXE_giststream");
+    let train = |extra: &[&str]| {
+        let mut c = std::process::Command::new(bin);
+        c.args(["train", "--from"])
+            .arg(&init)
+            .arg("--out")
+            .arg(&out);
+        c.args([
+            "--positions",
+            "compressed",
+            "--seq-tokens",
+            "1024",
+            "--batch",
+            "2",
+        ]);
+        c.args([
+            "--micro-batch",
+            "2",
+            "--tokens",
+            "4096",
+            "--checkpoint-every",
+            "1",
+        ]);
+        c.args(extra);
+        c
+    };
+    let q = file.to_str().unwrap();
+    let done = common::succeed(&mut train(&["--qa", q, "--qa-text-weight", "0.5"]));
+    assert!(String::from_utf8_lossy(&done.stdout).contains("trained 2 steps"));
+    let texts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts");
+    let refused = train(&["--resume", "--data", texts.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("--qa"), "{err}");
+    let eval = common::succeed(
+        std::process::Command::new(bin)
+            .args(["eval-qa", "--model"])
+            .arg(&out)
+            .args(["--qa", q, "--limit", "3", "--max-tokens", "4"]),
+    );
+    let stdout = String::from_utf8_lossy(&eval.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines[3]["questions"], 3);
+    assert!(lines[..3].iter().all(|l| l["correct"].is_boolean()));
 }

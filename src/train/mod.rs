@@ -116,10 +116,6 @@ pub fn run(
     resume: Resume,
     report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
-    ensure!(
-        cfg_in.qa_text_weight.is_none(),
-        "this run trains on questions and answers: give them (train --qa)"
-    );
     run_on(
         trainee,
         cfg_in,
@@ -142,10 +138,6 @@ pub fn run_qa(
     resume: Resume,
     report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
-    ensure!(
-        cfg_in.qa_text_weight.is_some(),
-        "a question/answer run needs TrainConfig::qa_text_weight"
-    );
     run_on(trainee, cfg_in, Data::Qa(data), valid, out, resume, report)
 }
 
@@ -158,6 +150,13 @@ fn run_on(
     resume: Resume,
     mut report: impl FnMut(Event<'_>),
 ) -> anyhow::Result<TrainProgress> {
+    match (&data, cfg_in.qa_text_weight) {
+        (Data::Text(_), Some(_)) => {
+            bail!("this run trains on questions and answers: give them (train --qa)")
+        }
+        (Data::Qa(_), None) => bail!("a question/answer run needs TrainConfig::qa_text_weight"),
+        _ => {}
+    }
     ensure!(
         data.len() > 0 || resume == Resume::Finish,
         "no training sequences: is the data folder empty?"
