@@ -16,7 +16,14 @@
 #      Held-out valid/ is scored every 50 steps (`train --valid`: the validation curve);
 #   2. evaluates it on valid/ against the base (ceiling: full attention; floor: each
 #      sentence alone) at 2k tokens per book;
-#   3. writes to $OUT: the adapter folder's three files (bf16), train-log.jsonl,
+#   3. with QA_SECONDS > 0 (default 0: off), trains the adapter on from there on
+#      questions over compressed text (`train --qa`, data from scripts/make-qa.py on
+#      train/, QA_BATCH questions a step) and asks both adapters QA_EVAL (100) held-out questions
+#      (`eval-qa`, made from valid/): $OUT/qa/ holds that adapter, qa-eval-before.jsonl
+#      and qa-eval.jsonl. TRAIN_SECONDS + QA_SECONDS + the evaluations must fit the
+#      10-minute call: e.g. TRAIN_SECONDS=240 QA_SECONDS=120 QA_EVAL=50 (a guess: the
+#      evaluations have not been timed on a GPU);
+#   4. writes to $OUT: the adapter folder's three files (bf16), train-log.jsonl,
 #      valid-log.jsonl, eval.jsonl
 #      and log.txt.
 # Copy $OUT's files to models/smollm2-gist/ (after checking eval.jsonl) to ship them.
@@ -40,6 +47,9 @@ WINDOW=${WINDOW:-1}
 SINK=${SINK:-128}
 DECAY=${DECAY-1,256}
 EVAL_TOKENS=${EVAL_TOKENS:-2048}
+QA_SECONDS=${QA_SECONDS:-0}
+QA_BATCH=${QA_BATCH:-32}
+QA_EVAL=${QA_EVAL:-100}
 mkdir -p "$OUT" "$STASH"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 date
@@ -99,4 +109,22 @@ for f in adapter.json gist.json adapter.safetensors; do cp "$WORK/adapter/$f" "$
 echo "== evaluation on valid/, $EVAL_TOKENS tokens per book"
 "$BIN" eval --model "$WORK/adapter" --baseline "$BASE" --floor "$BASE" \
   --data "$WORK/corpus/valid" --max-tokens "$EVAL_TOKENS" --device "$DEVICE" --json | tee "$OUT/eval.jsonl"
+if [ "$QA_SECONDS" -gt 0 ]; then
+  echo "== questions over compressed text: ${QA_SECONDS}s, $QA_BATCH questions a step"
+  python3 scripts/make-qa.py --books "$WORK/corpus/train" --count 20000 --seed 1 > "$WORK/qa-train.jsonl"
+  python3 scripts/make-qa.py --books "$WORK/corpus/valid" --count "$QA_EVAL" --seed 101 > "$WORK/qa-valid.jsonl"
+  rm -rf "$WORK/adapter-qa"
+  "$BIN" train --from "$BASE" --init-adapter "$WORK/adapter" --qa "$WORK/qa-train.jsonl" \
+    --out "$WORK/adapter-qa" --seq-tokens 1024 --batch "$QA_BATCH" --micro-batch "$QA_BATCH" \
+    --tokens 100000000 --lr 2e-4 --warmup-steps 10 --checkpoint-every 50 \
+    --max-seconds "$QA_SECONDS" --save-dtype bf16 --device "$DEVICE"
+  rc=$?
+  echo "-- train --qa exit $rc"
+  [ "$rc" = 0 ] || exit "$rc"
+  mkdir -p "$OUT/qa"
+  for f in adapter.json gist.json adapter.safetensors train-log.jsonl; do cp "$WORK/adapter-qa/$f" "$OUT/qa/" 2>/dev/null; done
+  "$BIN" eval-qa --model "$WORK/adapter" --qa "$WORK/qa-valid.jsonl" --device "$DEVICE" > "$OUT/qa-eval-before.jsonl"
+  "$BIN" eval-qa --model "$WORK/adapter-qa" --qa "$WORK/qa-valid.jsonl" --device "$DEVICE" > "$OUT/qa-eval.jsonl"
+  tail -n 1 "$OUT/qa-eval-before.jsonl" "$OUT/qa-eval.jsonl"
+fi
 date
