@@ -93,7 +93,7 @@ def fact(rng):
     return s, f"What was the name of {p}'s friend?", f"{p}'s friend was named {x}.", x
 
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+SENTENCE_END = re.compile(r"(?<=[.!?])(\s+)(?=[A-Z\"'])")
 # A capitalized word inside a sentence (not its first word), not a pronoun or title.
 PROPER = re.compile(r"(?<=[a-z,;] )([A-Z][a-z]{3,})(?=[ ,;.])")
 NOT_NAMES = {"Then", "There", "This", "That", "They", "When", "What", "With", "From",
@@ -102,19 +102,22 @@ NOT_NAMES = {"Then", "There", "This", "That", "They", "When", "What", "With", "F
 
 
 def passage(rng, text, chars):
-    """About `chars` characters of `text` from a random paragraph, cut at sentence ends,
-    as a list of sentences (hard line wraps joined)."""
+    """About `chars` characters of `text` from a random paragraph, cut at sentence ends, as
+    a list of (sentence, the whitespace after it). The book's own line wraps and paragraph
+    breaks stay: the document is also trained on as text, and an adapter taught text
+    without them scored 9% worse on real books (run 19)."""
     starts = [m.end() for m in re.finditer(r"\n\s*\n", text)]
     for _ in range(20):
         s = rng.choice(starts) if starts else 0
-        chunk = " ".join(text[s:s + chars * 2].split())
-        sents = SENTENCE_END.split(chunk)[:-1]  # the last one may be cut
+        parts = SENTENCE_END.split(text[s:s + chars * 2])
+        # sentence, gap, sentence, gap, ...; the last sentence may be cut.
+        pairs = list(zip(parts[0::2], parts[1::2]))
         out, n = [], 0
-        for x in sents:
+        for x, gap in pairs:
             if n + len(x) > chars and out:
                 break
-            out.append(x)
-            n += len(x) + 1
+            out.append((x, gap))
+            n += len(x) + len(gap)
         if len(out) >= 4:
             return out
     return None
@@ -123,6 +126,7 @@ def passage(rng, text, chars):
 def cloze(rng, sents):
     """A question about a proper noun of one of the passage's sentences, or None."""
     options = []
+    sents = [" ".join(x.split()) for x, _ in sents]
     for i, s in enumerate(sents):
         if len(s) > 300:
             continue
@@ -161,12 +165,12 @@ def main():
         qa = cloze(rng, sents) if rng.random() < a.cloze else None
         facts = [fact(rng) for _ in range(rng.randint(1 if qa else 2, a.facts))]
         for s, *_ in facts:
-            sents.insert(rng.randint(0, len(sents)), s)
+            sents.insert(rng.randint(0, len(sents)), (s, " "))
         if qa is None:
             _, q, ans, key = rng.choice(facts)
         else:
             q, ans, key = qa
-        print(json.dumps({"document": " ".join(sents), "question": q, "answer": ans,
+        print(json.dumps({"document": "".join(x + gap for x, gap in sents).strip(), "question": q, "answer": ans,
                           "key": key}))
         made += 1
 
