@@ -227,6 +227,12 @@ fn train_qa_and_eval_qa_run_from_the_command_line() {
         c
     };
     let q = file.to_str().unwrap();
+    let refused = train(&["--qa", q, "--qa-text-weight=-1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("--qa-text-weight -1"),
+        "{err}"
+    );
     let done = common::succeed(&mut train(&["--qa", q, "--qa-text-weight", "0.5"]));
     assert!(String::from_utf8_lossy(&done.stdout).contains("trained 2 steps"));
     let texts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/texts");

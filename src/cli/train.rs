@@ -260,6 +260,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             c.checkpoint_every = args.checkpoint_every;
             c.seed = args.seed;
             c.max_seconds = args.max_seconds;
+            anyhow::ensure!(
+                args.qa_text_weight.is_finite() && args.qa_text_weight >= 0.0,
+                "--qa-text-weight {}: a weight of 0 or more",
+                args.qa_text_weight
+            );
             c.qa_text_weight = args.qa.is_some().then_some(args.qa_text_weight);
             if let Some(w) = args.warmup_steps {
                 for st in &mut c.stages {

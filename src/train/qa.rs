@@ -287,14 +287,18 @@ pub fn evaluate(
         chat_template: true,
     };
     let mut out = Vec::with_capacity(records.len());
-    for rec in records {
+    for (i, rec) in records.iter().enumerate() {
         let started = std::time::Instant::now();
+        let asked = || format!("question {} ({:?})", i + 1, rec.question);
         let (answer, answer_nll) = match reading {
             Reading::Stored => {
-                let seq = encode(model, rec, usize::MAX)?.context("no length limit")?;
-                let (nll, n) = answer_nll(model, &seq)?;
-                let state = stored_state(model, &seq)?;
-                let a = crate::query::answer(model, state, &rec.question, &sampling, |_| {})?;
+                let seq = encode(model, rec, usize::MAX)
+                    .with_context(asked)?
+                    .context("no length limit")?;
+                let (nll, n) = answer_nll(model, &seq).with_context(asked)?;
+                let state = stored_state(model, &seq).with_context(asked)?;
+                let a = crate::query::answer(model, state, &rec.question, &sampling, |_| {})
+                    .with_context(asked)?;
                 (a.text, Some(nll / n as f64))
             }
             Reading::Whole(placement) => {
