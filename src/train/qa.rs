@@ -231,7 +231,15 @@ fn stored_state(model: &GistModel, seq: &QaSequence) -> anyhow::Result<GistState
 /// the document compressed, then the question and the answer as one open sentence, as
 /// `query` feeds them.
 pub fn answer_nll(model: &GistModel, seq: &QaSequence) -> anyhow::Result<(f64, usize)> {
-    let mut state = stored_state(model, seq)?;
+    answer_nll_from(model, stored_state(model, seq)?, seq)
+}
+
+/// [`answer_nll`] from `seq`'s document already stored in `state`.
+fn answer_nll_from(
+    model: &GistModel,
+    mut state: GistState,
+    seq: &QaSequence,
+) -> anyhow::Result<(f64, usize)> {
     let last = &seq.last().tokens;
     let chunk = Chunk {
         tokens: last,
@@ -295,8 +303,9 @@ pub fn evaluate(
                 let seq = encode(model, rec, usize::MAX)
                     .with_context(asked)?
                     .context("no length limit")?;
-                let (nll, n) = answer_nll(model, &seq).with_context(asked)?;
+                // The document is compressed once: the state is cloned for the score.
                 let state = stored_state(model, &seq).with_context(asked)?;
+                let (nll, n) = answer_nll_from(model, state.clone(), &seq).with_context(asked)?;
                 let a = crate::query::answer(model, state, &rec.question, &sampling, |_| {})
                     .with_context(asked)?;
                 (a.text, Some(nll / n as f64))
