@@ -187,20 +187,16 @@ fn run_on(
             serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)
                 .context("reading checkpoint/trainer.json")?;
         progress = meta.progress;
+        let questions = meta.config.qa_text_weight.is_some();
         ensure!(
-            meta.config.qa_text_weight.is_some() == matches!(data, Data::Qa(_)),
-            "the checkpoint in {} is a {} run: resume it with its kind of data{}",
+            questions == matches!(data, Data::Qa(_)),
+            "the checkpoint in {} is a {} run: resume it with its kind of data",
             out.display(),
-            if meta.config.qa_text_weight.is_some() {
-                "question/answer"
+            if questions {
+                "question/answer (--qa FILE)"
             } else {
-                "text"
+                "text (--data DIR)"
             },
-            if meta.config.qa_text_weight.is_some() {
-                " (--qa FILE)"
-            } else {
-                ""
-            }
         );
         // The checkpoint's settings, but validation as given (`cfg_in` holds the
         // checkpoint's unless the caller added or changed it: scoring changes no weight).
