@@ -384,6 +384,70 @@ fn the_shipped_gist_adapter_loads_onto_the_gguf_and_its_state_helps() {
     assert!(gist.compression_ratio > 4.0, "{}", gist.compression_ratio);
 }
 
+/// The question adapter (`models/smollm2-gist-qa`: the text adapter trained on
+/// questions over compressed passages, `train --qa`): from a stored state it answers in
+/// one short sentence and stops, and it gives the reference answers a far lower negative
+/// log-likelihood than the text adapter it grew from (which rambles on past the answer).
+#[test]
+fn the_question_adapter_answers_briefly_from_a_stored_state() {
+    use giststream::train::qa::{evaluate, QaRecord, Reading};
+    gguf();
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+    let text = "Marta Kovel was born in the harbour town of Velmora, on the northern coast. \
+                Her father mended fishing nets and her mother kept a small bakery near the \
+                docks. When she was twelve, a storm destroyed half of the harbour, and the \
+                family moved inland to the city of Arden. There Marta studied mathematics at \
+                the old university.";
+    let record = |question: &str, answer: &str, key: &str| QaRecord {
+        document: text.into(),
+        question: question.into(),
+        answer: answer.into(),
+        key: Some(key.into()),
+    };
+    let records = [
+        record(
+            "What did Marta study?",
+            "Marta studied mathematics.",
+            "mathematics",
+        ),
+        record(
+            "Where was Marta Kovel born?",
+            "Marta Kovel was born in Velmora.",
+            "Velmora",
+        ),
+    ];
+    let mut nll = Vec::new();
+    for name in ["smollm2-gist-qa", "smollm2-gist"] {
+        let m = GistModel::load(
+            &models.join(name),
+            &Device::Cpu,
+            DType::F32,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let results = evaluate(&m, &records, Reading::Stored, 24, |_| {}).unwrap();
+        for r in &results {
+            eprintln!(
+                "{name}: {:?} -> {:?} (nll {:?})",
+                r.question, r.answer, r.answer_nll
+            );
+        }
+        if name == "smollm2-gist-qa" {
+            let first = &results[0];
+            assert_eq!(first.correct, Some(true), "{:?}", first.answer);
+            // 24 tokens of rambling run past 90 bytes; the answer is one short sentence.
+            assert!(first.answer.len() < 60, "{:?}", first.answer);
+        }
+        nll.push(results.iter().map(|r| r.answer_nll.unwrap()).sum::<f64>());
+    }
+    assert!(
+        nll[0] < 0.7 * nll[1],
+        "question adapter {} vs text adapter {}",
+        nll[0],
+        nll[1]
+    );
+}
+
 /// The passkey probe with the document inside the chat's user turn (`passkey --in-turn`):
 /// SmolLM2 reading with full attention finds a key there in a few hundred tokens, which
 /// it never does when the document comes before the chat's turns (`--chat`). Checks the
