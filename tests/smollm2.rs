@@ -15,6 +15,14 @@ use giststream::model::{GistModel, LoadOptions};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// A five-sentence text with a made-up town of birth (the model cannot know it) four
+/// sentences before the end, for the question probes.
+const MARTA: &str = "Marta Kovel was born in the harbour town of Velmora, on the northern \
+                     coast. Her father mended fishing nets and her mother kept a small bakery \
+                     near the docks. When she was twelve, a storm destroyed half of the \
+                     harbour, and the family moved inland to the city of Arden. There Marta \
+                     studied mathematics at the old university.";
+
 /// The GGUF: `GISTSTREAM_SMOLLM2_GGUF`, else fetched (and hash-checked) by the project's
 /// script, as CI does.
 fn gguf() -> &'static Path {
@@ -393,11 +401,7 @@ fn the_question_adapter_answers_briefly_from_a_stored_state() {
     use giststream::train::qa::{evaluate, QaRecord, Reading};
     gguf();
     let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
-    let text = "Marta Kovel was born in the harbour town of Velmora, on the northern coast. \
-                Her father mended fishing nets and her mother kept a small bakery near the \
-                docks. When she was twelve, a storm destroyed half of the harbour, and the \
-                family moved inland to the city of Arden. There Marta studied mathematics at \
-                the old university.";
+    let text = MARTA;
     let record = |question: &str, answer: &str, key: &str| QaRecord {
         document: text.into(),
         question: question.into(),
@@ -476,11 +480,7 @@ fn the_base_finds_a_pass_key_inside_the_user_turn() {
 fn the_base_rereading_a_text_in_the_user_turn_answers_from_it() {
     use giststream::query::{reread, Placement, Sampling};
     let m = load(Weights::Dequantized, 1);
-    let text = "Marta Kovel was born in the harbour town of Velmora, on the northern coast. \
-                Her father mended fishing nets and her mother kept a small bakery near the \
-                docks. When she was twelve, a storm destroyed half of the harbour, and the \
-                family moved inland to the city of Arden. There Marta studied mathematics at \
-                the old university.";
+    let text = MARTA;
     let sampling = Sampling {
         max_tokens: 24,
         temperature: 0.0,
