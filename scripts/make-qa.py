@@ -170,8 +170,8 @@ def main():
             _, q, ans, key = rng.choice(facts)
         else:
             q, ans, key = qa
-        print(json.dumps({"document": "".join(x + gap for x, gap in sents).strip(), "question": q, "answer": ans,
-                          "key": key}))
+        document = "".join(x + gap for x, gap in sents).strip()
+        print(json.dumps({"document": document, "question": q, "answer": ans, "key": key}))
         made += 1
 
 

@@ -420,8 +420,8 @@ fn the_question_adapter_answers_briefly_from_a_stored_state() {
             "Velmora",
         ),
     ];
-    let mut nll = Vec::new();
-    for name in ["smollm2-gist-qa", "smollm2-gist"] {
+    // Each adapter's answers from its own stored state.
+    let answers = |name: &str| {
         let m = GistModel::load(
             &models.join(name),
             &Device::Cpu,
@@ -436,19 +436,21 @@ fn the_question_adapter_answers_briefly_from_a_stored_state() {
                 r.question, r.answer, r.answer_nll
             );
         }
-        if name == "smollm2-gist-qa" {
-            let first = &results[0];
-            assert_eq!(first.correct, Some(true), "{:?}", first.answer);
-            // 24 tokens of rambling run past 90 bytes; the answer is one short sentence.
-            assert!(first.answer.len() < 60, "{:?}", first.answer);
-        }
-        nll.push(results.iter().map(|r| r.answer_nll.unwrap()).sum::<f64>());
-    }
+        results
+    };
+    let nll = |results: &[giststream::train::qa::QaResult]| -> f64 {
+        results.iter().map(|r| r.answer_nll.unwrap()).sum()
+    };
+    let (questions, text) = (answers("smollm2-gist-qa"), answers("smollm2-gist"));
+    let first = &questions[0];
+    assert_eq!(first.correct, Some(true), "{:?}", first.answer);
+    // 24 tokens of rambling run past 90 bytes; the answer is one short sentence.
+    assert!(first.answer.len() < 60, "{:?}", first.answer);
     assert!(
-        nll[0] < 0.7 * nll[1],
+        nll(&questions) < 0.7 * nll(&text),
         "question adapter {} vs text adapter {}",
-        nll[0],
-        nll[1]
+        nll(&questions),
+        nll(&text)
     );
 }
 
